@@ -1,0 +1,1019 @@
+"""Plumbing shared by every method file: CLI, distributed, backbones, data, optimiser, evaluation, run directory.
+
+Nothing in here is a method. A method file (simclr.py, ...) imports this module and keeps its own views, model
+heads, losses and training step; everything both of them need to run on one CPU, one GPU or many is here.
+
+Sections, in order:
+  CLI            Args (the flags every method shares), parse(), fail()
+  Distributed    Dist, setup_distributed(), gather_with_grad(), gather_no_grad(), all_reduce_mean()
+  Backbones      ResNet-18/34/50 (CIFAR or ImageNet stem), Wide-ResNet 28-2/28-10/34-10, a tiny test network
+  Data           datasets by name, class-balanced subsets, an index-returning wrapper, views, loaders
+  Optimisation   LARS, warm-up + cosine schedule
+  Evaluation     feature extraction, weighted k-NN (InstDisc), linear probe on frozen features
+  Run directory  args.json, metrics.jsonl, atomic checkpoint.pt, curves.png, the progress line
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import inspect
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class UserError(SystemExit):
+    """Bad input from the user. The message is printed as one line and the process exits with code 2."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
+def fail(message: str):
+    """Print `error: message` as one line on stderr and exit with code 2 (argparse's convention for bad input)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise UserError(message)
+
+
+@dataclass
+class Args:
+    """Flags every method shares. A method subclasses this, adds its own fields and overrides defaults."""
+
+    # data
+    dataset: str = "cifar10"  # cifar10 cifar100 stl10 svhn mnist fashionmnist kmnist imagefolder digits synthetic
+    data_dir: str = "data"  # where the dataset lives (torchvision layout, or train/ and val/ or test/ folders)
+    download: bool = False  # download a torchvision dataset into --data-dir when it is missing
+    image_size: int = 0  # side of the training crops in pixels (0: the dataset's own size)
+    subset: int = 0  # train on a class-balanced subset of this many images (0: the whole training split)
+    eval_subset: int = 0  # evaluate on a class-balanced subset of this many test images (0: the whole split)
+    workers: int = 4  # data-loading worker processes per training process
+    # model
+    arch: str = "resnet18"  # resnet18 resnet34 resnet50 wrn28_2 wrn28_10 wrn34_10 tiny
+    # optimisation
+    epochs: int = 100  # training epochs
+    batch_size: int = 256  # global batch size, split evenly over the processes
+    lr: float = 0.1  # base learning rate
+    weight_decay: float = 1e-4  # L2 weight decay (not applied to biases and normalisation parameters)
+    warmup_epochs: float = 10  # linear warm-up from 0 before the cosine decay
+    # evaluation
+    eval_every: int = 10  # k-NN monitor every this many epochs (0: only before and after training)
+    knn_k: int = 200  # neighbours of the weighted k-NN monitor (InstDisc)
+    knn_t: float = 0.1  # temperature of the weighted k-NN monitor
+    probe_epochs: int = 100  # epochs of the linear probe on frozen features after training (0: skip it)
+    # run
+    out_dir: str = ""  # run directory (default: runs/<method>-<date>-<time>)
+    resume: bool = False  # continue the run in --out-dir from its checkpoint.pt
+    save_every: int = 1  # write checkpoint.pt every this many epochs (and always after the last)
+    seed: int = 0  # seed of every random draw (data order, augmentation, initialisation)
+    device: str = ""  # cuda, cuda:N or cpu (default: cuda when available, else cpu)
+    amp: bool = False  # bfloat16 autocast for the networks (losses stay in float32)
+    compile: bool = False  # torch.compile the model
+    channels_last: bool = False  # channels-last memory format for the convolutions
+    sync_bn: bool = False  # synchronise BatchNorm statistics across processes
+    log_every: float = 10.0  # seconds between progress lines
+
+    def check(self, world_size: int = 1):
+        """Raise ValueError with a one-line reason for any invalid value."""
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown --dataset {self.dataset!r} (choose from {', '.join(DATASETS)})")
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown --arch {self.arch!r} (choose from {', '.join(ARCHS)})")
+        positive = ["epochs", "batch_size", "lr", "knn_k", "knn_t", "save_every", "log_every"]
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        non_negative = ["image_size", "subset", "eval_subset", "workers", "weight_decay", "warmup_epochs",
+                        "eval_every", "probe_epochs"]
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size % world_size:
+            raise ValueError(f"--batch-size {self.batch_size} does not divide evenly over {world_size} processes")
+        if self.resume and not self.out_dir:
+            raise ValueError("--resume needs --out-dir, the directory of the run to continue")
+        if self.device and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device} asked for, but CUDA is not available")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse prints the usage too by default)
+        print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        raise UserError(message)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The `# comment` after each dataclass field, read from the source of the class and its bases."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            m = re.match(r"\s+(\w+)\s*:[^=]+=.*?#\s*(.+)$", line)
+            if m:
+                comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def parse(cls, argv: list[str] | None = None):
+    """Turn the dataclass `cls` into command-line flags (`batch_size` -> `--batch-size`), parse, validate.
+
+    Help text comes from the comment after each field. An invalid value prints one line and exits with code 2.
+    """
+    module = sys.modules.get(cls.__module__)
+    doc = (module.__doc__ or "") if module else ""
+    parser = _Parser(prog=os.path.basename(sys.argv[0]) or "python", description=doc,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    comments = _field_comments(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        default = f.default
+        help_text = comments.get(f.name, "") + f" (default: {default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif kind in (int, float, str):
+            parser.add_argument(flag, type=kind, default=default, help=help_text,
+                                metavar=f.name.upper() if kind is str else kind.__name__.upper())
+        else:
+            raise TypeError(f"field {f.name}: only bool, int, float and str flags are supported, not {kind}")
+    namespace = parser.parse_args(argv)
+    args = cls(**vars(namespace))
+    try:
+        args.check(world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr, flush=True)
+        raise UserError(str(err)) from None
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    """Where this process stands: its rank among `world_size` processes and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(args: Args) -> Dist:
+    """Join the process group that torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), or run as one process.
+
+    NCCL on CUDA, gloo on the CPU. Each process gets its own GPU (cuda:LOCAL_RANK) and its own seed.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device:
+        device = torch.device(args.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not torch_dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch_dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                      device_id=device if device.type == "cuda" else None)
+    seed_everything(args.seed + rank)
+    return Dist(rank, world_size, local_rank, device)
+
+
+def cleanup_distributed():
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _world() -> tuple[int, int]:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank(), torch_dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward returns, for this process's rows, the gradient of the global loss.
+
+    Every process computes a loss from the gathered tensor, so the gradient of the sum of those losses with
+    respect to this process's rows is the sum over processes of each one's gradient for these rows: all-reduce
+    (sum) the incoming gradient, then keep this process's slice. Keeping only the local slice of the local
+    gradient (without the all-reduce) would drop every other process's contribution, a known bug.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        rank, world_size = _world()
+        ctx.rank, ctx.world_size, ctx.rows = rank, world_size, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world_size)]
+        torch_dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch_dist.all_reduce(grad, op=torch_dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[n, ...] on each of W processes -> [W*n, ...], rows in rank order, differentiable. Identity for W = 1.
+
+    Under DDP (which averages gradients over processes) a loss that every process computes identically from the
+    gathered tensor gets exactly the gradient that one process would get from the whole batch.
+    """
+    if _world()[1] == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """[n, ...] on each process -> [W*n, ...] in rank order, without gradient. Identity for one process."""
+    if _world()[1] == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_world()[1])]
+    torch_dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of `x` over processes (a new tensor). Identity for one process."""
+    if _world()[1] == 1:
+        return x
+    x = x.detach().clone()
+    torch_dist.all_reduce(x, op=torch_dist.ReduceOp.SUM)
+    return x / _world()[1]
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s Python object, on every process."""
+    if _world()[1] == 1:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only."""
+    if _world()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def wrap_ddp(model: nn.Module, args: Args, dist: Dist) -> nn.Module:
+    """SyncBatchNorm (with --sync-bn) and DistributedDataParallel for more than one process."""
+    if dist.world_size == 1:
+        return model
+    if args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backbones: each returns an nn.Module mapping images [B, C, H, W] to features [B, out_dim], with .out_dim set
+# ----------------------------------------------------------------------------------------------------------------
+
+ARCHS = ["resnet18", "resnet34", "resnet50", "wrn28_2", "wrn28_10", "wrn34_10", "tiny"]
+
+
+def resnet(depth: int, in_channels: int = 3, stem: str = "cifar", zero_init_residual: bool = False) -> nn.Module:
+    """torchvision's ResNet without its classifier. stem 'cifar': 3x3 conv, stride 1, no max-pool (for 32 px
+    images, as SimCLR's CIFAR-10 ResNet); stem 'imagenet': 7x7 conv, stride 2, then 3x3 max-pool."""
+    builders = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34, 50: torchvision.models.resnet50}
+    net = builders[depth](weights=None, zero_init_residual=zero_init_residual)
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    else:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    net.out_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net
+
+
+class _WideBlock(nn.Module):
+    """Pre-activation wide residual block: act(norm(x)) -> conv3x3 -> act(norm) -> dropout -> conv3x3, + shortcut."""
+
+    def __init__(self, c_in, c_out, stride, norm, act, dropout):
+        super().__init__()
+        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.act, self.dropout = act, nn.Dropout(dropout)
+        self.shortcut = (nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+                         if stride != 1 or c_in != c_out else nn.Identity())
+
+    def forward(self, x):
+        out = self.conv1(self.act(self.norm1(x)))
+        out = self.conv2(self.dropout(self.act(self.norm2(out))))
+        return out + self.shortcut(x)
+
+
+class WideResNet(nn.Module):
+    """Wide-ResNet-depth-k (Zagoruyko & Komodakis, 2016) for 32 px images, as used by FixMatch, PAWS and JEM.
+
+    norm='batch' or 'none' (JEM trains without normalisation); act='relu' or 'leaky' (LeakyReLU 0.2, JEM).
+    """
+
+    def __init__(self, depth=28, widen=2, in_channels=3, norm="batch", act="relu", dropout=0.0):
+        super().__init__()
+        assert (depth - 4) % 6 == 0, "Wide-ResNet depth must be 6n + 4"
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        make_norm = (lambda c: nn.BatchNorm2d(c)) if norm == "batch" else (lambda c: nn.Identity())
+        activation = nn.LeakyReLU(0.2) if act == "leaky" else nn.ReLU(inplace=True)
+        layers = [nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)]
+        c_in = widths[0]
+        for group, stride in zip(range(3), (1, 2, 2)):
+            for i in range(n):
+                layers.append(_WideBlock(c_in, widths[group + 1], stride if i == 0 else 1,
+                                         make_norm, activation, dropout))
+                c_in = widths[group + 1]
+        layers += [make_norm(c_in), activation, nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.net = nn.Sequential(*layers)
+        self.out_dim = c_in
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TinyNet(nn.Sequential):
+    """Three conv-BN-ReLU layers and global pooling: fast enough for the tests on a CPU."""
+
+    def __init__(self, in_channels=3, width=32):
+        super().__init__(
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, 2, 1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
+            nn.Conv2d(2 * width, 4 * width, 3, 2, 1, bias=False), nn.BatchNorm2d(4 * width), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_dim = 4 * width
+
+
+def build_backbone(arch: str, in_channels: int = 3, image_size: int = 32, norm: str = "batch",
+                   act: str = "relu", zero_init_residual: bool = False) -> nn.Module:
+    """Backbone by name; ResNets get the CIFAR stem for images of 64 px or less, the ImageNet stem above."""
+    if arch.startswith("resnet"):
+        return resnet(int(arch[6:]), in_channels, "cifar" if image_size <= 64 else "imagenet", zero_init_residual)
+    if arch.startswith("wrn"):
+        depth, widen = (int(v) for v in arch[3:].split("_"))
+        return WideResNet(depth, widen, in_channels, norm=norm, act=act)
+    if arch == "tiny":
+        return TinyNet(in_channels)
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+def prepare_model(model: nn.Module, args: Args, dist: Dist) -> nn.Module:
+    """Move to the device, in channels-last format when asked."""
+    model = model.to(dist.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def autocast(args: Args, device: torch.device):
+    """bfloat16 autocast with --amp (a no-op context otherwise). Losses cast their inputs back to float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    num_classes: int
+    channels: int
+    size: int  # native image side in pixels
+    mean: tuple
+    std: tuple
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+DATASETS = {
+    "cifar10": DataInfo(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DataInfo(100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": DataInfo(10, 3, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "svhn": DataInfo(10, 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "mnist": DataInfo(10, 1, 28, (0.1307,), (0.3081,)),
+    "fashionmnist": DataInfo(10, 1, 28, (0.2860,), (0.3530,)),
+    "kmnist": DataInfo(10, 1, 28, (0.1918,), (0.3483,)),
+    "imagefolder": DataInfo(0, 3, 0, IMAGENET_MEAN, IMAGENET_STD),  # classes and size read from the folder
+    "digits": DataInfo(10, 1, 8, (0.3050,), (0.3770,)),  # scikit-learn's bundled 8x8 digits, offline
+    "synthetic": DataInfo(10, 3, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),  # made up on the spot, for tests
+}
+
+_TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10", "svhn": "SVHN",
+                "mnist": "MNIST", "fashionmnist": "FashionMNIST", "kmnist": "KMNIST"}
+
+
+class ImageTensorDataset(torch.utils.data.Dataset):
+    """uint8 images [N, H, W, C] and integer labels, served as PIL images like torchvision's datasets."""
+
+    def __init__(self, images: torch.Tensor, targets: list[int], transform=None):
+        self.images, self.targets, self.transform = images, list(targets), transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        array = self.images[i].numpy()
+        img = Image.fromarray(array[..., 0], "L") if array.shape[-1] == 1 else Image.fromarray(array, "RGB")
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+def _digits(train: bool) -> tuple[torch.Tensor, list[int]]:
+    """scikit-learn's 1,797 8x8 digits (values 0..16), split 80/20 stratified with a fixed seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    images = torch.from_numpy(data.images).mul(255.0 / 16.0).round().to(torch.uint8)[..., None]  # [N, 8, 8, 1]
+    index = torch.arange(len(images)).numpy()
+    tr, te = train_test_split(index, test_size=0.2, random_state=0, stratify=data.target)
+    keep = tr if train else te
+    return images[keep], [int(v) for v in data.target[keep]]
+
+
+def _synthetic(train: bool, n: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """A learnable toy: 10 classes, each a fixed random 16x16 colour pattern, plus per-image noise and shifts."""
+    g = torch.Generator().manual_seed(1234)
+    prototypes = torch.rand(10, 16, 16, 3, generator=g)
+    n = n or (512 if train else 128)
+    g.manual_seed(1 if train else 2)
+    targets = torch.arange(n) % 10
+    shifts = torch.randint(-2, 3, (n, 2), generator=g)
+    images = torch.stack([prototypes[t].roll((int(s[0]), int(s[1])), dims=(0, 1)) for t, s in zip(targets, shifts)])
+    images = (0.7 * images + 0.3 * torch.rand(images.shape, generator=g)).mul(255).round().to(torch.uint8)
+    return images, targets.tolist()
+
+
+def _image_folder_split(root: Path, train: bool) -> Path:
+    names = ["train"] if train else ["val", "test"]
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    fail(f"--dataset imagefolder needs {' or '.join(n + '/' for n in names)} under --data-dir {root} "
+         f"(one sub-folder per class inside)")
+
+
+def dataset_info(args: Args) -> tuple[DataInfo, int]:
+    """The dataset's facts and the training image size (--image-size, else the dataset's own)."""
+    info = DATASETS[args.dataset]
+    if args.dataset == "imagefolder":
+        split = _image_folder_split(Path(args.data_dir), True)
+        classes = sorted(d.name for d in split.iterdir() if d.is_dir())
+        if not classes:
+            fail(f"no class folders in {split}")
+        first = next((p for p in sorted((split / classes[0]).iterdir()) if p.is_file()), None)
+        if first is None:
+            fail(f"no images in {split / classes[0]}")
+        with Image.open(first) as img:
+            side = min(img.size)
+        # small images (CIFAR-like folders) are used at their own size; large ones at ImageNet's 224
+        info = dataclasses.replace(info, num_classes=len(classes), size=side if side <= 64 else 224)
+    return info, (args.image_size or info.size)
+
+
+def load_dataset(args: Args, train: bool, transform=None):
+    """The training or test split of --dataset, with `.targets` (a list of ints). Fails with the fix when the
+    data is missing. Test split names: CIFAR/MNIST-like 'test', SVHN 'test', STL-10 'test' (training uses
+    'train'; STL-10's 'unlabeled' split is reached with --dataset imagefolder)."""
+    name, root = args.dataset, Path(args.data_dir)
+    if name == "digits":
+        return ImageTensorDataset(*_digits(train), transform=transform)
+    if name == "synthetic":
+        return ImageTensorDataset(*_synthetic(train), transform=transform)
+    if name == "imagefolder":
+        return torchvision.datasets.ImageFolder(str(_image_folder_split(root, train)), transform=transform)
+    cls = getattr(torchvision.datasets, _TORCHVISION[name])
+    kwargs = {"split": "train" if train else "test"} if name in ("svhn", "stl10") else {"train": train}
+    try:
+        ds = cls(str(root), download=args.download, transform=transform, **kwargs)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        fix = "pass --download to fetch it" if not args.download else "check the network or the folder"
+        fail(f"{name} not found in --data-dir {root} ({fix}, or point --data-dir at a copy): {err}".replace("\n", " "))
+    except OSError as err:  # a failed download (no network)
+        fail(f"could not download {name} into {root}: {err}; copy the dataset there by hand and omit --download")
+    if not hasattr(ds, "targets"):
+        ds.targets = [int(v) for v in ds.labels]  # SVHN, STL-10 call them labels
+    return ds
+
+
+def balanced_subset(targets, n: int, seed: int = 0) -> list[int]:
+    """Indices of `n` samples, as equal a number from each class as possible, drawn with a fixed seed."""
+    targets = torch.as_tensor(list(targets))
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(targets), generator=g)
+    classes = targets.unique()
+    per_class = [order[targets[order] == c] for c in classes]
+    picked, k = [], 0
+    while len(picked) < min(n, len(targets)):  # round-robin over classes, in the seeded order within each
+        for idx in per_class:
+            if k < len(idx) and len(picked) < n:
+                picked.append(int(idx[k]))
+        k += 1
+    return sorted(picked)
+
+
+class Subset(torch.utils.data.Subset):
+    """torch's Subset that keeps `.targets`."""
+
+    def __init__(self, dataset, indices):
+        super().__init__(dataset, indices)
+        self.targets = [dataset.targets[i] for i in indices]
+
+
+class WithIndex(torch.utils.data.Dataset):
+    """Returns (x, y, index): the sample's position in the dataset (a memory bank's row, a per-sample target)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.targets = dataset, dataset.targets
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return x, y, i
+
+
+def training_and_eval_sets(args: Args, train_transform, eval_transform):
+    """(train set with the method's views, train set for the k-NN memory, test set), with --subset applied."""
+    train = load_dataset(args, True, train_transform)
+    memory = load_dataset(args, True, eval_transform)
+    test = load_dataset(args, False, eval_transform)
+    if args.subset:
+        keep = balanced_subset(train.targets, args.subset, seed=0)
+        train, memory = Subset(train, keep), Subset(memory, keep)
+    if args.eval_subset:
+        test = Subset(test, balanced_subset(test.targets, args.eval_subset, seed=0))
+    return train, memory, test
+
+
+def normalize(info: DataInfo):
+    """PIL image -> float tensor in [0, 1] -> standardised with the dataset's channel mean and std."""
+    return T.Compose([T.ToTensor(), T.Normalize(info.mean, info.std)])
+
+
+def eval_transform(info: DataInfo, size: int):
+    """Deterministic view for evaluation: resize (and centre-crop 224 of 256 for large images)."""
+    if size > 64:
+        return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), normalize(info)])
+    return T.Compose([T.Resize(size), T.CenterCrop(size), normalize(info)])
+
+
+class MultiView:
+    """Applies each transform to the same image: returns a list of views (two for SimCLR, more for multi-crop)."""
+
+    def __init__(self, transforms: list):
+        self.transforms = transforms
+
+    def __call__(self, img):
+        return [t(img) for t in self.transforms]
+
+    def __repr__(self):
+        return f"MultiView({self.transforms})"
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> int:
+    """Reseed every generator at the start of an epoch, so a resumed run draws what an uninterrupted one would."""
+    s = (seed * 1_000_003 + epoch * 1009 + rank) % (2**31)
+    seed_everything(s)
+    return s
+
+
+def train_loader(dataset, args: Args, dist: Dist, epoch: int) -> torch.utils.data.DataLoader:
+    """This process's share of the epoch: a seeded shuffle split over the processes, full batches only."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank,
+                                                  shuffle=True, seed=args.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    generator = torch.Generator().manual_seed(seed_epoch(args.seed, epoch, dist.rank))  # worker seeds
+    local_batch = args.batch_size // dist.world_size
+    if len(sampler) < local_batch:
+        fail(f"--batch-size {args.batch_size} is larger than the training set ({len(dataset)} images)")
+    return torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=sampler, drop_last=True,
+                                       num_workers=args.workers, generator=generator,
+                                       pin_memory=dist.device.type == "cuda",
+                                       persistent_workers=False)
+
+
+def to_device(x, device: torch.device, channels_last: bool = False):
+    """Move a tensor, or a list of tensors (views), to the device without blocking the host."""
+    if isinstance(x, (list, tuple)):
+        return [to_device(v, device, channels_last) for v in x]
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimisation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You, Gitman & Ginsburg, 2017) as in SimCLR's official code. For a parameter w with gradient g:
+
+        g     <- g + wd * w                                      (wd = 0 in groups with lars_exclude)
+        trust  = eta * ||w|| / ||g||   if ||w|| > 0 and ||g|| > 0, else 1   (1 in groups with lars_exclude)
+        v     <- momentum * v + lr * trust * g
+        w     <- w - v                  (nesterov: w <- w - (momentum * v + lr * trust * g))
+
+    Biases and normalisation parameters go in a group with lars_exclude=True: no weight decay, no adaptation.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001,
+                 nesterov: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, nesterov=nesterov,
+                        lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                g = w.grad
+                if not group["lars_exclude"]:
+                    if group["weight_decay"]:
+                        g = g.add(w, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(g)
+                    one = torch.ones_like(w_norm)
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, one)
+                    g = g * trust
+                state = self.state[w]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(w)
+                v = state["momentum_buffer"]
+                v.mul_(group["momentum"]).add_(g, alpha=group["lr"])
+                if group["nesterov"]:
+                    w.sub_(v * group["momentum"] + g * group["lr"])
+                else:
+                    w.sub_(v)
+        return loss
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights (decayed, LARS-adapted) and biases + normalisation parameters (neither), the split
+    SimCLR's official code makes by name ('bias', 'batch_normalization'); here by shape (1-d tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_lr: float = 0.0) -> float:
+    """Linear warm-up from 0 to base_lr over warmup_steps, then cosine decay to final_lr at total_steps."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Set every group's learning rate (times the group's optional 'lr_scale'); returns lr."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def extract_features(net: nn.Module, dataset, dist: Dist, batch_size: int = 512, workers: int = 0,
+                     args: Args | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [N, D] (float32) and labels [N] of the whole dataset, in dataset order, on every process.
+
+    Each process embeds every W-th sample; the pieces are gathered (padded to equal length) and put back in order.
+    The network runs in eval mode (BatchNorm with running statistics) and is put back in its previous mode.
+    """
+    rank, world_size = dist.rank, dist.world_size
+    n = len(dataset)
+    mine = list(range(rank, n, world_size))
+    loader = torch.utils.data.DataLoader(Subset(dataset, mine) if hasattr(dataset, "targets")
+                                         else torch.utils.data.Subset(dataset, mine),
+                                         batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=dist.device.type == "cuda")
+    was_training = net.training
+    net.eval()
+    feats, labels = [], []
+    channels_last = bool(args and args.channels_last)
+    for batch in loader:
+        x, y = batch[0], batch[1]
+        with autocast(args, dist.device) if args else torch.autocast(dist.device.type, enabled=False):
+            f = net(to_device(x, dist.device, channels_last))
+        feats.append(f.float())
+        labels.append(y.to(dist.device))
+    net.train(was_training)
+    dim = feats[0].shape[1] if feats else 0
+    z = torch.cat(feats) if feats else torch.zeros(0, dim, device=dist.device)
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=dist.device)
+    if world_size == 1:
+        return z, y
+    dim = broadcast_object(dim)
+    per = math.ceil(n / world_size)
+    pad_z = torch.zeros(per, dim, device=dist.device)
+    pad_z[:len(z)] = z
+    pad_y = torch.full((per,), -1, dtype=torch.long, device=dist.device)
+    pad_y[:len(y)] = y
+    all_z, all_y = gather_no_grad(pad_z), gather_no_grad(pad_y)  # [W*per, D], rank r holds samples r, r+W, ...
+    order = torch.arange(world_size * per, device=dist.device).view(world_size, per).t().reshape(-1)
+    return all_z[order][:n], all_y[order][:n]
+
+
+@torch.no_grad()
+def knn_scores(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Tensor, num_classes: int,
+               k: int = 200, t: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+    """Weighted k-NN of InstDisc (Wu et al., 2018): each of a test point's k most cosine-similar training points
+    votes for its class with weight exp(similarity / t). Returns the votes [M, num_classes]."""
+    train_z, test_z = F.normalize(train_z.float(), dim=1), F.normalize(test_z.float(), dim=1)
+    k = min(k, len(train_z))
+    scores = []
+    for q in test_z.split(chunk):
+        sim = q @ train_z.T  # [m, N]
+        top_sim, top_idx = sim.topk(k, dim=1)  # [m, k]
+        weights = (top_sim / t).exp()
+        votes = torch.zeros(len(q), num_classes, device=q.device, dtype=weights.dtype)
+        scores.append(votes.scatter_add_(1, train_y[top_idx], weights))
+    return torch.cat(scores)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[float]:
+    """Fraction of rows whose label is among the top-k scores, for each k (k capped at the number of classes)."""
+    out = []
+    for k in ks:
+        top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+        out.append((top == labels[:, None]).any(dim=1).float().mean().item())
+    return out
+
+
+def knn_accuracy(net: nn.Module, memory_set, test_set, num_classes: int, dist: Dist, args: Args) -> float:
+    """k-NN top-1 accuracy of the network's features: memory = training images, queries = test images."""
+    train_z, train_y = extract_features(net, memory_set, dist, workers=min(args.workers, 4), args=args)
+    test_z, test_y = extract_features(net, test_set, dist, workers=min(args.workers, 4), args=args)
+    scores = knn_scores(train_z, train_y, test_z, num_classes, args.knn_k, args.knn_t)
+    return topk_accuracy(scores, test_y, (1,))[0]
+
+
+def linear_probe(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Tensor, test_y: torch.Tensor,
+                 num_classes: int, epochs: int = 100, lr: float = 0.1, batch_size: int = 256,
+                 weight_decay: float = 0.0, seed: int = 0) -> tuple[float, float]:
+    """Linear classifier on frozen features: standardised with the training mean and std, trained with SGD
+    (momentum 0.9, Nesterov) and a cosine schedule, cross-entropy. Returns test (top-1, top-5).
+
+    The official protocols train the linear layer on augmented crops; precomputed features of unaugmented images
+    make the probe seconds instead of hours and rank representations the same way, a point or two lower."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mean, std = train_z.mean(0, keepdim=True), train_z.std(0, keepdim=True).clamp_min(1e-6)
+    train_z, test_z = (train_z - mean) / std, (test_z - mean) / std
+    head = nn.Linear(train_z.shape[1], num_classes).to(train_z.device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(train_z) / batch_size)
+    total = epochs * steps_per_epoch
+    for step in range(total):
+        if step % steps_per_epoch == 0:
+            order = torch.randperm(len(train_z), generator=g).to(train_z.device)
+        idx = order[(step % steps_per_epoch) * batch_size:][:batch_size]
+        set_lr(opt, warmup_cosine(step, total, 0, lr))
+        loss = F.cross_entropy(head(train_z[idx]), train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        top1, top5 = topk_accuracy(head(test_z), test_y, (1, 5))
+    return top1, top5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run directory: args.json, metrics.jsonl, checkpoint.pt (atomic), curves.png; the progress line
+# ----------------------------------------------------------------------------------------------------------------
+
+METRIC_KEYS = ["epoch", "step", "loss", "lr", "knn_top1", "images_per_s", "time_s"]
+
+
+class RunDir:
+    """The run's files. Only rank 0 writes; every rank reads the checkpoint when resuming.
+
+    A directory that already holds a run is never written over: continue it with --resume or pick another.
+    """
+
+    def __init__(self, args: Args, method: str, dist: Dist):
+        self.method, self.dist = method, dist
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.path = Path(broadcast_object(args.out_dir or f"runs/{method}-{stamp}"))
+        self.checkpoint_path = self.path / "checkpoint.pt"
+        self.metrics_path = self.path / "metrics.jsonl"
+        problem = None
+        if dist.is_main:
+            if args.resume and not self.checkpoint_path.is_file():
+                problem = f"--resume: no checkpoint.pt in {self.path} to continue from"
+            elif not args.resume and (self.checkpoint_path.exists() or self.metrics_path.exists()):
+                problem = f"{self.path} already holds a run: pass --resume to continue it, or choose another --out-dir"
+            elif self.path.exists() and not self.path.is_dir():
+                problem = f"--out-dir {self.path} exists and is not a directory"
+        problem = broadcast_object(problem)
+        if problem:
+            fail(problem)
+        if dist.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not args.resume:
+                (self.path / "args.json").write_text(json.dumps({"method": method, **dataclasses.asdict(args)},
+                                                                indent=2) + "\n")
+
+    def log(self, **metrics):
+        """Append one line to metrics.jsonl: the keys every method shares (None where not measured), then extras."""
+        if not self.dist.is_main:
+            return
+        row = {k: metrics.pop(k, None) for k in METRIC_KEYS}
+        row.update(metrics)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def save(self, state: dict):
+        """Write checkpoint.pt atomically: to a temporary file, then rename over the old one."""
+        if not self.dist.is_main:
+            return
+        state = {"method": self.method, **state, "rng": _rng_state()}
+        tmp = self.checkpoint_path.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def load(self, args: Args) -> dict:
+        """Read checkpoint.pt (weights_only), refuse one from another method or architecture, restore the RNGs,
+        and drop metric lines of epochs after the checkpoint (they will be run again)."""
+        return load_checkpoint(self.checkpoint_path, self.method, args, self)
+
+    def plot(self):
+        """curves.png from metrics.jsonl, when matplotlib is installed."""
+        if not self.dist.is_main:
+            return
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        keys = [k for k in ("loss", "knn_top1", "lr", "images_per_s") if any(r.get(k) is not None for r in rows)]
+        keys += sorted({k for r in rows for k, v in r.items()
+                        if k not in METRIC_KEYS and k not in keys and isinstance(v, (int, float))})[:4]
+        if not keys:
+            return
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            pts = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+            ax.set_title(key)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"{self.method}: {self.path.name}")
+        fig.tight_layout()
+        fig.savefig(self.path / "curves.png", dpi=100)
+        plt.close(fig)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def load_checkpoint(path: Path, method: str, args: Args, run: RunDir | None = None) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        fail(f"no checkpoint at {path}")
+    except Exception as err:  # truncated, not a torch file, or holding objects weights_only refuses
+        fail(f"cannot read {path}: not a valid checkpoint ({type(err).__name__}); the file is left as it is")
+    if not isinstance(state, dict) or "model" not in state:
+        fail(f"{path} is not a checkpoint of this project")
+    if state.get("method") != method:
+        fail(f"{path} was written by {state.get('method')}.py, not {method}.py")
+    saved = state.get("args", {})
+    for key in ("arch", "dataset"):
+        if saved.get(key) != getattr(args, key):
+            fail(f"{path} holds --{key} {saved.get(key)}, but this run asks for --{key} {getattr(args, key)}")
+    rng = state.get("rng", {})
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if "python" in rng:
+        random.setstate(_to_tuple(rng["python"]))
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if run is not None and run.dist.is_main and run.metrics_path.exists():
+        lines = run.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", 0) <= state["epoch"]]
+        if len(kept) != len(lines):
+            run.metrics_path.write_text("".join(line + "\n" for line in kept))
+    return state
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP and torch.compile wrappers (whose state_dict keys carry no prefix)."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+class Progress:
+    """Prints `epoch e/E  step s/S  loss  lr  img/s  ETA` every `every` seconds and at the end of each epoch.
+
+    The loss is read from the device (a host synchronisation) only when a line is printed.
+    """
+
+    def __init__(self, epochs: int, steps_per_epoch: int, start_epoch: int, every: float, dist: Dist):
+        self.epochs, self.steps, self.every, self.dist = epochs, steps_per_epoch, every, dist
+        self.start = time.perf_counter()
+        self.done_steps = 0
+        self.remaining = (epochs - start_epoch) * steps_per_epoch
+        self.last_time, self.last_images = self.start, 0
+        self.images = 0
+
+    def update(self, epoch: int, step: int, loss: torch.Tensor, lr: float, images: int):
+        """Call after each step; `images` is the global number of images in that step."""
+        self.done_steps += 1
+        self.images += images
+        now = time.perf_counter()
+        if now - self.last_time < self.every and step + 1 != self.steps:
+            return
+        loss_value = float(loss.detach())
+        rate = (self.images - self.last_images) / max(now - self.last_time, 1e-9)
+        eta = (now - self.start) / self.done_steps * (self.remaining - self.done_steps)
+        self.last_time, self.last_images = now, self.images
+        if self.dist.is_main:
+            print(f"epoch {epoch + 1}/{self.epochs}  step {step + 1}/{self.steps}  loss {loss_value:.4f}  "
+                  f"lr {lr:.4g}  {rate:,.0f} img/s  ETA {datetime.timedelta(seconds=round(eta))}", flush=True)
+
+    def images_per_s(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)

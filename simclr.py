@@ -1,0 +1,265 @@
+"""SimCLR: A Simple Framework for Contrastive Learning of Visual Representations.
+Chen, Kornblith, Norouzi & Hinton, ICML 2020. arXiv:2002.05709. Official code: github.com/google-research/simclr
+
+  x -> two random views x_i, x_j (crop + resize, flip, colour jitter, grayscale; blur on large images)
+  h = f(x)                     encoder (ResNet), the representation kept after training
+  z = g(h)                     projection head (MLP), used only by the loss
+  sim(u, v) = u.v / (|u| |v|)  cosine similarity
+  l(i, j) = -log  exp(sim(z_i, z_j) / tau)  /  sum_{k != i} exp(sim(z_i, z_k) / tau)      k over all 2N views
+  L = 1/(2N) sum_{k=1..N} [ l(2k-1, 2k) + l(2k, 2k-1) ]      (NT-Xent: 1 positive, 2N-2 negatives per anchor)
+  N is the global batch: embeddings are gathered from every process (with gradient) before the loss.
+  LARS (biases and BatchNorm excluded from weight decay and adaptation), lr = base_lr * N / 256,
+  linear warm-up for 10 epochs, then cosine decay to 0.
+
+Run:   python simclr.py --dataset digits --arch resnet18 --epochs 30 --batch-size 256 --workers 0
+                                                          (CPU: about two minutes; prints k-NN untrained vs trained)
+       torchrun --nproc_per_node=8 simclr.py --data-dir data --download   (the official CIFAR-10 recipe below)
+       torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 simclr.py ...
+Defaults: the official CIFAR-10 command (README of google-research/simclr): ResNet-18 with the CIFAR stem,
+       batch 512, 1000 epochs, LARS with learning rate 1.0 x 512/256 = 2.0, weight decay 1e-4, temperature 0.5,
+       colour-jitter strength 0.5, no blur, 10 warm-up epochs, 2-layer projection head to 128-d.
+Expect: about 91% linear evaluation on CIFAR-10 after 1000 epochs (official README, ResNet-18);
+       k-NN top-1 0.848 after 200 epochs at batch 512 (lightly's CIFAR-10 benchmark, ResNet-18).
+
+Where this file differs from the official code, and why:
+  - The loss is the paper's mean over the 2N anchors; the official code returns the sum of its two halves
+    (loss_a + loss_b), twice this value. With LARS that factor only changes weight decay's share of the step.
+  - Every process computes the (identical) loss of the whole global batch from the gathered embeddings rather
+    than only its own anchors' rows: simpler to read, same gradients (tests/test_distributed.py), and the
+    [2N, 2N] similarity matrix costs little next to the encoder.
+  - Inputs are standardised with the dataset's channel mean and std (the official code feeds [0, 1] pixels);
+    the first convolution is followed by BatchNorm, so this changes nothing but the scale of early updates.
+  - Evaluation: the weighted k-NN monitor during training (InstDisc's, k=200, T=0.1) and a linear probe on
+    frozen, precomputed features at the end (the official linear evaluation fine-tunes on augmented crops).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+
+import common
+
+# ----------------------------------------------------------------------------------------------------------------
+# Args
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args(common.Args):
+    epochs: int = 1000  # training epochs (official CIFAR-10 command)
+    batch_size: int = 512  # global batch N, split evenly over the processes
+    lr: float = 1.0  # base learning rate, scaled by batch_size / 256 (the official linear rule): 2.0 at 512
+    weight_decay: float = 1e-4  # LARS weight decay (official CIFAR-10 command)
+    warmup_epochs: float = 10  # linear warm-up epochs before the cosine decay
+    temperature: float = 0.5  # tau of NT-Xent (0.5 for CIFAR-10, 0.1 for ImageNet in the paper)
+    proj_dim: int = 128  # output size of the projection head g
+    proj_layers: int = 2  # linear layers of g (2 in SimCLR, 3 in SimCLR v2)
+    jitter_strength: float = 0.5  # s: colour jitter of brightness, contrast, saturation 0.8s and hue 0.2s
+    blur: float = -1.0  # probability of Gaussian blur per view (-1: 0.5 above 64 px as for ImageNet, else 0)
+    momentum: float = 0.9  # LARS momentum
+    lars_eta: float = 0.001  # LARS trust coefficient
+    sync_bn: bool = True  # BatchNorm statistics over the global batch (the official 'global_bn')
+
+    def check(self, world_size: int = 1):
+        super().check(world_size)
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be positive, got {self.temperature}")
+        if self.proj_layers < 1 or self.proj_dim < 1:
+            raise ValueError("--proj-layers and --proj-dim must be at least 1")
+        if not (self.blur == -1 or 0 <= self.blur <= 1):
+            raise ValueError(f"--blur must be a probability in [0, 1] or -1 (automatic), got {self.blur}")
+        if self.jitter_strength < 0:
+            raise ValueError(f"--jitter-strength must be >= 0, got {self.jitter_strength}")
+        if self.batch_size // world_size < 2:
+            raise ValueError("NT-Xent needs at least 2 images per process (--batch-size)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Views
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def simclr_augment(info: common.DataInfo, size: int, strength: float = 0.5, blur: float = 0.0) -> T.Compose:
+    """One random view, as the official data_util: crop of 8-100% of the area (aspect 3/4-4/3) resized to `size`,
+    horizontal flip, colour jitter with probability 0.8 (random order), grayscale with probability 0.2, and
+    Gaussian blur (kernel 10% of the side, sigma in [0.1, 2]) with probability `blur`."""
+    s = strength
+    ops = [
+        T.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+    ]
+    if blur > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=blur))
+    return T.Compose(ops + [common.normalize(info)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SimCLR(nn.Module):
+    """Encoder f and projection head g: z = g(f(x)). g as the official code: each layer Linear (no bias) +
+    BatchNorm; ReLU between layers; the last BatchNorm scales but does not shift. Weights drawn N(0, 0.01^2)."""
+
+    def __init__(self, backbone: nn.Module, proj_dim: int = 128, proj_layers: int = 2):
+        super().__init__()
+        self.backbone = backbone
+        d = backbone.out_dim
+        layers: list[nn.Module] = []
+        for _ in range(proj_layers - 1):
+            layers += [nn.Linear(d, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True)]
+        last_bn = nn.BatchNorm1d(proj_dim)
+        last_bn.bias.requires_grad_(False)  # stays 0: the official head's last BatchNorm has no centring
+        layers += [nn.Linear(d, proj_dim, bias=False), last_bn]
+        self.projector = nn.Sequential(*layers)
+        for m in self.projector.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))  # [B, proj_dim]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent, the normalised temperature-scaled cross-entropy of the paper (its equation 1, averaged).
+
+    z1, z2: [N, D], two views of the same N images (row k of z1 and row k of z2 are a positive pair).
+    Each of the 2N embeddings is an anchor; its positive is the other view of its image and its negatives are
+    the other 2N - 2 embeddings. Returns the mean over the 2N anchors, computed in float32.
+    """
+    with torch.autocast(z1.device.type, enabled=False):
+        n = z1.shape[0]
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # [2N, D], so z_i . z_k = sim(z_i, z_k)
+        logits = z @ z.T / temperature  # [2N, 2N]
+        self_pair = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+        logits = logits.masked_fill(self_pair, float("-inf"))  # k != i: an anchor is never its own candidate
+        positive = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)  # [2N] other view
+        return F.cross_entropy(logits, positive)  # mean of l(i, j) over the 2N anchors
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_one_epoch(model, loader, optimizer, lr_at, args: Args, dist: common.Dist, epoch: int,
+                    progress: common.Progress) -> float:
+    """One pass over this process's share of the data; returns the epoch's mean loss (global batch)."""
+    model.train()
+    total = torch.zeros((), device=dist.device)
+    for i, ((x1, x2), _) in enumerate(loader):
+        step = epoch * len(loader) + i
+        lr = common.set_lr(optimizer, lr_at(step))
+        # both views in one forward pass, so BatchNorm normalises them together as in the official code
+        x = torch.cat(common.to_device([x1, x2], dist.device, args.channels_last))  # [2n, C, H, W]
+        with common.autocast(args, dist.device):
+            z = model(x)  # [2n, proj_dim]
+        z1, z2 = z.chunk(2)  # [n, proj_dim] each
+        # the global batch: all processes' embeddings, with gradient, so each anchor has 2N - 2 negatives
+        loss = nt_xent(common.gather_with_grad(z1), common.gather_with_grad(z2), args.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+        progress.update(epoch, i, loss, lr, len(x1) * dist.world_size)
+    return (total / len(loader)).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args: Args):
+    dist = common.setup_distributed(args)
+    info, size = common.dataset_info(args)
+    blur = args.blur if args.blur >= 0 else (0.5 if size > 64 else 0.0)
+    views = common.MultiView([simclr_augment(info, size, args.jitter_strength, blur) for _ in range(2)])
+    train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
+    run = common.RunDir(args, "simclr", dist)
+
+    model = SimCLR(common.build_backbone(args.arch, info.channels, size), args.proj_dim, args.proj_layers)
+    model = common.prepare_model(model, args, dist)
+    base_lr = args.lr * args.batch_size / 256
+    optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=args.momentum,
+                            eta=args.lars_eta)
+    start_epoch, knn_untrained = 0, None
+    if args.resume:
+        state = run.load(args)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, knn_untrained = state["epoch"], state["knn_untrained"]
+        common.print0(f"resumed {run.path} at epoch {start_epoch}")
+    net = common.wrap_ddp(model, args, dist)
+    net = torch.compile(net) if args.compile else net
+    model = common.unwrap(net)  # the module itself (SyncBatchNorm in place with --sync-bn on several processes)
+
+    steps = len(train_set) // args.batch_size
+    total_steps, warmup_steps = args.epochs * steps, round(args.warmup_epochs * steps)
+
+    def lr_at(step):
+        return common.warmup_cosine(step, total_steps, warmup_steps, base_lr)
+
+    def knn():
+        return common.knn_accuracy(model.backbone, memory_set, test_set, info.num_classes, dist, args)
+
+    if start_epoch == 0:
+        knn_untrained = knn()
+        run.log(epoch=0, step=0, knn_top1=knn_untrained)
+        common.print0(f"k-NN top-1 of the untrained network: {knn_untrained:.4f}")
+    common.print0(f"SimCLR {args.arch} on {args.dataset}: {len(train_set)} images, {steps} steps of "
+                  f"{args.batch_size} per epoch, {dist.world_size} process(es) on {dist.device}")
+    progress = common.Progress(args.epochs, steps, start_epoch, args.log_every, dist)
+    knn_top1 = None
+    for epoch in range(start_epoch, args.epochs):
+        loader = common.train_loader(train_set, args, dist, epoch)
+        t0 = time.perf_counter()
+        loss = train_one_epoch(net, loader, optimizer, lr_at, args, dist, epoch, progress)
+        seconds = time.perf_counter() - t0
+        last = epoch + 1 == args.epochs
+        knn_top1 = knn() if last or (args.eval_every and (epoch + 1) % args.eval_every == 0) else None
+        run.log(epoch=epoch + 1, step=(epoch + 1) * steps, loss=loss, lr=lr_at((epoch + 1) * steps - 1),
+                knn_top1=knn_top1, images_per_s=steps * args.batch_size / seconds, time_s=seconds)
+        if knn_top1 is not None:
+            common.print0(f"epoch {epoch + 1}: loss {loss:.4f}  k-NN top-1 {knn_top1:.4f}")
+        if last or (epoch + 1) % args.save_every == 0:
+            run.save({"epoch": epoch + 1, "step": (epoch + 1) * steps, "model": model.state_dict(),
+                      "optimizer": optimizer.state_dict(), "args": dataclasses.asdict(args),
+                      "knn_untrained": knn_untrained})
+
+    # final evaluation: k-NN and a linear probe on the frozen encoder's features
+    if knn_top1 is None:
+        knn_top1 = knn()
+    results = {"knn_top1_untrained": knn_untrained, "knn_top1": knn_top1}
+    if args.probe_epochs:
+        train_h, train_y = common.extract_features(model.backbone, memory_set, dist, args=args)
+        test_h, test_y = common.extract_features(model.backbone, test_set, dist, args=args)
+        top1, top5 = common.linear_probe(train_h, train_y, test_h, test_y, info.num_classes, args.probe_epochs,
+                                         seed=args.seed)
+        results.update(probe_top1=top1, probe_top5=top5)
+    if dist.is_main:
+        (run.path / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    run.plot()
+    probe = f";  linear probe top-1 {results['probe_top1']:.4f}" if "probe_top1" in results else ""
+    common.print0(f"k-NN top-1: untrained {knn_untrained:.4f} -> trained {knn_top1:.4f}{probe}  ({run.path})")
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(common.parse(Args))
