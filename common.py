@@ -51,9 +51,15 @@ class UserError(SystemExit):
         self.message = message
 
 
+def _speaks() -> bool:
+    """Rank 0 (or a plain process) prints errors; the other processes of a torchrun job exit quietly."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def fail(message: str):
     """Print `error: message` as one line on stderr and exit with code 2 (argparse's convention for bad input)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    if _speaks():
+        print(f"error: {message}", file=sys.stderr, flush=True)
     raise UserError(message)
 
 
@@ -121,7 +127,8 @@ class Args:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2 (argparse prints the usage too by default)
-        print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        if _speaks():
+            print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
         raise UserError(message)
 
 
@@ -170,7 +177,8 @@ def parse(cls, argv: list[str] | None = None):
     try:
         args.check(world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr, flush=True)
+        if _speaks():
+            print(f"{parser.prog}: error: {err}", file=sys.stderr, flush=True)
         raise UserError(str(err)) from None
     return args
 
@@ -309,10 +317,12 @@ def print0(*args, **kwargs):
 
 
 def wrap_ddp(model: nn.Module, args: Args, dist: Dist) -> nn.Module:
-    """SyncBatchNorm (with --sync-bn) and DistributedDataParallel for more than one process."""
+    """SyncBatchNorm (with --sync-bn, on CUDA) and DistributedDataParallel for more than one process.
+
+    On the CPU each process normalises over its own share of the batch: torch's SyncBatchNorm needs a GPU."""
     if dist.world_size == 1:
         return model
-    if args.sync_bn:
+    if args.sync_bn and dist.device.type == "cuda":  # torch's SyncBatchNorm runs on GPUs only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [dist.device.index] if dist.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -62,6 +62,7 @@ class Args(common.Args):
     temperature: float = 0.5  # tau of NT-Xent (0.5 for CIFAR-10, 0.1 for ImageNet in the paper)
     proj_dim: int = 128  # output size of the projection head g
     proj_layers: int = 2  # linear layers of g (2 in SimCLR, 3 in SimCLR v2)
+    crop_min_scale: float = 0.08  # smallest crop area as a fraction of the image (the paper's 0.08)
     jitter_strength: float = 0.5  # s: colour jitter of brightness, contrast, saturation 0.8s and hue 0.2s
     blur: float = -1.0  # probability of Gaussian blur per view (-1: 0.5 above 64 px as for ImageNet, else 0)
     momentum: float = 0.9  # LARS momentum
@@ -76,6 +77,8 @@ class Args(common.Args):
             raise ValueError("--proj-layers and --proj-dim must be at least 1")
         if not (self.blur == -1 or 0 <= self.blur <= 1):
             raise ValueError(f"--blur must be a probability in [0, 1] or -1 (automatic), got {self.blur}")
+        if not 0 < self.crop_min_scale <= 1:
+            raise ValueError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
         if self.jitter_strength < 0:
             raise ValueError(f"--jitter-strength must be >= 0, got {self.jitter_strength}")
         if self.batch_size // world_size < 2:
@@ -87,13 +90,14 @@ class Args(common.Args):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def simclr_augment(info: common.DataInfo, size: int, strength: float = 0.5, blur: float = 0.0) -> T.Compose:
+def simclr_augment(info: common.DataInfo, size: int, strength: float = 0.5, blur: float = 0.0,
+                   min_scale: float = 0.08) -> T.Compose:
     """One random view, as the official data_util: crop of 8-100% of the area (aspect 3/4-4/3) resized to `size`,
     horizontal flip, colour jitter with probability 0.8 (random order), grayscale with probability 0.2, and
     Gaussian blur (kernel 10% of the side, sigma in [0.1, 2]) with probability `blur`."""
     s = strength
     ops = [
-        T.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+        T.RandomResizedCrop(size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3)),
         T.RandomHorizontalFlip(),
         T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
         T.RandomGrayscale(p=0.2),
@@ -141,11 +145,12 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
     z1, z2: [N, D], two views of the same N images (row k of z1 and row k of z2 are a positive pair).
     Each of the 2N embeddings is an anchor; its positive is the other view of its image and its negatives are
-    the other 2N - 2 embeddings. Returns the mean over the 2N anchors, computed in float32.
+    the other 2N - 2 embeddings. Returns the mean over the 2N anchors, computed in float32 (float64 for float64 inputs), also under autocast.
     """
     with torch.autocast(z1.device.type, enabled=False):
         n = z1.shape[0]
-        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # [2N, D], so z_i . z_k = sim(z_i, z_k)
+        dtype = torch.promote_types(z1.dtype, torch.float32)  # float32, or float64 when given float64
+        z = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1)  # [2N, D], so z_i . z_k = sim(z_i, z_k)
         logits = z @ z.T / temperature  # [2N, 2N]
         self_pair = torch.eye(2 * n, dtype=torch.bool, device=z.device)
         logits = logits.masked_fill(self_pair, float("-inf"))  # k != i: an anchor is never its own candidate
@@ -190,7 +195,8 @@ def main(args: Args):
     dist = common.setup_distributed(args)
     info, size = common.dataset_info(args)
     blur = args.blur if args.blur >= 0 else (0.5 if size > 64 else 0.0)
-    views = common.MultiView([simclr_augment(info, size, args.jitter_strength, blur) for _ in range(2)])
+    views = common.MultiView([simclr_augment(info, size, args.jitter_strength, blur, args.crop_min_scale)
+                              for _ in range(2)])
     train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
     run = common.RunDir(args, "simclr", dist)
 

@@ -1,0 +1,302 @@
+"""Properties of the shared plumbing (common.py): CLI, optimiser, schedule, k-NN, probe, data, backbones, runs."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
+
+import common
+import simclr
+
+seeds = st.integers(0, 2**31 - 1)
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def test_parse_turns_fields_into_typed_flags():
+    args = common.parse(simclr.Args, ["--batch-size", "64", "--lr", "0.5", "--amp", "--dataset", "digits",
+                                      "--no-sync-bn", "--out-dir", "x"])
+    assert (args.batch_size, args.lr, args.amp, args.dataset, args.sync_bn, args.out_dir) == (
+        64, 0.5, True, "digits", False, "x")
+    assert isinstance(args.batch_size, int) and isinstance(args.lr, float)
+    assert common.parse(simclr.Args, []) == simclr.Args()  # defaults untouched
+
+
+def test_help_comes_from_the_field_comments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse(simclr.Args, ["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "tau of NT-Xent" in out and "--temperature" in out and "global batch" in out
+    assert "(default: 0.5)" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--dataset", "nope"], "unknown --dataset"),
+    (["--arch", "vgg"], "unknown --arch"),
+    (["--batch-size", "ten"], "invalid int value"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--resume"], "--resume needs --out-dir"),
+    (["--temperature", "0"], "--temperature must be positive"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse(simclr.Args, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_batch_not_divisible_by_processes(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse(simclr.Args, ["--batch-size", "64"])
+    assert exit_info.value.code == 2 and "does not divide evenly over 3" in capsys.readouterr().err
+
+# ---------------------------------------------------------------------------------------------------- LARS
+
+
+def lars_reference(ws, gs, steps, lr, momentum, wd, eta, exclude, nesterov):
+    """SimCLR's official LARS update, transcribed per parameter with plain tensor arithmetic."""
+    ws = [w.clone() for w in ws]
+    vs = [torch.zeros_like(w) for w in ws]
+    for t in range(steps):
+        for i, (w, v) in enumerate(zip(ws, vs)):
+            g = gs[t][i].clone()
+            if not exclude[i]:
+                g = g + wd * w
+                w_norm, g_norm = w.norm().item(), g.norm().item()
+                trust = eta * w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0
+            else:
+                trust = 1.0
+            scaled_lr = lr * trust
+            v.copy_(momentum * v + scaled_lr * g)
+            update = momentum * v + scaled_lr * g if nesterov else v
+            w -= update
+    return ws
+
+
+@given(seed=seeds, lr=st.floats(0.01, 5.0), momentum=st.floats(0.0, 0.99), wd=st.floats(0.0, 0.1),
+       eta=st.floats(1e-4, 1e-1), nesterov=st.booleans(), steps=st.integers(1, 4))
+def test_lars_step_equals_transcription(seed, lr, momentum, wd, eta, nesterov, steps):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(4, 3), (3,), (2, 2, 3)]
+    exclude = [False, True, False]
+    ws = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    ws[2].zero_()  # a zero weight: trust ratio falls back to 1
+    grads = [[torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(steps)]
+    params = [nn.Parameter(w.clone()) for w in ws]
+    opt = common.LARS([{"params": [params[0], params[2]], "weight_decay": wd},
+                       {"params": [params[1]], "weight_decay": 0.0, "lars_exclude": True}],
+                      lr=lr, momentum=momentum, eta=eta, nesterov=nesterov)
+    for t in range(steps):
+        for p, gr in zip(params, grads[t]):
+            p.grad = gr.clone()
+        opt.step()
+    expected = lars_reference(ws, grads, steps, lr, momentum, wd, eta, exclude, nesterov)
+    for p, e in zip(params, expected):
+        assert torch.allclose(p.detach(), e, rtol=1e-10, atol=1e-12)
+
+
+def test_param_groups_exclude_biases_and_norms_from_decay_and_adaptation():
+    model = simclr.SimCLR(common.build_backbone("tiny"), proj_dim=8)
+    decay, no_decay = common.param_groups(model, 1e-4)
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0 and no_decay["lars_exclude"]
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
+    bn_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert bn_weights <= {id(p) for p in no_decay["params"]}
+
+# ---------------------------------------------------------------------------------------------------- schedule
+
+
+@given(total=st.integers(2, 2000), warm_frac=st.floats(0.0, 0.5), base=st.floats(1e-4, 10.0),
+       final_frac=st.floats(0.0, 0.5))
+def test_warmup_cosine_bounds_and_shape(total, warm_frac, base, final_frac):
+    warmup = int(total * warm_frac)
+    final = base * final_frac
+    lrs = [common.warmup_cosine(s, total, warmup, base, final) for s in range(total + 1)]
+    assert all(0 <= lr <= base * (1 + 1e-12) for lr in lrs)
+    if warmup:
+        assert lrs[0] == 0.0
+        assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup + 1]))  # strictly rising warm-up
+        assert lrs[warmup - 1] == pytest.approx(base * (warmup - 1) / warmup)
+    assert lrs[warmup] == pytest.approx(base)
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))  # then never rising
+    assert lrs[total] == pytest.approx(final, abs=1e-12)
+    assert all(lr >= final - 1e-12 for lr in lrs[warmup:])
+
+# ---------------------------------------------------------------------------------------------------- k-NN, probe
+
+
+def knn_brute_force(train_z, train_y, test_z, num_classes, k, t):
+    """InstDisc's weighted k-NN with explicit loops: sort all similarities, vote exp(s/t) with the top k."""
+    out = torch.zeros(len(test_z), num_classes, dtype=torch.float64)
+    for i, q in enumerate(test_z):
+        sims = [(float(q @ x / (q.norm() * x.norm())), int(y)) for x, y in zip(train_z, train_y)]
+        sims.sort(key=lambda s: -s[0])
+        for s, y in sims[:k]:
+            out[i, y] += math.exp(s / t)
+    return out
+
+
+@given(seed=seeds, n=st.integers(1, 40), m=st.integers(1, 10), d=st.integers(2, 8), c=st.integers(2, 6),
+       k=st.integers(1, 50), t=st.floats(0.05, 1.0))
+def test_weighted_knn_equals_brute_force(seed, n, m, d, c, k, t):
+    # d >= 2: in one dimension every cosine similarity is +-1 and the k nearest are ties
+    g = torch.Generator().manual_seed(seed)
+    train_z, test_z = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(m, d, generator=g,
+                                                                                         dtype=torch.float64)
+    train_y = torch.randint(0, c, (n,), generator=g)
+    got = common.knn_scores(train_z, train_y, test_z, c, k=k, t=t, chunk=3)
+    assert torch.allclose(got.double(), knn_brute_force(train_z, train_y, test_z, c, min(k, n), t), rtol=1e-5)
+
+
+def test_topk_accuracy():
+    scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.15, 0.05], [0.2, 0.3, 0.5]])
+    labels = torch.tensor([1, 1, 0])
+    top1, top2 = common.topk_accuracy(scores, labels, (1, 2))
+    assert top1 == pytest.approx(1 / 3) and top2 == pytest.approx(2 / 3)
+
+
+def test_linear_probe_separates_separable_features_and_fails_on_noise():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 3
+    centres = torch.randn(3, 16, generator=g) * 5
+    z = centres[y] + torch.randn(300, 16, generator=g)
+    top1, top5 = common.linear_probe(z[:200], y[:200], z[200:], y[200:], 3, epochs=30)
+    assert top1 > 0.98 and top5 == 1.0
+    noise = torch.randn(300, 16, generator=g)
+    top1_noise, _ = common.linear_probe(noise[:200], y[:200], noise[200:], y[200:], 3, epochs=30)
+    assert top1_noise < 0.6
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+@given(seed=seeds, n=st.integers(1, 200))
+def test_balanced_subset(seed, n):
+    targets = [i % 7 for i in range(100)] + [0] * 20  # class 0 over-represented
+    idx = common.balanced_subset(targets, n, seed)
+    assert len(idx) == min(n, len(targets)) and len(set(idx)) == len(idx)
+    counts = torch.bincount(torch.tensor([targets[i] for i in idx]), minlength=7)
+    if n <= 7 * 14:  # every class still has images: counts differ by at most one
+        assert counts.max() - counts.min() <= 1
+    assert idx == common.balanced_subset(targets, n, seed)
+
+
+def test_datasets_offline_and_index_wrapper():
+    args = common.Args(dataset="digits")
+    train, test = common.load_dataset(args, True), common.load_dataset(args, False)
+    assert (len(train), len(test)) == (1437, 360)
+    img, y = train[0]
+    assert img.size == (8, 8) and img.mode == "L" and 0 <= y < 10
+    info, size = common.dataset_info(args)
+    x, y2, i = common.WithIndex(common.load_dataset(args, True, common.normalize(info)))[5]
+    assert x.shape == (1, 8, 8) and i == 5 and y2 == train[5][1]
+    syn = common.load_dataset(common.Args(dataset="synthetic"), True)
+    assert len(syn) == 512 and syn[0][0].size == (16, 16) and syn[0][0].mode == "RGB"
+
+
+def test_missing_torchvision_data_fails_with_the_fix(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.load_dataset(common.Args(dataset="cifar10", data_dir=str(tmp_path)), True)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--download" in err and len(err.strip().splitlines()) == 1
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (20, 20), (i * 50, 0, 0)).save(tmp_path / split / c / f"{i}.png")
+    args = common.Args(dataset="imagefolder", data_dir=str(tmp_path))
+    info, size = common.dataset_info(args)
+    assert info.num_classes == 2 and size == 20
+    assert len(common.load_dataset(args, True)) == 6 and common.load_dataset(args, False).targets == [0] * 3 + [1] * 3
+
+
+def test_extract_features_keeps_dataset_order():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 2, 2, 1).contiguous()
+    ds = common.ImageTensorDataset(images, list(range(10)), transform=common.T.PILToTensor())
+
+    class Mean(nn.Module):
+        def forward(self, x):
+            return x.float().mean(dim=(2, 3))
+
+    z, y = common.extract_features(Mean(), ds, common.Dist(), batch_size=3)
+    assert torch.equal(z[:, 0], torch.arange(10.0)) and torch.equal(y, torch.arange(10))
+
+# ---------------------------------------------------------------------------------------------------- backbones
+
+
+@pytest.mark.parametrize("arch, size, dim", [("tiny", 8, 128), ("resnet18", 16, 512), ("resnet34", 16, 512),
+                                             ("resnet50", 16, 2048), ("wrn28_2", 16, 128),
+                                             ("resnet18", 96, 512)])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_backbones_any_channels(arch, size, dim, channels):
+    net = common.build_backbone(arch, in_channels=channels, image_size=size)
+    assert net.out_dim == dim
+    assert net(torch.randn(2, channels, size, size)).shape == (2, dim)
+
+
+def test_resnet_stems_and_wide_resnet_options():
+    cifar, imagenet = common.resnet(18, stem="cifar"), common.resnet(18, stem="imagenet")
+    assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1) and isinstance(cifar.maxpool,
+                                                                                             nn.Identity)
+    assert imagenet.conv1.kernel_size == (7, 7) and isinstance(imagenet.maxpool, nn.MaxPool2d)
+    plain = common.build_backbone("wrn28_10", norm="none", act="leaky")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    assert any(isinstance(m, nn.LeakyReLU) for m in plain.modules())
+    assert plain.out_dim == 640 and common.build_backbone("wrn34_10").out_dim == 640
+    blocks = [m for m in common.build_backbone("wrn34_10").modules() if isinstance(m, common._WideBlock)]
+    assert len(blocks) == 15  # (34 - 4) / 6 = 5 blocks in each of 3 groups
+
+# ---------------------------------------------------------------------------------------------------- distributed (one process)
+
+
+def test_gathers_are_identity_on_one_process():
+    x = torch.randn(3, 4, requires_grad=True)
+    assert common.gather_with_grad(x) is x
+    assert torch.equal(common.gather_no_grad(x), x) and torch.equal(common.all_reduce_mean(x), x)
+
+# ---------------------------------------------------------------------------------------------------- run directory
+
+
+def test_run_dir_refuses_to_overwrite_and_checks_checkpoints(tmp_path, capsys):
+    args = simclr.Args(dataset="synthetic", arch="tiny", out_dir=str(tmp_path / "run"))
+    run = common.RunDir(args, "simclr", common.Dist())
+    assert json.loads((run.path / "args.json").read_text())["arch"] == "tiny"
+    run.log(epoch=1, step=4, loss=1.5, extra=3)
+    row = json.loads(run.metrics_path.read_text())
+    assert list(row)[:len(common.METRIC_KEYS)] == common.METRIC_KEYS and row["extra"] == 3
+    run.save({"epoch": 1, "model": {"w": torch.ones(2)}, "args": {"arch": "tiny", "dataset": "synthetic"}})
+    assert not list(run.path.glob("*.tmp"))
+    before = {p.name: p.read_bytes() for p in run.path.iterdir()}
+
+    with pytest.raises(SystemExit):  # a second run into the same directory
+        common.RunDir(args, "simclr", common.Dist())
+    assert "already holds a run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a checkpoint of another method
+        common.load_checkpoint(run.checkpoint_path, "moco", args)
+    assert "written by simclr.py, not moco.py" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # another architecture
+        common.load_checkpoint(run.checkpoint_path, "simclr", simclr.Args(dataset="synthetic", arch="resnet18"))
+    assert "--arch tiny" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.path.iterdir()} == before  # nothing written over
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(run.checkpoint_path.read_bytes()[:100])
+    with pytest.raises(SystemExit) as exit_info:
+        common.load_checkpoint(corrupt, "simclr", args)
+    assert exit_info.value.code == 2 and "not a valid checkpoint" in capsys.readouterr().err
+    assert common.load_checkpoint(run.checkpoint_path, "simclr", args)["epoch"] == 1
