@@ -316,16 +316,18 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def wrap_ddp(model: nn.Module, args: Args, dist: Dist) -> nn.Module:
-    """SyncBatchNorm (with --sync-bn, on CUDA) and DistributedDataParallel for more than one process.
+def distribute(model: nn.Module, args: Args, dist: Dist) -> nn.Module:
+    """The network to train: DistributedDataParallel on several processes (with --sync-bn, BatchNorm over the
+    global batch), compiled with --compile. `model` itself stays the plain module for evaluation and checkpoints.
 
     On the CPU each process normalises over its own share of the batch: torch's SyncBatchNorm needs a GPU."""
-    if dist.world_size == 1:
-        return model
-    if args.sync_bn and dist.device.type == "cuda":  # torch's SyncBatchNorm runs on GPUs only
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    net = model
+    if dist.world_size > 1:
+        if args.sync_bn and dist.device.type == "cuda":
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # swaps the BatchNorm layers inside `model` too
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[dist.device.index] if dist.device.type == "cuda"
+                                                  else None)
+    return torch.compile(net) if args.compile else net
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -740,6 +742,12 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float
     return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def lr_schedule(args: Args, steps_per_epoch: int, base_lr: float):
+    """step -> learning rate: --warmup-epochs of linear warm-up, then cosine decay to 0 at the last step."""
+    total, warmup = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+    return lambda step: warmup_cosine(step, total, warmup, base_lr)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
     """Set every group's learning rate (times the group's optional 'lr_scale'); returns lr."""
     for group in optimizer.param_groups:
@@ -828,6 +836,49 @@ def knn_accuracy(net: nn.Module, memory_set, test_set, num_classes: int, dist: D
     return topk_accuracy(scores, test_y, (1,))[0]
 
 
+class Monitor:
+    """The k-NN monitor of an encoder (before training, every --eval-every epochs, after the last) and the final
+    report (k-NN, linear probe, results.json, curves.png). Every method uses it on its backbone."""
+
+    def __init__(self, backbone: nn.Module, memory_set, test_set, num_classes: int, args: Args, dist: Dist,
+                 run: "RunDir", state: dict):
+        self.backbone, self.memory_set, self.test_set = backbone, memory_set, test_set
+        self.num_classes, self.args, self.dist, self.run = num_classes, args, dist, run
+        self.last = None
+        self.untrained = state.get("knn_untrained")
+        if state["epoch"] == 0:
+            self.untrained = self.accuracy()
+            run.log(epoch=0, step=0, knn_top1=self.untrained)
+            print0(f"k-NN top-1 of the untrained network: {self.untrained:.4f}")
+
+    def accuracy(self) -> float:
+        return knn_accuracy(self.backbone, self.memory_set, self.test_set, self.num_classes, self.dist, self.args)
+
+    def knn(self, epoch: int) -> float | None:
+        """k-NN top-1 after `epoch` (0-based) when due: every --eval-every epochs and after the last."""
+        every, done = self.args.eval_every, epoch + 1
+        self.last = self.accuracy() if done == self.args.epochs or (every and done % every == 0) else None
+        return self.last
+
+    def finish(self) -> dict:
+        """Final k-NN and linear probe on frozen features; writes results.json and curves.png, prints a summary."""
+        args, dist = self.args, self.dist
+        knn_top1 = self.last if self.last is not None else self.accuracy()
+        results = {"knn_top1_untrained": self.untrained, "knn_top1": knn_top1}
+        if args.probe_epochs:
+            train_h, train_y = extract_features(self.backbone, self.memory_set, dist, args=args)
+            test_h, test_y = extract_features(self.backbone, self.test_set, dist, args=args)
+            top1, top5 = linear_probe(train_h, train_y, test_h, test_y, self.num_classes, args.probe_epochs,
+                                      seed=args.seed)
+            results.update(probe_top1=top1, probe_top5=top5)
+        if dist.is_main:
+            (self.run.path / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        self.run.plot()
+        probe = f";  linear probe top-1 {results['probe_top1']:.4f}" if "probe_top1" in results else ""
+        print0(f"k-NN top-1: untrained {self.untrained:.4f} -> trained {knn_top1:.4f}{probe}  ({self.run.path})")
+        return results
+
+
 def linear_probe(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Tensor, test_y: torch.Tensor,
                  num_classes: int, epochs: int = 100, lr: float = 0.1, batch_size: int = 256,
                  weight_decay: float = 0.0, seed: int = 0) -> tuple[float, float]:
@@ -912,6 +963,31 @@ class RunDir:
         tmp = self.checkpoint_path.with_suffix(".pt.tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint_path)
+
+    def resume(self, args: Args, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """With --resume, load checkpoint.pt into the model and optimiser and return it (the method restores its
+        own extra state from it); otherwise {"epoch": 0}."""
+        if not args.resume:
+            return {"epoch": 0}
+        state = self.load(args)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        print0(f"resumed {self.path} at epoch {state['epoch']}")
+        return state
+
+    def end_epoch(self, epoch: int, steps: int, args: Args, monitor: "Monitor", state, seconds: float,
+                  **metrics):
+        """After epoch `epoch` (0-based): one metrics line, the k-NN when due, and checkpoint.pt every
+        --save-every epochs and after the last. `state()` returns what the method saves (model, optimiser, ...)."""
+        done = epoch + 1
+        knn_top1 = monitor.knn(epoch)
+        self.log(epoch=done, step=done * steps, knn_top1=knn_top1, images_per_s=steps * args.batch_size / seconds,
+                 time_s=seconds, **metrics)
+        if knn_top1 is not None:
+            print0(f"epoch {done}: loss {metrics.get('loss', float('nan')):.4f}  k-NN top-1 {knn_top1:.4f}")
+        if done == args.epochs or done % args.save_every == 0:
+            self.save({"epoch": done, "step": done * steps, "args": dataclasses.asdict(args),
+                       "knn_untrained": monitor.untrained, **state()})
 
     def load(self, args: Args) -> dict:
         """Read checkpoint.pt (weights_only), refuse one from another method or architecture, restore the RNGs,

@@ -35,8 +35,6 @@ Where this file differs from the official code, and why:
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from dataclasses import dataclass
 
@@ -202,68 +200,26 @@ def main(args: Args):
 
     model = SimCLR(common.build_backbone(args.arch, info.channels, size), args.proj_dim, args.proj_layers)
     model = common.prepare_model(model, args, dist)
-    base_lr = args.lr * args.batch_size / 256
+    base_lr = args.lr * args.batch_size / 256  # the official linear scaling rule
     optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=args.momentum,
                             eta=args.lars_eta)
-    start_epoch, knn_untrained = 0, None
-    if args.resume:
-        state = run.load(args)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, knn_untrained = state["epoch"], state["knn_untrained"]
-        common.print0(f"resumed {run.path} at epoch {start_epoch}")
-    net = common.wrap_ddp(model, args, dist)
-    net = torch.compile(net) if args.compile else net
-    model = common.unwrap(net)  # the module itself (SyncBatchNorm in place with --sync-bn on several processes)
+    state = run.resume(args, model, optimizer)
+    net = common.distribute(model, args, dist)
 
     steps = len(train_set) // args.batch_size
-    total_steps, warmup_steps = args.epochs * steps, round(args.warmup_epochs * steps)
-
-    def lr_at(step):
-        return common.warmup_cosine(step, total_steps, warmup_steps, base_lr)
-
-    def knn():
-        return common.knn_accuracy(model.backbone, memory_set, test_set, info.num_classes, dist, args)
-
-    if start_epoch == 0:
-        knn_untrained = knn()
-        run.log(epoch=0, step=0, knn_top1=knn_untrained)
-        common.print0(f"k-NN top-1 of the untrained network: {knn_untrained:.4f}")
+    lr_at = common.lr_schedule(args, steps, base_lr)
+    monitor = common.Monitor(model.backbone, memory_set, test_set, info.num_classes, args, dist, run, state)
     common.print0(f"SimCLR {args.arch} on {args.dataset}: {len(train_set)} images, {steps} steps of "
                   f"{args.batch_size} per epoch, {dist.world_size} process(es) on {dist.device}")
-    progress = common.Progress(args.epochs, steps, start_epoch, args.log_every, dist)
-    knn_top1 = None
-    for epoch in range(start_epoch, args.epochs):
+    progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
+    for epoch in range(state["epoch"], args.epochs):
         loader = common.train_loader(train_set, args, dist, epoch)
         t0 = time.perf_counter()
         loss = train_one_epoch(net, loader, optimizer, lr_at, args, dist, epoch, progress)
-        seconds = time.perf_counter() - t0
-        last = epoch + 1 == args.epochs
-        knn_top1 = knn() if last or (args.eval_every and (epoch + 1) % args.eval_every == 0) else None
-        run.log(epoch=epoch + 1, step=(epoch + 1) * steps, loss=loss, lr=lr_at((epoch + 1) * steps - 1),
-                knn_top1=knn_top1, images_per_s=steps * args.batch_size / seconds, time_s=seconds)
-        if knn_top1 is not None:
-            common.print0(f"epoch {epoch + 1}: loss {loss:.4f}  k-NN top-1 {knn_top1:.4f}")
-        if last or (epoch + 1) % args.save_every == 0:
-            run.save({"epoch": epoch + 1, "step": (epoch + 1) * steps, "model": model.state_dict(),
-                      "optimizer": optimizer.state_dict(), "args": dataclasses.asdict(args),
-                      "knn_untrained": knn_untrained})
-
-    # final evaluation: k-NN and a linear probe on the frozen encoder's features
-    if knn_top1 is None:
-        knn_top1 = knn()
-    results = {"knn_top1_untrained": knn_untrained, "knn_top1": knn_top1}
-    if args.probe_epochs:
-        train_h, train_y = common.extract_features(model.backbone, memory_set, dist, args=args)
-        test_h, test_y = common.extract_features(model.backbone, test_set, dist, args=args)
-        top1, top5 = common.linear_probe(train_h, train_y, test_h, test_y, info.num_classes, args.probe_epochs,
-                                         seed=args.seed)
-        results.update(probe_top1=top1, probe_top5=top5)
-    if dist.is_main:
-        (run.path / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    run.plot()
-    probe = f";  linear probe top-1 {results['probe_top1']:.4f}" if "probe_top1" in results else ""
-    common.print0(f"k-NN top-1: untrained {knn_untrained:.4f} -> trained {knn_top1:.4f}{probe}  ({run.path})")
+        run.end_epoch(epoch, steps, args, monitor, seconds=time.perf_counter() - t0, loss=loss,
+                      lr=lr_at((epoch + 1) * steps - 1),
+                      state=lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    monitor.finish()
     common.cleanup_distributed()
 
 

@@ -17,7 +17,8 @@ settings.register_profile("default", max_examples=40, deadline=None,
 settings.register_profile("thorough", max_examples=400, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
+# an image-folder copy of CIFAR-10 (train/ and test/, one folder per class) for the learning checks
+CIFAR10 = Path(os.environ.get("CIFAR10_DIR", ROOT.parent / "shared" / "data" / "cifar10"))
 
 
 def run_script(*argv, timeout=300, env_extra=None, cwd=None):
