@@ -6,10 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per test worker: the workers already fill the cores
+    torch.set_num_threads(1)
 
 # Property tests: enough examples to find edge cases, no per-example deadline (the CPU here may be shared).
 settings.register_profile("default", max_examples=40, deadline=None,
