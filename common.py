@@ -860,11 +860,12 @@ class Monitor:
         self.last = self.accuracy() if done == self.args.epochs or (every and done % every == 0) else None
         return self.last
 
-    def finish(self) -> dict:
-        """Final k-NN and linear probe on frozen features; writes results.json and curves.png, prints a summary."""
+    def finish(self, **extra) -> dict:
+        """Final k-NN and linear probe on frozen features; writes results.json (with the method's own `extra`
+        results, e.g. a classifier's test accuracy) and curves.png, prints a summary."""
         args, dist = self.args, self.dist
         knn_top1 = self.last if self.last is not None else self.accuracy()
-        results = {"knn_top1_untrained": self.untrained, "knn_top1": knn_top1}
+        results = {"knn_top1_untrained": self.untrained, "knn_top1": knn_top1, **extra}
         if args.probe_epochs:
             train_h, train_y = extract_features(self.backbone, self.memory_set, dist, args=args)
             test_h, test_y = extract_features(self.backbone, self.test_set, dist, args=args)
