@@ -555,9 +555,9 @@ def load_dataset(args: Args, train: bool, transform=None):
     kwargs = {"split": "train" if train else "test"} if name in ("svhn", "stl10") else {"train": train}
     try:
         ds = cls(str(root), download=args.download, transform=transform, **kwargs)
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
-        fix = "pass --download to fetch it" if not args.download else "check the network or the folder"
-        fail(f"{name} not found in --data-dir {root} ({fix}, or point --data-dir at a copy): {err}".replace("\n", " "))
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        fix = "pass --download to fetch it" if not args.download else "the download did not complete"
+        fail(f"{name} not found or incomplete in --data-dir {root} ({fix}, or point --data-dir at a copy)")
     except OSError as err:  # a failed download (no network)
         fail(f"could not download {name} into {root}: {err}; copy the dataset there by hand and omit --download")
     if not hasattr(ds, "targets"):
