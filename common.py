@@ -8,6 +8,7 @@ Sections, in order:
   Distributed    Dist, setup_distributed(), gather_with_grad(), gather_no_grad(), all_reduce_mean()
   Backbones      ResNet-18/34/50 (CIFAR or ImageNet stem), Wide-ResNet 28-2/28-10/34-10, a tiny test network
   Data           datasets by name, class-balanced subsets, an index-returning wrapper, views, loaders
+  Adversarial    AdvProp's auxiliary BatchNorm (DualBatchNorm), CLAE's adversarial views (FGSM / PGD)
   Optimisation   LARS, warm-up + cosine schedule
   Evaluation     feature extraction, weighted k-NN (InstDisc), linear probe on frozen features
   Run directory  args.json, metrics.jsonl, atomic checkpoint.pt, curves.png, the progress line
@@ -16,6 +17,8 @@ Sections, in order:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import datetime
 import inspect
@@ -437,6 +440,74 @@ def prepare_model(model: nn.Module, args: Args, dist: Dist) -> nn.Module:
 def autocast(args: Args, device: torch.device):
     """bfloat16 autocast with --amp (a no-op context otherwise). Losses cast their inputs back to float32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adversarial views (CLAE, Ho & Vasconcelos, NeurIPS 2020) and auxiliary BatchNorm (AdvProp, Xie et al., CVPR 2020)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DualBatchNorm(nn.Module):
+    """AdvProp's pair of BatchNorms: `main` normalises clean inputs (and is the one used at evaluation), `aux`
+    normalises adversarial inputs only, so that their different statistics do not mix. Which one runs is set
+    by the `adversarial_bn` context manager; the weights of both are trained."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, aux_momentum: float = 0.01):
+        super().__init__()
+        self.main = bn
+        self.aux = copy.deepcopy(bn)
+        self.aux.momentum = aux_momentum
+        self.use_aux = False
+
+    def forward(self, x):
+        return self.aux(x) if self.use_aux else self.main(x)
+
+
+def dual_batchnorm(module: nn.Module, aux_momentum: float = 0.01) -> nn.Module:
+    """Give every BatchNorm inside `module` an auxiliary twin (in place; returns `module`)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, DualBatchNorm(child, aux_momentum))
+        else:
+            dual_batchnorm(child, aux_momentum)
+    return module
+
+
+@contextlib.contextmanager
+def adversarial_bn(module: nn.Module, enabled: bool = True):
+    """Route forwards through the auxiliary BatchNorms of `module` (those made by dual_batchnorm) inside the block."""
+    duals = [m for m in module.modules() if isinstance(m, DualBatchNorm)] if enabled else []
+    for m in duals:
+        m.use_aux = True
+    try:
+        yield
+    finally:
+        for m in duals:
+            m.use_aux = False
+
+
+def adversarial_view(loss_fn, x: torch.Tensor, eps: float, steps: int, mean, std) -> torch.Tensor:
+    """CLAE's adversarial view: the image within an L-infinity ball of radius `eps` (in pixel units of [0, 1])
+    around `x` that increases `loss_fn(view)`, by FGSM (steps=1: one signed-gradient step of size eps) or PGD
+    (steps>1: steps of 2.5 eps / steps, projected back on the ball), staying a valid image in [0, 1].
+
+    x: [B, C, H, W], standardised with the per-channel `mean` and `std`; the result is standardised the same way
+    and detached. The gradient is taken with respect to the input only (torch.autograd.grad), so no parameter
+    receives gradient; BatchNorm running statistics are updated by the forwards, as in the official code.
+    """
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    pixels = (x.detach() * std + mean).clamp(0, 1)  # [B, C, H, W] in [0, 1]
+    alpha = eps if steps == 1 else 2.5 * eps / steps
+    adv = pixels.clone()
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        loss = loss_fn((adv - mean) / std)
+        (grad,) = torch.autograd.grad(loss, adv)
+        with torch.no_grad():
+            adv = adv + alpha * grad.sign()
+            adv = torch.minimum(torch.maximum(adv, pixels - eps), pixels + eps).clamp(0, 1)
+    return ((adv - mean) / std).detach()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -971,8 +1042,12 @@ class RunDir:
         if not args.resume:
             return {"epoch": 0}
         state = self.load(args)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:  # e.g. another head size, or --adv-bn toggled
+            fail(f"{self.checkpoint_path} does not fit this model (were other flags used?): "
+                 f"{str(err).splitlines()[0]}")
         print0(f"resumed {self.path} at epoch {state['epoch']}")
         return state
 

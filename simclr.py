@@ -11,8 +11,8 @@ Chen, Kornblith, Norouzi & Hinton, ICML 2020. arXiv:2002.05709. Official code: g
   LARS (biases and BatchNorm excluded from weight decay and adaptation), lr = base_lr * N / 256,
   linear warm-up for 10 epochs, then cosine decay to 0.
 
-Run:   python simclr.py --dataset digits --arch resnet18 --epochs 30 --batch-size 256 --workers 0
-                                                          (CPU: about two minutes; prints k-NN untrained vs trained)
+Run:   python simclr.py --dataset digits --arch tiny --epochs 100 --batch-size 256 --workers 0
+                                                   (offline, CPU: under two minutes; k-NN untrained vs trained)
        torchrun --nproc_per_node=8 simclr.py --data-dir data --download   (the official CIFAR-10 recipe below)
        torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 simclr.py ...
 Defaults: the official CIFAR-10 command (README of google-research/simclr): ResNet-18 with the CIFAR stem,
@@ -27,10 +27,17 @@ Where this file differs from the official code, and why:
   - Every process computes the (identical) loss of the whole global batch from the gathered embeddings rather
     than only its own anchors' rows: simpler to read, same gradients (tests/test_distributed.py), and the
     [2N, 2N] similarity matrix costs little next to the encoder.
-  - Inputs are standardised with the dataset's channel mean and std (the official code feeds [0, 1] pixels);
-    the first convolution is followed by BatchNorm, so this changes nothing but the scale of early updates.
+  - Inputs are standardised with the dataset's channel mean and std (the official code feeds [0, 1] pixels):
+    an affine change of the input that the first convolution can absorb; it only conditions early updates.
   - Evaluation: the weighted k-NN monitor during training (InstDisc's, k=200, T=0.1) and a linear probe on
     frozen, precomputed features at the end (the official linear evaluation fine-tunes on augmented crops).
+
+Options from two later papers, off by default:
+  --adv-eps EPS [--adv-steps S --adv-weight ALPHA]   CLAE (Ho & Vasconcelos, "Contrastive Learning with
+       Adversarial Examples", NeurIPS 2020, github.com/chihhuiho/CLAE): L += ALPHA * NT-Xent(view 1, its
+       adversarial view), the view found by FGSM (or PGD) against that loss within EPS pixels (CLAE: 0.03, 1.0).
+  --adv-bn   AdvProp (Xie et al., "Adversarial Examples Improve Image Recognition", CVPR 2020): the encoder's
+       BatchNorms get auxiliary twins (momentum 0.01 as CLAE's code) that normalise adversarial views only.
 """
 
 from __future__ import annotations
@@ -66,6 +73,10 @@ class Args(common.Args):
     momentum: float = 0.9  # LARS momentum
     lars_eta: float = 0.001  # LARS trust coefficient
     sync_bn: bool = True  # BatchNorm statistics over the global batch (the official 'global_bn')
+    adv_eps: float = 0.0  # CLAE: L-inf radius of the adversarial view in pixels of [0, 1] (0: off; CLAE uses 0.03)
+    adv_steps: int = 1  # CLAE: gradient steps making the adversarial view (1: FGSM as CLAE, more: PGD)
+    adv_weight: float = 1.0  # CLAE: alpha, weight of the loss between view 1 and its adversarial view
+    adv_bn: bool = False  # AdvProp: auxiliary BatchNorms in the encoder, used for adversarial views only
 
     def check(self, world_size: int = 1):
         super().check(world_size)
@@ -79,6 +90,10 @@ class Args(common.Args):
             raise ValueError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
         if self.jitter_strength < 0:
             raise ValueError(f"--jitter-strength must be >= 0, got {self.jitter_strength}")
+        if self.adv_eps < 0 or self.adv_steps < 1 or self.adv_weight < 0:
+            raise ValueError("--adv-eps and --adv-weight must be >= 0 and --adv-steps at least 1")
+        if self.adv_bn and not self.adv_eps:
+            raise ValueError("--adv-bn needs adversarial views: set --adv-eps (e.g. 0.03)")
         if self.batch_size // world_size < 2:
             raise ValueError("NT-Xent needs at least 2 images per process (--batch-size)")
 
@@ -156,15 +171,41 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
         return F.cross_entropy(logits, positive)  # mean of l(i, j) over the 2N anchors
 
 
+def clae_loss(model: nn.Module, net: nn.Module, x1: torch.Tensor, z1: torch.Tensor, args: Args,
+              info: common.DataInfo, device: torch.device) -> torch.Tensor:
+    """CLAE's extra term (Ho & Vasconcelos, NeurIPS 2020): NT-Xent between view 1 and an adversarial view made
+    from it, by FGSM/PGD against that same loss (view 1's embeddings held fixed). With --adv-bn both the
+    generation and the term run through the encoder's auxiliary BatchNorms (AdvProp).
+
+    x1: [n, C, H, W] view 1 of this process's images; z1: [n, proj_dim] their embeddings (with gradient).
+    The generation goes through `model` (not the DDP wrapper) and differentiates the input only, so it adds
+    no gradient to the parameters; its cost is one forward and backward per step.
+    """
+    anchors = common.gather_no_grad(z1.detach())  # [N, proj_dim], fixed while the view is searched
+
+    def loss_of(view):
+        with common.autocast(args, device):
+            z_view = model(view)
+        return nt_xent(anchors, common.gather_with_grad(z_view), args.temperature)
+
+    with common.adversarial_bn(model.backbone, args.adv_bn):
+        x_adv = common.adversarial_view(loss_of, x1, args.adv_eps, args.adv_steps, info.mean, info.std)
+        x_adv = common.to_device(x_adv, device, args.channels_last)
+        with common.autocast(args, device):
+            z_adv = net(x_adv)  # [n, proj_dim], through DDP: its gradient is averaged like the main loss's
+    return nt_xent(common.gather_with_grad(z1), common.gather_with_grad(z_adv), args.temperature)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_one_epoch(model, loader, optimizer, lr_at, args: Args, dist: common.Dist, epoch: int,
-                    progress: common.Progress) -> float:
-    """One pass over this process's share of the data; returns the epoch's mean loss (global batch)."""
-    model.train()
+def train_one_epoch(net, model, loader, optimizer, lr_at, args: Args, dist: common.Dist, epoch: int,
+                    progress: common.Progress, info: common.DataInfo) -> float:
+    """One pass over this process's share of the data; returns the epoch's mean loss (global batch).
+    `net` is the network to train (DDP and compile wrappers), `model` the plain module inside it."""
+    net.train()
     total = torch.zeros((), device=dist.device)
     for i, ((x1, x2), _) in enumerate(loader):
         step = epoch * len(loader) + i
@@ -172,10 +213,12 @@ def train_one_epoch(model, loader, optimizer, lr_at, args: Args, dist: common.Di
         # both views in one forward pass, so BatchNorm normalises them together as in the official code
         x = torch.cat(common.to_device([x1, x2], dist.device, args.channels_last))  # [2n, C, H, W]
         with common.autocast(args, dist.device):
-            z = model(x)  # [2n, proj_dim]
+            z = net(x)  # [2n, proj_dim]
         z1, z2 = z.chunk(2)  # [n, proj_dim] each
         # the global batch: all processes' embeddings, with gradient, so each anchor has 2N - 2 negatives
         loss = nt_xent(common.gather_with_grad(z1), common.gather_with_grad(z2), args.temperature)
+        if args.adv_eps > 0:
+            loss = loss + args.adv_weight * clae_loss(model, net, x[:len(x1)], z1, args, info, dist.device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -198,8 +241,10 @@ def main(args: Args):
     train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
     run = common.RunDir(args, "simclr", dist)
 
-    model = SimCLR(common.build_backbone(args.arch, info.channels, size), args.proj_dim, args.proj_layers)
-    model = common.prepare_model(model, args, dist)
+    backbone = common.build_backbone(args.arch, info.channels, size)
+    if args.adv_bn:
+        backbone = common.dual_batchnorm(backbone)
+    model = common.prepare_model(SimCLR(backbone, args.proj_dim, args.proj_layers), args, dist)
     base_lr = args.lr * args.batch_size / 256  # the official linear scaling rule
     optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=args.momentum,
                             eta=args.lars_eta)
@@ -215,7 +260,7 @@ def main(args: Args):
     for epoch in range(state["epoch"], args.epochs):
         loader = common.train_loader(train_set, args, dist, epoch)
         t0 = time.perf_counter()
-        loss = train_one_epoch(net, loader, optimizer, lr_at, args, dist, epoch, progress)
+        loss = train_one_epoch(net, model, loader, optimizer, lr_at, args, dist, epoch, progress, info)
         run.end_epoch(epoch, steps, args, monitor, seconds=time.perf_counter() - t0, loss=loss,
                       lr=lr_at((epoch + 1) * steps - 1),
                       state=lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
