@@ -1,0 +1,301 @@
+"""BYOL: Bootstrap Your Own Latent, a new approach to self-supervised learning.
+Grill, Strub, Altché, Tallec, Richemond et al., NeurIPS 2020. arXiv:2006.07733.
+Official code: github.com/deepmind/deepmind-research/tree/master/byol
+
+  x -> two random views v = t(x), v' = t'(x) (asymmetric: t and t' differ in blur and solarisation)
+  online network (theta):   y = f(v), z = g(y), p = q(z)      encoder, projector, predictor
+  target network (xi):      y' = f'(v'), z' = g'(y')          encoder and projector only; no gradient
+  L = || p/|p| - z'/|z'| ||^2 = 2 - 2 cos(p, z')              per pair, mean over the batch
+  L_total = L(p1, z'2) + L(p2, z'1)                           symmetrised: each view predicts the other's target
+  theta <- LARS(theta, grad_theta L_total)                    (biases and BatchNorm excluded, warm-up + cosine)
+  xi <- tau xi + (1 - tau) theta                              after every step
+  tau = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2            k: the step, K: all steps; tau_base -> 1
+  Both networks run in training mode (BatchNorm with batch statistics), the target too, as the official code.
+  There are no negatives: the loss is a mean over pairs, so the global batch enters only through BatchNorm.
+
+Run:   python byol.py --dataset digits --arch tiny --epochs 100 --batch-size 256 --workers 0
+                                                    (offline, CPU; prints k-NN untrained vs trained)
+       torchrun --nproc_per_node=8 byol.py --data-dir data --download   (solo-learn's CIFAR-10 recipe below)
+       torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 byol.py ...
+Defaults: solo-learn's CIFAR-10 recipe (scripts/pretrain/cifar/byol.yaml): ResNet-18 with the CIFAR stem,
+       batch 256, 1000 epochs, LARS with learning rate 1.0 x 256/256, eta 0.02 clipped at the learning rate,
+       weight decay 1e-5, 10 warm-up epochs then cosine, tau_base 0.99, projector and predictor 4096 hidden
+       -> 256, colour jitter (0.4, 0.4, 0.2, 0.1) with probability 0.8, no blur on 32 px images, solarisation
+       0.2 on the second view.
+       The paper trains only on ImageNet (batch 4096, tau_base 0.996, blur 1.0 / 0.1); solo-learn's recipe is
+       the published CIFAR-10 setting that keeps the official architecture, LARS and the per-step cosine tau.
+Expect: 92.58% linear top-1 on CIFAR-10 after 1000 epochs (solo-learn's model zoo, ResNet-18, its linear
+       classifier trained on the frozen representation alongside pre-training).
+
+Where this file differs from the official code, and why:
+  - The target starts as a copy of the online network; the official code draws it with its own random seed (and
+    notes that this made no significant difference). A copy makes xi a running average of theta from step 0.
+  - LARS clips the adapted rate as solo-learn's CIFAR recipe does (ClippedLARS; --no-lars-clip gives the official
+    form). Its trust ratio divides by ||g + wd w|| as the official code (solo-learn: ||g|| + wd ||w||), and the
+    lr multiplies the momentum buffer's increment (solo-learn: the whole buffer), as common.LARS.
+  - Inputs are standardised with the dataset's channel mean and std, and the heads keep PyTorch's default
+    initialisation (the official haiku layers draw from a truncated normal of the same fan-in scale).
+  - The official online classifier (trained on the frozen representation during pre-training) is replaced by
+    the k-NN monitor during training and a linear probe on frozen features at the end, as in every file here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+
+import common
+
+# ----------------------------------------------------------------------------------------------------------------
+# Args
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args(common.Args):
+    epochs: int = 1000  # training epochs (solo-learn's CIFAR-10 recipe)
+    batch_size: int = 256  # global batch N, split evenly over the processes
+    lr: float = 1.0  # base learning rate, scaled by batch_size / 256 (the official linear rule): 1.0 at 256
+    weight_decay: float = 1e-5  # LARS weight decay (solo-learn's CIFAR-10 recipe; 1.5e-6 on ImageNet)
+    warmup_epochs: float = 10  # linear warm-up epochs before the cosine decay
+    tau_base: float = 0.99  # tau_base, the target's EMA rate at step 0, raised to 1 by a cosine (0.996 on ImageNet)
+    proj_hidden_dim: int = 4096  # hidden width of the projector g and the predictor q
+    proj_dim: int = 256  # output size of g and q
+    crop_min_scale: float = 0.08  # smallest crop area as a fraction of the image (the paper's 0.08)
+    blur: int = -1  # Gaussian blur as the paper (view 1 always, view 2 with p 0.1): 1 on, 0 off, -1 above 64 px
+    solarize: float = 0.2  # probability of solarisation of the second view (the first view is never solarised)
+    momentum: float = 0.9  # LARS momentum
+    lars_eta: float = 0.02  # LARS trust coefficient (solo-learn's CIFAR-10 recipe; 0.001 in the official code)
+    lars_clip: bool = True  # cap the adapted rate at the lr (solo-learn's clip_lr; --no-lars-clip: official LARS)
+    sync_bn: bool = True  # BatchNorm statistics over the global batch (the official cross-replica BatchNorm)
+
+    def check(self, world_size: int = 1):
+        super().check(world_size)
+        if not 0 <= self.tau_base <= 1:
+            raise ValueError(f"--tau-base must be in [0, 1], got {self.tau_base}")
+        if self.proj_hidden_dim < 1 or self.proj_dim < 1:
+            raise ValueError("--proj-hidden-dim and --proj-dim must be at least 1")
+        if self.blur not in (-1, 0, 1):
+            raise ValueError(f"--blur must be 1 (on), 0 (off) or -1 (automatic), got {self.blur}")
+        if not 0 <= self.solarize <= 1:
+            raise ValueError(f"--solarize must be a probability in [0, 1], got {self.solarize}")
+        if not 0 < self.crop_min_scale <= 1:
+            raise ValueError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
+        if self.batch_size // world_size < 2:
+            raise ValueError("BatchNorm needs at least 2 images per process (--batch-size)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Views
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def byol_augment(info: common.DataInfo, size: int, blur: float = 0.0, solarize: float = 0.0,
+                 min_scale: float = 0.08) -> T.Compose:
+    """One random view, as the paper's Table 6: crop of 8-100% of the area (aspect 3/4-4/3) resized to `size`,
+    horizontal flip, colour jitter (0.4, 0.4, 0.2, 0.1) with probability 0.8, grayscale with probability 0.2,
+    Gaussian blur (kernel 10% of the side, sigma in [0.1, 2]) with probability `blur`, and solarisation
+    (pixels above one half inverted) with probability `solarize`. The two views use different probabilities."""
+    ops = [
+        T.RandomResizedCrop(size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3)),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+    ]
+    if blur > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=blur))
+    if solarize > 0:
+        ops.append(T.RandomSolarize(threshold=128, p=solarize))  # on 8-bit images: x -> 255 - x where x >= 128
+    return T.Compose(ops + [common.normalize(info)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """The official networks.MLP: Linear (with bias) -> BatchNorm -> ReLU -> Linear (no bias)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim, bias=False))
+
+
+class BYOL(nn.Module):
+    """Online network (backbone f, projector g, predictor q) and target network (target_backbone f',
+    target_projector g'), the target an exponential moving average of the online encoder and projector.
+
+    The target's parameters never require gradient; its BatchNorm running statistics are its own (updated by
+    its forward passes), as the official code keeps a separate state for each network."""
+
+    def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 4096, proj_dim: int = 256):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = mlp(backbone.out_dim, proj_hidden_dim, proj_dim)
+        self.predictor = mlp(proj_dim, proj_hidden_dim, proj_dim)
+        self.target_backbone = copy.deepcopy(self.backbone)
+        self.target_projector = copy.deepcopy(self.projector)
+        for p in self.target_parameters():
+            p.requires_grad_(False)  # xi is never trained: it only follows theta through update_target
+
+    def online_parameters(self):
+        """theta of the EMA, in the same order as target_parameters()."""
+        return [*self.backbone.parameters(), *self.projector.parameters()]
+
+    def target_parameters(self):
+        return [*self.target_backbone.parameters(), *self.target_projector.parameters()]
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
+        """Each view on its own, as the official code (so BatchNorm normalises each view over its own batch).
+        Returns the online predictions p1, p2 and the target projections z1, z2 (no gradient), each [n, proj_dim]."""
+        p1, p2 = (self.predictor(self.projector(self.backbone(x))) for x in (x1, x2))
+        with torch.no_grad():  # the target branch: no gradient reaches xi (the official stop_gradient)
+            z1, z2 = (self.target_projector(self.target_backbone(x)) for x in (x1, x2))
+        return p1, p2, z1, z2
+
+    @torch.no_grad()
+    def update_target(self, tau: float):
+        """xi <- tau xi + (1 - tau) theta, in place; no gradient is involved."""
+        for xi, theta in zip(self.target_parameters(), self.online_parameters()):
+            xi.mul_(tau).add_(theta.detach(), alpha=1 - tau)
+
+
+class ClippedLARS(common.LARS):
+    """common.LARS with the trust ratio clipped at the learning rate, as solo-learn's CIFAR recipe (clip_lr, the
+    clipping of NVIDIA's LARC): an adapted weight moves by min(eta ||w|| / ||g||, lr) * g, where common.LARS (the
+    official BYOL and SimCLR form) moves it by lr * eta ||w|| / ||g|| * g. The trust ratio becomes the weight's own
+    learning rate, which the schedule only caps. Weight decay, exclusions and momentum as common.LARS."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr = group["lr"]
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                g = w.grad
+                if not group["lars_exclude"]:
+                    g = g.add(w, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(g)
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
+                                        torch.ones_like(w_norm))
+                    g = g * (trust / lr).clamp(max=1.0) if lr > 0 else g  # lr * this = min(trust, lr)
+                state = self.state[w]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(w)
+                v = state["momentum_buffer"]
+                v.mul_(group["momentum"]).add_(g, alpha=lr)
+                w.sub_(v * group["momentum"] + g * lr if group["nesterov"] else v)
+        return loss
+
+
+def target_momentum(step: int, total_steps: int, base: float) -> float:
+    """The paper's tau at step k of K: 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2, from tau_base (k = 0) up to 1
+    (k = K), never decreasing; steps past K stay at 1 (as the official schedules.target_ema)."""
+    k = min(step, total_steps)
+    return 1 - (1 - base) * (math.cos(math.pi * k / total_steps) + 1) / 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The paper's L: || p/|p| - z/|z| ||^2 = 2 - 2 cos(p, z) for each pair, averaged over the N pairs.
+
+    p: [N, D], online predictions q(g(f(v))); z: [N, D], target projections g'(f'(v')) of the other view. z is a
+    target: it is detached here, so no gradient flows to it even if the caller forgot torch.no_grad.
+    Each pair's term lies in [0, 4] (0 when p and z point the same way). Computed in float32 (float64 for float64
+    inputs), also under autocast.
+    """
+    with torch.autocast(p.device.type, enabled=False):
+        dtype = torch.promote_types(p.dtype, torch.float32)  # float32, or float64 when given float64
+        p_hat = F.normalize(p.to(dtype), dim=1)  # [N, D]
+        z_hat = F.normalize(z.detach().to(dtype), dim=1)  # [N, D], stop-gradient
+        return (p_hat - z_hat).pow(2).sum(dim=1).mean()  # the squared distance: >= 0 exactly, no cancellation
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_one_epoch(net, model, loader, optimizer, lr_at, args: Args, dist: common.Dist, epoch: int,
+                    progress: common.Progress) -> float:
+    """One pass over this process's share of the data; returns the epoch's mean loss (global batch).
+    `net` is the network to train (DDP and compile wrappers), `model` the plain module inside it."""
+    net.train()  # the target too: batch statistics in both networks, as the official code
+    total_steps = args.epochs * len(loader)
+    total = torch.zeros((), device=dist.device)
+    for i, ((x1, x2), _) in enumerate(loader):
+        step = epoch * len(loader) + i
+        lr = common.set_lr(optimizer, lr_at(step))
+        x1, x2 = common.to_device([x1, x2], dist.device, args.channels_last)  # [n, C, H, W] each
+        with common.autocast(args, dist.device):
+            p1, p2, z1, z2 = net(x1, x2)  # [n, proj_dim] each; z1, z2 without gradient
+        # symmetrised: view 1's prediction regresses view 2's target projection and the other way round. The loss
+        # is a per-pair mean, so DDP's average of the processes' gradients is the gradient of the global batch.
+        loss = byol_loss(p1, z2) + byol_loss(p2, z1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.update_target(target_momentum(step, total_steps, args.tau_base))  # tau of this step, after theta's
+        total += loss.detach()
+        progress.update(epoch, i, loss, lr, len(x1) * dist.world_size)
+    return common.all_reduce_mean(total / len(loader)).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args: Args):
+    dist = common.setup_distributed(args)
+    info, size = common.dataset_info(args)
+    blur = args.blur == 1 or (args.blur == -1 and size > 64)
+    views = common.MultiView([byol_augment(info, size, 1.0 if blur else 0.0, 0.0, args.crop_min_scale),
+                              byol_augment(info, size, 0.1 if blur else 0.0, args.solarize, args.crop_min_scale)])
+    train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
+    run = common.RunDir(args, "byol", dist)
+
+    model = BYOL(common.build_backbone(args.arch, info.channels, size), args.proj_hidden_dim, args.proj_dim)
+    model = common.prepare_model(model, args, dist)
+    base_lr = args.lr * args.batch_size / 256  # the official linear scaling rule
+    lars = ClippedLARS if args.lars_clip else common.LARS
+    optimizer = lars(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=args.momentum,
+                     eta=args.lars_eta)  # param_groups takes only theta: xi requires no gradient
+    state = run.resume(args, model, optimizer)  # the target network is part of the model's state_dict
+    net = common.distribute(model, args, dist)
+
+    steps = len(train_set) // args.batch_size
+    lr_at = common.lr_schedule(args, steps, base_lr)
+    monitor = common.Monitor(model.backbone, memory_set, test_set, info.num_classes, args, dist, run, state)
+    common.print0(f"BYOL {args.arch} on {args.dataset}: {len(train_set)} images, {steps} steps of "
+                  f"{args.batch_size} per epoch, {dist.world_size} process(es) on {dist.device}")
+    progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
+    for epoch in range(state["epoch"], args.epochs):
+        loader = common.train_loader(train_set, args, dist, epoch)
+        t0 = time.perf_counter()
+        loss = train_one_epoch(net, model, loader, optimizer, lr_at, args, dist, epoch, progress)
+        run.end_epoch(epoch, steps, args, monitor, seconds=time.perf_counter() - t0, loss=loss,
+                      lr=lr_at((epoch + 1) * steps - 1),
+                      tau=target_momentum((epoch + 1) * steps - 1, args.epochs * steps, args.tau_base),
+                      state=lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    monitor.finish()
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(common.parse(Args))
