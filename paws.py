@@ -1,0 +1,438 @@
+"""PAWS: Semi-Supervised Learning of Visual Features by Non-Parametrically Predicting View Assignments with
+Support Samples. Assran, Caron, Misra, Bojanowski, Joulin, Ballas & Rabbat, ICCV 2021. arXiv:2104.13963.
+Official code: github.com/facebookresearch/suncet
+
+  A small labelled support set S (images x_S with labels y_S) and a large unlabelled set D.
+  x in D -> two global views x_1, x_2 (and M smaller multi-crop views);  z = g(f(x)), z_S = g(f(x_S))
+  y_S    <- (1 - eps) onehot(y_S) + eps / K                  label smoothing of the support labels, K classes
+  pi(z, z_S) = softmax( norm(z) . norm(z_S)^T / tau ) @ y_S   soft nearest-neighbour (SNN) class prediction
+  rho(p)_k   = p_k^(1/T) / sum_j p_j^(1/T)                     sharpening, T < 1
+  p_1 = pi(z_1, z_S), p_2 = pi(z_2, z_S)                       anchors' predictions (with gradient)
+  t_1 = rho(pi(z_2, z_S)), t_2 = rho(pi(z_1, z_S))             targets from the other view: no gradient
+  t_crop = (t_1 + t_2) / 2                                     target of every multi-crop view
+  t <- 0 where t < 1e-4                                        (the official code's numerical guard)
+  CE     = mean over anchors of H(t, p) = -sum_k t_k log p_k
+  ME-MAX = -H(p_bar),  p_bar = mean over anchors (and processes) of rho(p)    keeps every class in use
+  L = CE + ME-MAX
+  The supports of every process are gathered (with gradient) before the SNN; every step draws the same number
+  of labelled images from each of `classes_per_batch` classes (ClassStratifiedSampler). LARS, warm-up from
+  start_lr to lr, then cosine decay to final_lr.
+  Evaluation (PAWS-NN): a test image's class is argmax_k pi(z, z_L)_k over the embeddings z_L of all labelled
+  images (one-hot labels, no augmentation), as the official snn_eval.
+
+Run:   python paws.py --dataset digits --arch tiny --num-labels 100 --classes-per-batch 10 --supports-per-class 5
+              --multicrop 2 --epochs 30 --batch-size 128 --warmup-epochs 2 --workers 0   (CPU, offline)
+       torchrun --nproc_per_node=8 paws.py --data-dir data --download   (the official CIFAR-10 recipe below)
+       torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 paws.py ...
+Defaults: the official configs/paws/cifar10_train.yaml: WRN-28-2, 3-layer projection head to 128-d, 256
+       unlabelled images a step with 2 global views (crops of 75-100% at 32 px) and 6 multi-crops (30-75% at 18 px),
+       supports of 10 classes x 64 images x 2 views, 4,000 labels, tau 0.1, T 0.25, label smoothing 0.1, ME-MAX,
+       600 epochs, LARS (momentum 0.9, eta 0.001, weight decay 1e-6), learning rate 0.8 -> 3.2 over 10 warm-up
+       epochs, then cosine to 0.032; colour distortion 0.5 (jitter, solarize, equalize).
+Expect: PAWS-NN 96.0 +- 0.2% top-1 on CIFAR-10 with 4,000 labels (paper, CIFAR-10 results, WRN-28-2, 600 epochs).
+
+Where this file differs from the official code, and why:
+  - --batch-size and --supports-per-class are global (split over the processes), so that a run's meaning does not
+    depend on how many processes run it; the official values are per GPU (its CIFAR-10 recipe runs on one).
+  - Support labels have K = classes_per_batch columns (the classes of the step, in sorted order); the official
+    labels matrix has K x world_size columns when several processes share the classes, which puts smoothing mass
+    on columns no support belongs to.
+  - The labelled split is a seeded class-balanced draw (--num-labels, --label-seed) or a file of training-set
+    indices (--label-file, e.g. the official cifar10_subsets/spc.4000_split.152.txt); the official support
+    sampler splits each class's labelled images between processes once, here each step's draw is split.
+  - LARS is common.LARS: trust eta |w| / |g + wd w| where the official code uses eta |w| / (|g| + wd |w|);
+    identical without weight decay, and within 1e-6 relative at the official weight decay.
+  - Inputs are standardised with common's CIFAR-10 std (0.247, 0.243, 0.261), the official code uses
+    (0.2023, 0.1994, 0.2010); the first convolution is followed by BatchNorm, so nothing else changes.
+  - The official fine-tuning of the encoder on the labelled set is not included; the PAWS-NN classifier, the
+    k-NN monitor and the linear probe on frozen features report the result.
+  - --supervised-only trains the same network with a linear classifier and cross-entropy on the labelled
+    supports alone, for the same steps: the baseline that shows what the unlabelled images add.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+
+import common
+
+# ----------------------------------------------------------------------------------------------------------------
+# Args
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args(common.Args):
+    arch: str = "wrn28_2"  # encoder f (official CIFAR-10: Wide-ResNet-28-2)
+    epochs: int = 600  # training epochs (official CIFAR-10 config)
+    batch_size: int = 256  # global number of unlabelled images a step, split evenly over the processes
+    lr: float = 3.2  # learning rate reached after the warm-up (not scaled with the batch, as the official code)
+    start_lr: float = 0.8  # learning rate at the first step of the warm-up
+    final_lr: float = 0.032  # learning rate at the end of the cosine decay
+    weight_decay: float = 1e-6  # LARS weight decay (official CIFAR-10 config)
+    warmup_epochs: float = 10  # linear warm-up epochs from --start-lr to --lr before the cosine decay
+    momentum: float = 0.9  # LARS momentum
+    lars_eta: float = 0.001  # LARS trust coefficient
+    num_labels: int = 4000  # size of the labelled subset, class-balanced, drawn with --label-seed
+    label_seed: int = 152  # seed of the labelled split (the official CIFAR-10 split files are named by seed)
+    label_file: str = ""  # file of training-set indices, one a line, to use as the labelled subset instead
+    classes_per_batch: int = 10  # classes whose supports every step draws
+    supports_per_class: int = 64  # labelled images a step from each of those classes (global)
+    support_views: int = 2  # augmented views of each support image
+    multicrop: int = 6  # small multi-crop views of each unlabelled image, besides the two global views
+    temperature: float = 0.1  # tau of the soft nearest-neighbour classifier (training and PAWS-NN)
+    sharpen: float = 0.25  # T, the sharpening temperature of the targets
+    label_smoothing: float = 0.1  # eps of the support labels
+    me_max: bool = True  # add ME-MAX, the negative entropy of the mean sharpened prediction
+    proj_dim: int = 128  # output size of the projection head g
+    jitter_strength: float = 0.5  # s: colour jitter of brightness, contrast, saturation 0.8s and hue 0.2s
+    supervised_only: bool = False  # baseline: a linear classifier with cross-entropy on the supports alone
+    sync_bn: bool = True  # BatchNorm statistics over the global batch (the official code uses SyncBatchNorm)
+
+    def check(self, world_size: int = 1):
+        super().check(world_size)
+        for name in ("temperature", "sharpen"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name in ("classes_per_batch", "supports_per_class", "support_views", "proj_dim", "num_labels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.classes_per_batch < 2:
+            raise ValueError("--classes-per-batch must be at least 2 (the SNN must choose between classes)")
+        if self.multicrop < 0:
+            raise ValueError(f"--multicrop must be >= 0, got {self.multicrop}")
+        if self.supports_per_class % world_size:
+            raise ValueError(f"--supports-per-class {self.supports_per_class} does not divide evenly over "
+                             f"{world_size} processes")
+        if self.start_lr < 0 or self.final_lr < 0:
+            raise ValueError("--start-lr and --final-lr must be >= 0")
+        if self.jitter_strength < 0:
+            raise ValueError(f"--jitter-strength must be >= 0, got {self.jitter_strength}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Views
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RandomSolarize:
+    """Solarize (invert pixels above a threshold) with a threshold drawn uniformly in [0, 256), with probability p,
+    as the official CIFAR-10 colour distortion (torchvision's RandomSolarize has a fixed threshold)."""
+
+    def __init__(self, p: float = 0.2):
+        self.p = p
+
+    def __call__(self, img):
+        if torch.rand(()) < self.p:
+            return T.functional.solarize(img, float(torch.rand(()) * 256))
+        return img
+
+
+def paws_augment(info: common.DataInfo, size: int, scale: tuple, strength: float = 0.5,
+                 small: bool = True) -> T.Compose:
+    """One random view, as the official data_manager: crop of `scale` of the area resized to `size`, horizontal
+    flip, colour distortion. `small` images (CIFAR-like): colour jitter (p 0.8), solarize (p 0.2), equalize
+    (p 0.2); large images (ImageNet-like): colour jitter (p 0.8), grayscale (p 0.2), Gaussian blur (p 0.5)."""
+    s = strength
+    ops = [T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip(),
+           T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8)]
+    if small:
+        ops += [RandomSolarize(p=0.2), T.RandomEqualize(p=0.2)]
+    else:
+        ops += [T.RandomGrayscale(p=0.2),
+                T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5)]
+    return T.Compose(ops + [common.normalize(info)])
+
+
+def paws_views(info: common.DataInfo, size: int, multicrop: int, strength: float) -> tuple:
+    """(views of an unlabelled image: 2 global + `multicrop` small, the global view of a support image).
+    Crop scales as the official code: small images 75-100% (50-100% without multi-crop) at full size and 30-75%
+    at 9/16 of the side (18 px on CIFAR); large images 14-100% (8-100%) and 5-14% at 96/224 of the side."""
+    small = size <= 64
+    scale = ((0.75, 1.0) if multicrop else (0.5, 1.0)) if small else ((0.14, 1.0) if multicrop else (0.08, 1.0))
+    global_view = paws_augment(info, size, scale, strength, small)
+    mc_size = max(1, round(size * 18 / 32)) if small else round(size * 96 / 224)
+    mc_view = paws_augment(info, mc_size, (0.3, 0.75) if small else (0.05, 0.14), strength, small)
+    return common.MultiView([global_view] * 2 + [mc_view] * multicrop), global_view
+
+
+class ClassStratifiedSampler(torch.utils.data.Sampler):
+    """Batches of support indices for one epoch of `steps` steps: each step picks `classes_per_batch` classes and
+    `supports_per_class` images of each (global counts); process `rank` of `world_size` gets its share, the
+    rank-th slice of supports_per_class / world_size images of every picked class (so the processes' batches
+    together are the one-process batch). A batch lists its images class by class.
+
+    Classes are visited in random order, a fresh order after each pass over them; a class's images in random
+    order, reshuffled once all have been used, so every labelled image is drawn before any is drawn twice.
+    Every process draws with the same seed (seed, epoch): the same classes and images, a different share.
+    """
+
+    def __init__(self, targets, classes_per_batch: int, supports_per_class: int, steps: int, seed: int = 0,
+                 epoch: int = 0, rank: int = 0, world_size: int = 1):
+        self.targets = torch.as_tensor(list(targets))
+        self.classes = self.targets.unique()
+        if not 1 <= classes_per_batch <= len(self.classes):
+            raise ValueError(f"classes_per_batch {classes_per_batch} must be between 1 and the number of labelled "
+                             f"classes ({len(self.classes)})")
+        if supports_per_class % world_size:
+            raise ValueError(f"supports_per_class {supports_per_class} does not divide over {world_size} processes")
+        self.cpb, self.spc, self.steps = classes_per_batch, supports_per_class, steps
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        members = [torch.nonzero(self.targets == c).flatten() for c in self.classes]  # dataset indices per class
+        queues: list[list[int]] = [[] for _ in self.classes]
+        class_order: list[int] = []
+        share = self.spc // self.world_size
+        for _ in range(self.steps):
+            if len(class_order) < self.cpb:  # a new pass over the classes, in a new random order
+                class_order = torch.randperm(len(self.classes), generator=g).tolist()
+            picked, class_order = class_order[:self.cpb], class_order[self.cpb:]
+            batch = []
+            for c in picked:
+                while len(queues[c]) < self.spc:  # refill with a fresh shuffle of the class's images
+                    queues[c] += members[c][torch.randperm(len(members[c]), generator=g)].tolist()
+                drawn, queues[c] = queues[c][:self.spc], queues[c][self.spc:]
+                batch += drawn[self.rank * share:(self.rank + 1) * share]
+            yield batch
+
+
+def labelled_indices(targets, args: Args) -> list[int]:
+    """The labelled subset: indices into the training set, from --label-file or a seeded class-balanced draw."""
+    n = len(targets)
+    if not args.label_file:
+        if args.num_labels > n:
+            common.fail(f"--num-labels {args.num_labels} is larger than the training set ({n} images)")
+        return common.balanced_subset(targets, args.num_labels, seed=args.label_seed)
+    try:
+        lines = Path(args.label_file).read_text().split()
+        indices = sorted({int(v) for v in lines})
+    except (OSError, ValueError) as err:
+        common.fail(f"cannot read --label-file {args.label_file}: {err}")
+    if not indices or indices[0] < 0 or indices[-1] >= n:
+        common.fail(f"--label-file {args.label_file} must hold indices in [0, {n}) of the training set")
+    return indices
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PAWS(nn.Module):
+    """Encoder f and projection head g: z = g(f(x)). g as the official code: Linear-BN-ReLU, Linear-BN-ReLU, Linear,
+    hidden width = the encoder's output width (128 for WRN-28-2). With `num_classes` (the supervised-only
+    baseline) a linear classifier on z gives class logits when called with logits=True."""
+
+    def __init__(self, backbone: nn.Module, proj_dim: int = 128, num_classes: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        d = backbone.out_dim
+        self.projector = nn.Sequential(
+            nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True),
+            nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True),
+            nn.Linear(d, proj_dim))
+        self.classifier = nn.Linear(proj_dim, num_classes) if num_classes else None
+
+    def forward(self, x: torch.Tensor, logits: bool = False) -> torch.Tensor:
+        z = self.projector(self.backbone(x))  # [B, proj_dim]
+        return self.classifier(z) if logits else z
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def smooth_labels(y: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """Label smoothing: y [S] integer classes -> [S, K] rows (1 - smoothing) onehot(y) + smoothing / K."""
+    return F.one_hot(y, num_classes).float() * (1 - smoothing) + smoothing / num_classes
+
+
+def sharpen(p: torch.Tensor, T: float) -> torch.Tensor:
+    """rho(p)_k = p_k^(1/T) / sum_j p_j^(1/T) for each row of p [N, K], computed as softmax(log p / T), which
+    does not underflow to 0/0 for small T."""
+    return torch.softmax(torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)) / T, dim=1)
+
+
+def snn(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """Soft nearest-neighbour class prediction softmax(norm(query) . norm(supports)^T / tau) @ labels.
+    query [N, D], supports [S, D], labels [S, K] (rows are distributions) -> [N, K], rows distributions."""
+    query, supports = F.normalize(query, dim=1), F.normalize(supports, dim=1)
+    return torch.softmax(query @ supports.T / tau, dim=1) @ labels  # [N, S] @ [S, K]
+
+
+def paws_loss(z: torch.Tensor, z_S: torch.Tensor, y_S: torch.Tensor, tau: float, T: float,
+              multicrop: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """PAWS's two terms (CE, ME-MAX), as the official init_paws_loss.
+
+    z:   [(2 + M) n, D], the views of n unlabelled images: global view 1, global view 2, then M multi-crop views,
+         each a block of n rows in the same image order.
+    z_S: [S, D], the supports (of all processes); y_S: [S, K], their (smoothed) labels.
+    Targets come from the other global view, sharpened, without gradient; a multi-crop view's target is the mean
+    of the two global views' targets. ME-MAX's mean prediction is averaged over processes (identity for one).
+    Computed in float32 (float64 for float64 inputs), also under autocast.
+    """
+    with torch.autocast(z.device.type, enabled=False):
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        z, z_S, y_S = z.to(dtype), z_S.to(dtype), y_S.to(dtype)
+        n = len(z) // (2 + multicrop)
+        p = snn(z, z_S, y_S, tau)  # [(2+M)n, K] anchors' predictions
+
+        with torch.no_grad():  # targets: no gradient reaches the network through them
+            z_1, z_2 = z[:n].detach(), z[n:2 * n].detach()
+            t = sharpen(snn(torch.cat([z_2, z_1]), z_S.detach(), y_S, tau), T)  # [2n, K] t_1 from view 2, t_2 from 1
+            t_crop = 0.5 * (t[:n] + t[n:])  # [n, K]
+            t = torch.cat([t] + [t_crop] * multicrop)  # [(2+M)n, K]
+            t = t.masked_fill(t < 1e-4, 0.0)
+
+        ce = -(t * torch.log(p.clamp_min(torch.finfo(dtype).tiny))).sum(dim=1).mean()
+
+        p_bar = sharpen(p, T).mean(dim=0)  # [K]
+        # the mean over all processes' anchors, as the official AllReduce: the value is all-reduced, the gradient
+        # flows to this process's anchors unchanged (DDP's averaging of gradients then makes it the global one)
+        p_bar = p_bar + (common.all_reduce_mean(p_bar.detach()) - p_bar.detach())
+        me_max = (p_bar * torch.log(p_bar.clamp_min(torch.finfo(dtype).tiny))).sum()  # -H(p_bar), in [-log K, 0]
+        return ce, me_max
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def support_labels(y: torch.Tensor, views: int, num_classes: int, smoothing: float) -> torch.Tensor:
+    """Labels of the gathered supports: this process's class indices y [s] repeated for each view, gathered from
+    all processes (rows in the order of common.gather_with_grad), mapped to the step's classes 0..K-1 and
+    smoothed. [views * s * world_size, K]."""
+    y = common.gather_no_grad(y.repeat(views))
+    _, slot = torch.unique(y, return_inverse=True)  # the step's classes, in sorted order
+    return smooth_labels(slot, num_classes, smoothing)
+
+
+def train_one_epoch(model, loader, support_loader, optimizer, lr_at, args: Args, dist: common.Dist, epoch: int,
+                    progress: common.Progress) -> tuple[float, float]:
+    """One pass over this process's share of the unlabelled data (or, with --supervised-only, as many steps over
+    the supports alone); returns the epoch's mean (CE, ME-MAX) over all processes."""
+    model.train()
+    total_ce, total_me_max = torch.zeros((), device=dist.device), torch.zeros((), device=dist.device)
+    batches = zip(loader, support_loader) if loader is not None else (((None, None), s) for s in support_loader)
+    for i, ((views, _), (support_views, y)) in enumerate(batches):
+        step = epoch * len(support_loader) + i
+        lr = common.set_lr(optimizer, lr_at(step))
+        x_S = torch.cat(common.to_device(support_views, dist.device, args.channels_last))  # [V s, C, H, W]
+        y = y.to(dist.device)
+        if args.supervised_only:
+            with common.autocast(args, dist.device):
+                logits = model(x_S, logits=True)  # [V s, num_classes]
+            ce = F.cross_entropy(logits.float(), y.repeat(args.support_views), label_smoothing=args.label_smoothing)
+            me_max = torch.zeros((), device=dist.device)
+            loss, n = ce, 0
+        else:
+            x = common.to_device(views, dist.device, args.channels_last)  # 2 + M tensors [n, C, H, W]
+            n = len(x[0])
+            with common.autocast(args, dist.device):
+                # global views and supports in one forward pass (BatchNorm over both), the smaller multi-crop
+                # views in a second, as the official code
+                z = model(torch.cat(x[:2] + [x_S]))  # [2n + V s, D]
+                z_views = torch.cat([z[:2 * n], model(torch.cat(x[2:]))]) if args.multicrop else z[:2 * n]
+            # the supports of all processes, with gradient, so every anchor is classified by the global support set
+            z_S = common.gather_with_grad(z[2 * n:])
+            y_S = support_labels(y, args.support_views, args.classes_per_batch, args.label_smoothing)
+            ce, me_max = paws_loss(z_views, z_S, y_S, args.temperature, args.sharpen, args.multicrop)
+            loss = ce + me_max if args.me_max else ce
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_ce += ce.detach()
+        total_me_max += me_max.detach()
+        progress.update(epoch, i, loss, lr, (n + len(y)) * dist.world_size)
+    steps = len(support_loader)
+    return common.all_reduce_mean(total_ce / steps).item(), common.all_reduce_mean(total_me_max / steps).item()
+
+
+@torch.no_grad()
+def snn_accuracy(model: nn.Module, labelled_set, test_set, num_classes: int, tau: float, dist: common.Dist,
+                 args: Args) -> float:
+    """PAWS-NN top-1: the SNN classifier over the embeddings z of every labelled image (one-hot labels)."""
+    z_L, y_L = common.extract_features(model, labelled_set, dist, workers=min(args.workers, 4), args=args)
+    z, y = common.extract_features(model, test_set, dist, workers=min(args.workers, 4), args=args)
+    probs = torch.cat([snn(q, z_L, F.one_hot(y_L, num_classes).float(), tau) for q in z.split(1024)])
+    return common.topk_accuracy(probs, y, (1,))[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args: Args):
+    dist = common.setup_distributed(args)
+    info, size = common.dataset_info(args)
+    views, support_view = paws_views(info, size, args.multicrop, args.jitter_strength)
+    train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
+    support_base, _, _ = common.training_and_eval_sets(args, common.MultiView([support_view] * args.support_views),
+                                                       common.eval_transform(info, size))
+    labelled = labelled_indices(train_set.targets, args)
+    support_set, labelled_set = common.Subset(support_base, labelled), common.Subset(memory_set, labelled)
+    if args.classes_per_batch > len(set(support_set.targets)):
+        common.fail(f"--classes-per-batch {args.classes_per_batch} is more than the {len(set(support_set.targets))} "
+                    f"classes of the labelled subset")
+    run = common.RunDir(args, "paws", dist)
+
+    model = PAWS(common.build_backbone(args.arch, info.channels, size), args.proj_dim,
+                 info.num_classes if args.supervised_only else 0)
+    model = common.prepare_model(model, args, dist)
+    optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum,
+                            eta=args.lars_eta)
+    state = run.resume(args, model, optimizer)
+    net = common.distribute(model, args, dist)
+
+    steps = len(train_set) // args.batch_size
+    total, warmup = args.epochs * steps, round(args.warmup_epochs * steps)
+
+    def lr_at(step):  # the official WarmupCosineSchedule: start_lr -> lr linearly, then cosine down to final_lr
+        if step < warmup:
+            return args.start_lr + (args.lr - args.start_lr) * step / warmup
+        return common.warmup_cosine(step, total, warmup, args.lr, args.final_lr)
+
+    monitor = common.Monitor(model.backbone, memory_set, test_set, info.num_classes, args, dist, run, state)
+    common.print0(f"PAWS {args.arch} on {args.dataset}: {len(train_set)} images ({len(labelled)} labelled), "
+                  f"{steps} steps of {args.batch_size} + {args.classes_per_batch} x {args.supports_per_class} "
+                  f"supports per epoch, {dist.world_size} process(es) on {dist.device}")
+    progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
+    for epoch in range(state["epoch"], args.epochs):
+        loader = common.train_loader(train_set, args, dist, epoch)
+        sampler = ClassStratifiedSampler(support_set.targets, args.classes_per_batch, args.supports_per_class,
+                                         steps, args.seed, epoch, dist.rank, dist.world_size)
+        support_loader = torch.utils.data.DataLoader(
+            support_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=dist.device.type == "cuda",
+            generator=torch.Generator().manual_seed((args.seed * 1_000_003 + epoch * 1009 + dist.rank + 1) % 2**31))
+        t0 = time.perf_counter()
+        ce, me_max = train_one_epoch(net, None if args.supervised_only else loader, support_loader, optimizer,
+                                     lr_at, args, dist, epoch, progress)
+        run.end_epoch(epoch, steps, args, monitor, seconds=time.perf_counter() - t0,
+                      loss=ce + me_max if args.me_max else ce, ce=ce, me_max=me_max,
+                      lr=lr_at((epoch + 1) * steps - 1),
+                      state=lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    snn_top1 = snn_accuracy(model, labelled_set, test_set, info.num_classes, args.temperature, dist, args)
+    common.print0(f"PAWS-NN top-1 ({len(labelled)} labelled images): {snn_top1:.4f}")
+    monitor.finish(snn_top1=snn_top1)
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(common.parse(Args))
