@@ -68,7 +68,8 @@ def test_symmetrised_loss_is_symmetric_in_the_two_views(n, d, seed):
     assert torch.equal(total, swapped)
     assert 0.0 <= total.item() <= 8.0 + 1e-12
     shifted = byol.byol_loss(p1, z2.roll(1, dims=0))  # the pairs matter: not a function of the sets alone
-    assert n == 1 or not torch.allclose(shifted, byol.byol_loss(p1, z2), rtol=1e-9)
+    # (in one dimension every cosine is +-1, so shuffled pairs can score the same: only d >= 2 must differ)
+    assert n == 1 or d == 1 or not torch.allclose(shifted, byol.byol_loss(p1, z2), rtol=1e-9)
 
 
 @given(n=st.integers(1, 6), d=st.integers(2, 6), seed=seeds)
