@@ -30,7 +30,7 @@ Expect: 92.58% linear top-1 on CIFAR-10 after 1000 epochs (solo-learn's model zo
 Where this file differs from the official code, and why:
   - The target starts as a copy of the online network; the official code draws it with its own random seed (and
     notes that this made no significant difference). A copy makes xi a running average of theta from step 0.
-  - LARS clips the adapted rate as solo-learn's CIFAR recipe does (ClippedLARS; --no-lars-clip gives the official
+  - LARS clips the adapted rate as solo-learn's CIFAR recipe does (common.LARS with clip; --no-lars-clip: the official
     form). Its trust ratio divides by ||g + wd w|| as the official code (solo-learn: ||g|| + wd ||w||), and the
     lr multiplies the momentum buffer's increment (solo-learn: the whole buffer), as common.LARS.
   - Inputs are standardised with the dataset's channel mean and std, and the heads keep PyTorch's default
@@ -166,39 +166,6 @@ class BYOL(nn.Module):
             xi.mul_(tau).add_(theta.detach(), alpha=1 - tau)
 
 
-class ClippedLARS(common.LARS):
-    """common.LARS with the trust ratio clipped at the learning rate, as solo-learn's CIFAR recipe (clip_lr, the
-    clipping of NVIDIA's LARC): an adapted weight moves by min(eta ||w|| / ||g||, lr) * g, where common.LARS (the
-    official BYOL and SimCLR form) moves it by lr * eta ||w|| / ||g|| * g. The trust ratio becomes the weight's own
-    learning rate, which the schedule only caps. Weight decay, exclusions and momentum as common.LARS."""
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr = group["lr"]
-            for w in group["params"]:
-                if w.grad is None:
-                    continue
-                g = w.grad
-                if not group["lars_exclude"]:
-                    g = g.add(w, alpha=group["weight_decay"])
-                    w_norm, g_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(g)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
-                                        torch.ones_like(w_norm))
-                    g = g * (trust / lr).clamp(max=1.0) if lr > 0 else g  # lr * this = min(trust, lr)
-                state = self.state[w]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(w)
-                v = state["momentum_buffer"]
-                v.mul_(group["momentum"]).add_(g, alpha=lr)
-                w.sub_(v * group["momentum"] + g * lr if group["nesterov"] else v)
-        return loss
-
-
 def target_momentum(step: int, total_steps: int, base: float) -> float:
     """The paper's tau at step k of K: 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2, from tau_base (k = 0) up to 1
     (k = K), never decreasing; steps past K stay at 1 (as the official schedules.target_ema)."""
@@ -273,9 +240,8 @@ def main(args: Args):
     model = BYOL(common.build_backbone(args.arch, info.channels, size), args.proj_hidden_dim, args.proj_dim)
     model = common.prepare_model(model, args, dist)
     base_lr = args.lr * args.batch_size / 256  # the official linear scaling rule
-    lars = ClippedLARS if args.lars_clip else common.LARS
-    optimizer = lars(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=args.momentum,
-                     eta=args.lars_eta)  # param_groups takes only theta: xi requires no gradient
+    optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=args.momentum,
+                            eta=args.lars_eta, clip=args.lars_clip)  # param_groups takes only theta: xi has no grad
     state = run.resume(args, model, optimizer)  # the target network is part of the model's state_dict
     net = common.distribute(model, args, dist)
 

@@ -756,12 +756,14 @@ class LARS(torch.optim.Optimizer):
         w     <- w - v                  (nesterov: w <- w - (momentum * v + lr * trust * g))
 
     Biases and normalisation parameters go in a group with lars_exclude=True: no weight decay, no adaptation.
+    clip=True caps the adapted rate at the learning rate, as the clipping of NVIDIA's LARC (solo-learn's clip_lr):
+    lr * trust becomes min(trust, lr), so the trust ratio is the weight's own rate, which the schedule only caps.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001,
-                 nesterov: bool = False):
+                 nesterov: bool = False, clip: bool = False):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, nesterov=nesterov,
-                        lars_exclude=False)
+                        lars_exclude=False, clip=clip)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -781,6 +783,8 @@ class LARS(torch.optim.Optimizer):
                     w_norm, g_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(g)
                     one = torch.ones_like(w_norm)
                     trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, one)
+                    if group.get("clip") and group["lr"] > 0:  # .get: checkpoints without the key
+                        trust = (trust / group["lr"]).clamp(max=1.0)  # lr * this = min(eta ||w|| / ||g||, lr)
                     g = g * trust
                 state = self.state[w]
                 if "momentum_buffer" not in state:
@@ -820,9 +824,10 @@ def lr_schedule(args: Args, steps_per_epoch: int, base_lr: float):
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
-    """Set every group's learning rate (times the group's optional 'lr_scale'); returns lr."""
+    """Set every group's learning rate (times the group's optional 'lr_scale'); a group with 'fixed_lr' keeps
+    that rate instead (e.g. SimSiam's predictor with --fix-pred-lr). Returns lr."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = group["fixed_lr"] if "fixed_lr" in group else lr * group.get("lr_scale", 1.0)
     return lr
 
 

@@ -164,16 +164,6 @@ def output_std(z: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
-    """common.set_lr, except that a group with 'fixed_lr' keeps that learning rate (the predictor's, with
-    --fix-pred-lr); returns lr."""
-    common.set_lr(optimizer, lr)
-    for group in optimizer.param_groups:
-        if "fixed_lr" in group:
-            group["lr"] = group["fixed_lr"]
-    return lr
-
-
 def train_one_epoch(net, loader, optimizer, lr_at, args: Args, dist: common.Dist, epoch: int,
                     progress: common.Progress) -> tuple[float, float]:
     """One pass over this process's share of the data; returns the epoch's mean loss (global batch) and the mean
@@ -183,7 +173,7 @@ def train_one_epoch(net, loader, optimizer, lr_at, args: Args, dist: common.Dist
     total_std = torch.zeros((), device=dist.device)
     for i, ((x1, x2), _) in enumerate(loader):
         step = epoch * len(loader) + i
-        lr = set_lr(optimizer, lr_at(step))
+        lr = common.set_lr(optimizer, lr_at(step))  # the predictor keeps its fixed_lr
         x1, x2 = common.to_device([x1, x2], dist.device, args.channels_last)  # [n, C, H, W] each
         with common.autocast(args, dist.device):
             p1, p2, z1, z2 = net(x1, x2)  # [n, proj_dim] each

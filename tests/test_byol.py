@@ -128,9 +128,9 @@ def test_clipped_lars_moves_each_weight_by_min_of_trust_and_lr(seed, lr, eta, wd
               generator=g)) for s in shapes] for _ in range(3)]
     lrs = [lr, 0.5 * lr, 0.1 * lr]
     params = [w.clone().requires_grad_(True) for w in ws]
-    opt = byol.ClippedLARS([{"params": [params[0], params[2]], "weight_decay": wd},
-                            {"params": [params[1]], "weight_decay": 0.0, "lars_exclude": True}],
-                           lr=lr, momentum=0.9, eta=eta)
+    opt = common.LARS([{"params": [params[0], params[2]], "weight_decay": wd},
+                       {"params": [params[1]], "weight_decay": 0.0, "lars_exclude": True}],
+                      lr=lr, momentum=0.9, eta=eta, clip=True)
     for step_lr, step_grads in zip(lrs, grads):
         common.set_lr(opt, step_lr)
         for p, gr in zip(params, step_grads):
@@ -148,7 +148,7 @@ def test_clipped_lars_equals_common_lars_at_lr_one_when_trust_is_below_one():
     a = torch.randn(8, 4, requires_grad=True)
     b = a.detach().clone().requires_grad_(True)
     grad = torch.randn(8, 4) * 100  # large gradient: trust = 0.02 ||w|| / ||g|| << 1
-    for opt, p in ((byol.ClippedLARS([a], lr=1.0, eta=0.02), a), (common.LARS([b], lr=1.0, eta=0.02), b)):
+    for opt, p in ((common.LARS([a], lr=1.0, eta=0.02, clip=True), a), (common.LARS([b], lr=1.0, eta=0.02), b)):
         p.grad = grad.clone()
         opt.step()
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -299,7 +299,7 @@ def toy_batch():
 
 def byol_step(net, model, x1, x2, tau):
     """train_one_epoch's step: forward both views, symmetrised loss, backward, LARS step, EMA of the target."""
-    optimizer = byol.ClippedLARS(common.param_groups(model, 1e-4), lr=0.5, momentum=0.9, eta=0.02)
+    optimizer = common.LARS(common.param_groups(model, 1e-4), lr=0.5, momentum=0.9, eta=0.02, clip=True)
     p1, p2, z1, z2 = net(x1, x2)
     loss = byol.byol_loss(p1, z2) + byol.byol_loss(p2, z1)
     loss.backward()

@@ -140,11 +140,11 @@ def test_fixed_predictor_lr_is_kept_while_the_encoder_lr_decays():
     encoder = [*model.backbone.parameters(), *model.projector.parameters()]
     opt = torch.optim.SGD([{"params": encoder}, {"params": list(model.predictor.parameters()), "fixed_lr": 0.06}],
                           lr=0.06)
-    assert simsiam.set_lr(opt, 0.01) == 0.01
+    assert common.set_lr(opt, 0.01) == 0.01
     assert opt.param_groups[0]["lr"] == 0.01 and opt.param_groups[1]["lr"] == 0.06
     restored = torch.optim.SGD([{"params": encoder}, {"params": list(model.predictor.parameters())}], lr=0.06)
     restored.load_state_dict(opt.state_dict())  # a resumed run keeps the flag
-    simsiam.set_lr(restored, 0.002)
+    common.set_lr(restored, 0.002)
     assert restored.param_groups[0]["lr"] == 0.002 and restored.param_groups[1]["lr"] == 0.06
 
 
