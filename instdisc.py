@@ -46,6 +46,16 @@ Where this file differs from the official code, and why:
     (metric bank_knn_top1, as the official cifar.py); and, as for every method here, the k-NN monitor (knn_top1)
     and the linear probe on the encoder's features (before the 128-d layer) recomputed for the training images.
     The official script ends with the k-NN on recomputed v; the figure under Expect is the paper's k-NN on v.
+
+Options from two later papers, off by default:
+  --adv-eps EPS [--adv-steps S --adv-weight ALPHA]   CLAE (Ho & Vasconcelos, "Contrastive Learning with
+       Adversarial Examples", NeurIPS 2020, github.com/chihhuiho/CLAE): J += ALPHA * J(x_adv), the method's own
+       loss of an adversarial view of x found by FGSM (or PGD) against that loss within EPS pixels (CLAE: 0.03,
+       1.0). With the memory bank, "its own loss" means that x_adv must still pick out its image's bank row v_i
+       (among all N rows, or against the same m noise rows under NCE); CLAE's own instance-discrimination code
+       contrasts within the batch, without a bank. The bank is updated from the clean features only.
+  --adv-bn   AdvProp (Xie et al., "Adversarial Examples Improve Image Recognition", CVPR 2020): the encoder's
+       BatchNorms get auxiliary twins (momentum 0.01 as CLAE's code) that normalise adversarial views only.
 """
 
 from __future__ import annotations
@@ -81,6 +91,10 @@ class Args(common.Args):
     proximal: float = 0.0  # lambda of the proximal term lambda ||v_i^(t) - v_i^(t-1)||^2 (0: off, as the official code)
     crop_min_scale: float = 0.2  # smallest crop area as a fraction of the image (official: 0.2)
     flip: bool = False  # random horizontal flip (off in the official CIFAR-10 script, on in its ImageNet one)
+    adv_eps: float = 0.0  # CLAE: L-inf radius of the adversarial view in pixels of [0, 1] (0: off; CLAE uses 0.03)
+    adv_steps: int = 1  # CLAE: gradient steps making the adversarial view (1: FGSM as CLAE, more: PGD)
+    adv_weight: float = 1.0  # CLAE: alpha, weight of the adversarial view's loss
+    adv_bn: bool = False  # AdvProp: auxiliary BatchNorms in the encoder, used for adversarial views only
 
     def check(self, world_size: int = 1):
         super().check(world_size)
@@ -96,6 +110,10 @@ class Args(common.Args):
             raise ValueError(f"--low-dim must be at least 1, got {self.low_dim}")
         if not 0 < self.crop_min_scale <= 1:
             raise ValueError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
+        if self.adv_eps < 0 or self.adv_steps < 1 or self.adv_weight < 0:
+            raise ValueError("--adv-eps and --adv-weight must be >= 0 and --adv-steps at least 1")
+        if self.adv_bn and not self.adv_eps:
+            raise ValueError("--adv-bn needs adversarial views: set --adv-eps (e.g. 0.03)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,9 +302,33 @@ def proximal_term(v: torch.Tensor, v_prev: torch.Tensor, lam: float) -> torch.Te
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_step(net, bank: MemoryBank, sampler: AliasSampler, noise_rng: torch.Generator, optimizer, x, i,
-               args: Args, dist: common.Dist) -> torch.Tensor:
-    """One step on this process's n images x (bank rows i); returns the global batch's mean loss (detached)."""
+def clae_loss(model: nn.Module, net: nn.Module, x: torch.Tensor, instance_loss, args: Args,
+              info: common.DataInfo) -> torch.Tensor:
+    """CLAE's extra term (Ho & Vasconcelos, NeurIPS 2020) for InstDisc: instance_loss(f(x_adv)), the method's loss
+    of an adversarial view of x made by FGSM/PGD against that same loss (the bank rows and noise rows fixed).
+    With --adv-bn both the generation and the term run through the encoder's auxiliary BatchNorms (AdvProp).
+
+    x: [n, C, H, W] this process's images; instance_loss: v [n, D] -> loss of the rows i of this step.
+    The generation goes through `model` (not the DDP wrapper) and differentiates the input only, so it adds
+    no gradient to the parameters; its cost is one forward and backward per step.
+    """
+
+    def loss_of(view):
+        with common.autocast(args, view.device):
+            return instance_loss(model(view))
+
+    with common.adversarial_bn(model.backbone, args.adv_bn):
+        x_adv = common.adversarial_view(loss_of, x, args.adv_eps, args.adv_steps, info.mean, info.std)
+        x_adv = x_adv.contiguous(memory_format=torch.channels_last) if args.channels_last else x_adv
+        with common.autocast(args, x.device):
+            v_adv = net(x_adv)  # [n, D], through DDP: its gradient is averaged like the main loss's
+    return instance_loss(v_adv)
+
+
+def train_step(net, model, bank: MemoryBank, sampler: AliasSampler, noise_rng: torch.Generator, optimizer, x, i,
+               args: Args, dist: common.Dist, info: common.DataInfo) -> torch.Tensor:
+    """One step on this process's n images x (bank rows i); returns the global batch's mean loss (detached).
+    `net` is the network to train (DDP and compile wrappers), `model` the plain module inside it."""
     with common.autocast(args, x.device):
         v = net(x)  # [n, D] f(x), L2-normalised
     n = len(bank.memory)
@@ -298,11 +340,17 @@ def train_step(net, bank: MemoryBank, sampler: AliasSampler, noise_rng: torch.Ge
         if bank.Z < 0:  # estimated once, from the first global batch, then fixed (the official code)
             bank.Z = common.all_reduce_mean(normalisation_constant(v, weight, args.temperature, n)).item()
             common.print0(f"normalisation constant Z set to {bank.Z:.1f}")
-        loss = nce_loss(v, weight, args.temperature, bank.Z, n)
+
+        def instance_loss(v):
+            return nce_loss(v, weight, args.temperature, bank.Z, n)
     else:
-        loss = softmax_loss(v, bank.memory, i, args.temperature)
+        def instance_loss(v):
+            return softmax_loss(v, bank.memory, i, args.temperature)
+    loss = instance_loss(v)
     if args.proximal:
         loss = loss + proximal_term(v, bank.memory[i], args.proximal)
+    if args.adv_eps > 0:
+        loss = loss + args.adv_weight * clae_loss(model, net, x, instance_loss, args, info)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -311,16 +359,17 @@ def train_step(net, bank: MemoryBank, sampler: AliasSampler, noise_rng: torch.Ge
     return common.all_reduce_mean(loss.detach())
 
 
-def train_one_epoch(net, bank, sampler, noise_rng, loader, optimizer, lr_at, args: Args, dist: common.Dist,
-                    epoch: int, progress: common.Progress) -> float:
-    """One pass over this process's share of the data; returns the epoch's mean loss (global batch)."""
+def train_one_epoch(net, model, bank, sampler, noise_rng, loader, optimizer, lr_at, args: Args, dist: common.Dist,
+                    epoch: int, progress: common.Progress, info: common.DataInfo) -> float:
+    """One pass over this process's share of the data; returns the epoch's mean loss (global batch).
+    `net` is the network to train (DDP and compile wrappers), `model` the plain module inside it."""
     net.train()
     total = torch.zeros((), device=dist.device)
     for s, (x, _, i) in enumerate(loader):
         step = epoch * len(loader) + s
         lr = common.set_lr(optimizer, lr_at(step))
         x, i = common.to_device(x, dist.device, args.channels_last), i.to(dist.device)
-        loss = train_step(net, bank, sampler, noise_rng, optimizer, x, i, args, dist)
+        loss = train_step(net, model, bank, sampler, noise_rng, optimizer, x, i, args, dist, info)
         total += loss
         progress.update(epoch, s, loss, lr, len(x) * dist.world_size)
     return (total / len(loader)).item()
@@ -364,7 +413,10 @@ def main(args: Args):
     train_set = common.WithIndex(train_set)  # (x, y, i): i is the image's row in the memory bank
     run = common.RunDir(args, "instdisc", dist)
 
-    model = InstDisc(common.build_backbone(args.arch, info.channels, size), args.low_dim)
+    backbone = common.build_backbone(args.arch, info.channels, size)
+    if args.adv_bn:
+        backbone = common.dual_batchnorm(backbone)
+    model = InstDisc(backbone, args.low_dim)
     model = common.prepare_model(model, args, dist)
     # the same bank and the same noise draws on every process: generators seeded alike, not per rank
     bank = MemoryBank(len(train_set), args.low_dim, torch.Generator().manual_seed(args.seed)).to(dist.device)
@@ -388,7 +440,8 @@ def main(args: Args):
     for epoch in range(state["epoch"], args.epochs):
         loader = common.train_loader(train_set, args, dist, epoch)
         t0 = time.perf_counter()
-        loss = train_one_epoch(net, bank, sampler, noise_rng, loader, optimizer, lr_at, args, dist, epoch, progress)
+        loss = train_one_epoch(net, model, bank, sampler, noise_rng, loader, optimizer, lr_at, args, dist, epoch,
+                               progress, info)
         seconds = time.perf_counter() - t0
         bank_knn = bank_knn_accuracy(model, bank, labels, test_set, info.num_classes, args, dist)
         run.end_epoch(epoch, steps, args, monitor, seconds=seconds, loss=loss, lr=lr_at((epoch + 1) * steps - 1),

@@ -1,4 +1,5 @@
-"""CLAE's adversarial views and AdvProp's auxiliary BatchNorm (common.py), and simclr.py with them switched on."""
+"""CLAE's adversarial views and AdvProp's auxiliary BatchNorm (common.py), and simclr.py and instdisc.py with them
+switched on."""
 
 import json
 
@@ -9,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import common
+import instdisc
 import simclr
 from conftest import run_script, torchrun
 
@@ -153,6 +155,20 @@ def test_simclr_with_clae_under_torchrun(tmp_path):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["knn_top1"] is not None
 
 
-def test_adv_bn_without_adversarial_views_is_refused():
+def test_instdisc_with_clae_and_advprop_runs_alone_and_under_torchrun(tmp_path):
+    out = run_script("instdisc.py", *TINY_ADV, "--epochs", "1", "--out-dir", tmp_path / "one")
+    assert out.returncode == 0, out.stderr[-3000:]
+    state = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    assert any(".aux." in k for k in state["model"])
+    out = torchrun("instdisc.py", *TINY_ADV, "--epochs", "1", "--adv-steps", "2", "--nce-k", "32",
+                   "--out-dir", tmp_path / "two")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["knn_top1"] is not None
+
+
+@pytest.mark.parametrize("module", [simclr, instdisc])
+def test_adv_bn_without_adversarial_views_is_refused(module):
     with pytest.raises(ValueError, match="--adv-bn needs"):
-        simclr.Args(adv_bn=True).check()
+        module.Args(adv_bn=True).check()
+    with pytest.raises(ValueError, match="--adv-steps"):
+        module.Args(adv_eps=0.03, adv_steps=0).check()

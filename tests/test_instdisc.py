@@ -1,6 +1,7 @@
 """Properties of InstDisc (instdisc.py): NCE and the non-parametric softmax against the official formulas, the
 hand-written backward, the alias sampler, the memory bank, two processes against one, and the learning check."""
 
+import copy
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import common
 import instdisc
 from conftest import run_script
 
+INFO = common.DATASETS["synthetic"]  # the channel mean and std the adversarial view is made with
 temperatures = st.floats(0.05, 1.0)
 seeds = st.integers(0, 2**31 - 1)
 
@@ -218,18 +220,19 @@ class _Encoder(nn.Module):
 
     def __init__(self, d=5):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.Tanh(), nn.Linear(16, d))
+        self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.Tanh(), nn.Linear(16, d))
 
     def forward(self, x):
-        return F.normalize(self.net(x), dim=1)
+        return F.normalize(self.backbone(x), dim=1)
 
 
-def _setup(nce_k, proximal, n=20, d=5):
+def _setup(nce_k, proximal, adv_eps=0.0, n=20, d=5):
     torch.manual_seed(0)
     model = _Encoder(d)
     bank = instdisc.MemoryBank(n, d, torch.Generator().manual_seed(1))
     sampler = instdisc.AliasSampler(torch.ones(n))
-    args = instdisc.Args(nce_k=nce_k, proximal=proximal, temperature=0.2, bank_momentum=0.5)
+    args = instdisc.Args(nce_k=nce_k, proximal=proximal, temperature=0.2, bank_momentum=0.5, adv_eps=adv_eps,
+                         adv_weight=0.7)
     return model, bank, sampler, torch.Generator().manual_seed(2), args
 
 
@@ -249,7 +252,7 @@ def test_memory_bank_rows_stay_unit_and_update_once_per_step():
         expected = before.clone()
         expected[i] = F.normalize(0.5 * before[i] + 0.5 * f, dim=1)  # one momentum update, no more
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        instdisc.train_step(model, bank, sampler, rng, opt, x, i, args, common.Dist())
+        instdisc.train_step(model, model, bank, sampler, rng, opt, x, i, args, common.Dist(), INFO)
         assert torch.allclose(bank.memory, expected, atol=1e-6)
         untouched = torch.ones(20, dtype=torch.bool)
         untouched[i] = False
@@ -267,12 +270,38 @@ def test_z_is_estimated_from_the_first_batch_then_fixed():
     with torch.no_grad():
         weight = bank.memory[torch.cat([i[:, None], noise], 1)]
         expected = 20 * torch.exp(torch.einsum("bjd,bd->bj", weight, model(x)) / 0.2).mean().item()
-    instdisc.train_step(model, bank, sampler, rng, opt, x, i, args, common.Dist())
+    instdisc.train_step(model, model, bank, sampler, rng, opt, x, i, args, common.Dist(), INFO)
     assert bank.Z == pytest.approx(expected, rel=1e-6)
     z = bank.Z
     for _ in range(3):
-        instdisc.train_step(model, bank, sampler, rng, opt, x, i, args, common.Dist())
+        instdisc.train_step(model, model, bank, sampler, rng, opt, x, i, args, common.Dist(), INFO)
     assert bank.Z == z
+
+
+def test_clae_step_adds_the_loss_of_a_fixed_adversarial_view_and_no_gradient_from_making_it():
+    # the step's gradient is that of J(x) + alpha J(x_adv) with x_adv a constant: the search for x_adv (a forward
+    # and backward through the same model) leaves nothing in the parameters' gradients
+    for nce_k in (0, 6):
+        model, bank, sampler, rng, args = _setup(nce_k, 0.0, adv_eps=0.05)
+        x, i = _batch()
+        reference = copy.deepcopy(model)
+        bank_before = bank.memory.clone()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves the gradients to read
+        instdisc.train_step(model, model, bank, sampler, rng, opt, x, i, args, common.Dist(), INFO)
+        g = torch.Generator().manual_seed(2)  # replay the step's noise draw
+        noise = sampler.draw(8 * nce_k, g).view(8, nce_k) if nce_k else None
+
+        def loss_of_v(v):
+            if nce_k:
+                weight = bank_before[torch.cat([i[:, None], noise], 1)]
+                return instdisc.nce_loss(v, weight, 0.2, bank.Z, 20)
+            return instdisc.softmax_loss(v, bank_before, i, 0.2)
+
+        x_adv = common.adversarial_view(lambda view: loss_of_v(reference(view)), x, 0.05, 1, INFO.mean, INFO.std)
+        assert not torch.equal(x_adv, x)
+        (loss_of_v(reference(x)) + 0.7 * loss_of_v(reference(x_adv))).backward()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_bank_state_round_trips():
@@ -288,36 +317,39 @@ def test_bank_state_round_trips():
 WORLD = 2
 
 
-CONFIGS = [(0, 0.0), (6, 3.0)]  # (nce_k, proximal): the full softmax, and NCE with the proximal term
+# (nce_k, proximal, adv_eps): the full softmax, NCE with the proximal term, and each with CLAE's adversarial view
+# (each image's view depends on its own loss only, without BatchNorm, so the split of the batch does not matter)
+CONFIGS = [(0, 0.0, 0.0), (6, 3.0, 0.0), (0, 0.0, 0.05), (6, 0.0, 0.05)]
 
 
 def _worker(rank, store, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    for nce_k, proximal in CONFIGS:
-        model, bank, sampler, rng, args = _setup(nce_k, proximal)
+    for nce_k, proximal, adv_eps in CONFIGS:
+        model, bank, sampler, rng, args = _setup(nce_k, proximal, adv_eps)
         net = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         x, i = _batch()
         half = slice(rank * 4, (rank + 1) * 4)
-        losses = [instdisc.train_step(net, bank, sampler, rng, opt, x[half], i[half], args,
-                                      common.Dist(rank, WORLD)) for _ in range(2)]  # step 2 reads step 1's bank
+        losses = [instdisc.train_step(net, model, bank, sampler, rng, opt, x[half], i[half], args,
+                                      common.Dist(rank, WORLD), INFO) for _ in range(2)]  # step 2 reads step 1's bank
         torch.save({"losses": torch.stack(losses), "bank": bank.memory, "Z": bank.Z,
-                    "params": model.state_dict()}, f"{out}/{nce_k}-{rank}.pt")
+                    "params": model.state_dict()}, f"{out}/{nce_k}-{adv_eps}-{rank}.pt")
     torch_dist.destroy_process_group()
 
 
 def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
-    for nce_k, proximal in CONFIGS:
-        model, bank, sampler, rng, args = _setup(nce_k, proximal)
+    for nce_k, proximal, adv_eps in CONFIGS:
+        model, bank, sampler, rng, args = _setup(nce_k, proximal, adv_eps)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         x, i = _batch()
-        losses = torch.stack([instdisc.train_step(model, bank, sampler, rng, opt, x, i, args, common.Dist())
+        losses = torch.stack([instdisc.train_step(model, model, bank, sampler, rng, opt, x, i, args, common.Dist(),
+                                                  INFO)
                               for _ in range(2)])
         for rank in range(WORLD):
-            got = torch.load(tmp_path / f"{nce_k}-{rank}.pt")
+            got = torch.load(tmp_path / f"{nce_k}-{adv_eps}-{rank}.pt")
             assert torch.allclose(got["bank"], bank.memory, atol=1e-6)  # the same global bank on every process
             assert got["Z"] == pytest.approx(bank.Z, rel=1e-6)
             assert torch.allclose(got["losses"], losses, rtol=1e-5)
