@@ -8,6 +8,7 @@ Sections, in order:
   Distributed    Dist, setup_distributed(), gather_with_grad(), gather_no_grad(), all_reduce_mean()
   Backbones      ResNet-18/34/50 (CIFAR or ImageNet stem), Wide-ResNet 28-2/28-10/34-10, a tiny test network
   Data           datasets by name, class-balanced subsets, an index-returning wrapper, views, loaders
+  Device data    a training set held on the device, batched per-sample augmentation (ViewSpec), TrainData
   Adversarial    AdvProp's auxiliary BatchNorm (DualBatchNorm), CLAE's adversarial views (FGSM / PGD)
   Optimisation   LARS, warm-up + cosine schedule
   Evaluation     feature extraction, weighted k-NN (InstDisc), linear probe on frozen features
@@ -78,6 +79,8 @@ class Args:
     subset: int = 0  # train on a class-balanced subset of this many images (0: the whole training split)
     eval_subset: int = 0  # evaluate on a class-balanced subset of this many test images (0: the whole split)
     workers: int = 4  # data-loading worker processes per training process
+    # device: training set held on the device, views made there; cpu: the DataLoader (stays for ImageNet-scale folders)
+    data_path: str = "auto"  # auto (device on CUDA when the training set fits in memory, else cpu), device, cpu
     # model
     arch: str = "resnet18"  # resnet18 resnet34 resnet50 wrn28_2 wrn28_10 wrn34_10 tiny
     # optimisation
@@ -107,6 +110,8 @@ class Args:
         """Raise ValueError with a one-line reason for any invalid value."""
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown --dataset {self.dataset!r} (choose from {', '.join(DATASETS)})")
+        if self.data_path not in DATA_PATHS:
+            raise ValueError(f"unknown --data-path {self.data_path!r} (choose from {', '.join(DATA_PATHS)})")
         if self.arch not in ARCHS:
             raise ValueError(f"unknown --arch {self.arch!r} (choose from {', '.join(ARCHS)})")
         positive = ["epochs", "batch_size", "lr", "knn_k", "knn_t", "save_every", "log_every"]
@@ -740,6 +745,454 @@ def to_device(x, device: torch.device, channels_last: bool = False):
         return [to_device(v, device, channels_last) for v in x]
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device data
+# ----------------------------------------------------------------------------------------------------------------
+# A training set that fits in memory is decoded once into a uint8 tensor on the training device, and each batch's
+# views are made there by batched augmentation: every sample draws its own parameters from a seeded generator on
+# the device, as torchvision's transforms do per image, but one batch is one set of tensor operations. The ops
+# follow torchvision's tensor versions (transforms.v2.functional) and take the same parameters, so the tests
+# compare them sample by sample. The CPU DataLoader (train_loader) stays for datasets too large to hold, such as
+# ImageNet-scale folders, and for views these ops do not cover (e.g. AutoAugment).
+#
+# What differs from the CPU path, which runs torchvision on PIL images: the device path stays in float from the
+# decoded image to the standardised view, where PIL rounds to 8 bits after every step; crops are resized without
+# antialiasing (PIL antialiases when it shrinks a crop); and the random numbers come from another generator, so
+# the two paths draw different (equally distributed) views of the same images.
+
+DATA_PATHS = ["auto", "device", "cpu"]
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One random view: torchvision's pipeline of these steps, in this order, each left out at its default:
+    RandomResizedCrop(size, scale, ratio) -> RandomHorizontalFlip(flip) -> RandomApply([ColorJitter(brightness,
+    contrast, saturation, hue)], jitter) -> RandomGrayscale(grayscale) -> RandomApply([GaussianBlur(blur_kernel,
+    blur_sigma)], blur) -> RandomSolarize(solarize_threshold, solarize) -> Normalize(mean, std).
+    Ranges are torchvision's: factors drawn uniformly in (low, high); probabilities per sample."""
+
+    size: int  # side of the output view in pixels
+    scale: tuple = (0.08, 1.0)  # crop area as a fraction of the image
+    ratio: tuple = (3 / 4, 4 / 3)  # crop aspect ratio (width / height), drawn log-uniformly
+    flip: float = 0.0  # probability of a horizontal flip
+    brightness: tuple = (1.0, 1.0)  # colour jitter factor ranges; (1, 1) and hue (0, 0) leave that step out
+    contrast: tuple = (1.0, 1.0)
+    saturation: tuple = (1.0, 1.0)
+    hue: tuple = (0.0, 0.0)
+    jitter: float = 0.0  # probability of the colour jitter
+    grayscale: float = 0.0  # probability of grayscale (kept at the image's number of channels)
+    blur: float = 0.0  # probability of the Gaussian blur
+    blur_kernel: int = 3  # its (odd) kernel side
+    blur_sigma: tuple = (0.1, 2.0)  # its sigma range
+    solarize: float = 0.0  # probability of solarisation: x -> 1 - x where x >= solarize_threshold
+    solarize_threshold: float = 0.5  # in [0, 1] pixel units
+    mean: tuple = ()  # standardisation (empty: the view stays in [0, 1])
+    std: tuple = ()
+
+    @classmethod
+    def from_torchvision(cls, transform) -> "ViewSpec":
+        """The spec of a torchvision pipeline built from the steps above (nested Compose, RandomApply around one
+        step, ToTensor and Normalize at the end). The flip may sit anywhere: mirroring commutes with every other
+        step's distribution. Raises ValueError for a step or an order that has no batched version here."""
+        steps, fields, last, pil = _flatten(transform), {}, 0, True
+        order = {T.RandomResizedCrop: 1, T.ColorJitter: 2, T.RandomGrayscale: 3, T.GaussianBlur: 4,
+                 T.RandomSolarize: 5, T.ToTensor: 6, T.Normalize: 7}
+        for step in steps:
+            p = 1.0
+            if isinstance(step, T.RandomApply) and len(step.transforms) == 1:
+                p, step = step.p, step.transforms[0]
+            kind = type(step)
+            if kind is T.RandomHorizontalFlip and p == 1.0:
+                fields["flip"] = step.p
+                continue
+            if kind not in order or order[kind] <= last or (p != 1.0 and kind not in (T.ColorJitter, T.GaussianBlur)):
+                raise ValueError(f"no batched version of {step!r} at this place in the views")
+            last = order[kind]
+            if kind is T.RandomResizedCrop:
+                if step.size[0] != step.size[1] or step.interpolation != T.InterpolationMode.BILINEAR:
+                    raise ValueError("the batched crop makes square views with bilinear interpolation")
+                fields.update(size=step.size[0], scale=tuple(step.scale), ratio=tuple(step.ratio))
+            elif kind is T.ColorJitter:
+                fields.update(brightness=tuple(step.brightness or (1.0, 1.0)),
+                              contrast=tuple(step.contrast or (1.0, 1.0)),
+                              saturation=tuple(step.saturation or (1.0, 1.0)), hue=tuple(step.hue or (0.0, 0.0)),
+                              jitter=p)
+            elif kind is T.RandomGrayscale:
+                fields["grayscale"] = step.p
+            elif kind is T.GaussianBlur:
+                if step.kernel_size[0] != step.kernel_size[1]:
+                    raise ValueError("the batched blur has a square kernel")
+                fields.update(blur=p, blur_kernel=step.kernel_size[0], blur_sigma=tuple(step.sigma))
+            elif kind is T.RandomSolarize:  # on PIL images the threshold is in 8-bit units
+                fields.update(solarize=step.p, solarize_threshold=step.threshold / 255 if pil else step.threshold)
+            elif kind is T.ToTensor:
+                pil = False
+            else:
+                fields.update(mean=tuple(step.mean), std=tuple(step.std))
+        if "size" not in fields:
+            raise ValueError("views without a RandomResizedCrop have no batched version here")
+        return cls(**fields)
+
+
+def _flatten(transform) -> list:
+    if isinstance(transform, T.Compose):
+        return [step for t in transform.transforms for step in _flatten(t)]
+    return [transform]
+
+
+def view_specs(views) -> list[ViewSpec]:
+    """The specs of a MultiView's transforms (or of one transform)."""
+    return [ViewSpec.from_torchvision(t) for t in (views.transforms if isinstance(views, MultiView) else [views])]
+
+
+@dataclass
+class ViewParams:
+    """The random parameters of a batch of B views, one per sample, drawn by draw_params."""
+
+    spec: ViewSpec
+    top: torch.Tensor  # [B] crop box in input pixels (integers, as torchvision's)
+    left: torch.Tensor  # [B]
+    height: torch.Tensor  # [B]
+    width: torch.Tensor  # [B]
+    flip: torch.Tensor  # [B] bool
+    jitter: torch.Tensor  # [B, 4] brightness, contrast, saturation, hue factors (1, 1, 1, 0: not jittered)
+    order: torch.Tensor  # [B, 4] the order of the four jitter steps for each sample (a permutation of 0..3)
+    grayscale: torch.Tensor  # [B] bool
+    sigma: torch.Tensor  # [B] of the Gaussian blur (0: not blurred)
+    solarize: torch.Tensor  # [B] bool
+
+
+def draw_params(spec: ViewSpec, batch: int, height: int, width: int, generator: torch.Generator) -> ViewParams:
+    """Per-sample parameters for `batch` views of images height x width, from `generator` (on the device).
+
+    The crop is torchvision's RandomResizedCrop.get_params, vectorised: ten candidate boxes per sample (area
+    fraction uniform in `scale`, aspect ratio log-uniform in `ratio`, sides rounded), the first that fits the image
+    is kept, placed uniformly; a sample whose ten candidates all fail gets torchvision's fallback, the centred
+    crop of the whole image clamped to `ratio`. Taking the first fitting one of ten independent candidates is
+    the distribution of torchvision's loop of up to ten tries."""
+    device = generator.device
+
+    def uniform(low, high, *shape):
+        return low + (high - low) * torch.rand(shape, generator=generator, device=device)
+
+    def coin(p):
+        return torch.rand(batch, generator=generator, device=device) < p
+
+    area = height * width
+    target = area * uniform(*spec.scale, batch, 10)  # [B, 10]
+    aspect = torch.exp(uniform(math.log(spec.ratio[0]), math.log(spec.ratio[1]), batch, 10))
+    w = torch.sqrt(target * aspect).round().long()
+    h = torch.sqrt(target / aspect).round().long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # [B, 10]
+    first = fits.int().argmax(1, keepdim=True)  # the first candidate that fits (0 when none does)
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]  # [B]
+    if width / height < min(spec.ratio):  # torchvision's fallback: the whole image, clamped to the ratio range
+        fw, fh = width, round(width / min(spec.ratio))
+    elif width / height > max(spec.ratio):
+        fw, fh = round(height * max(spec.ratio)), height
+    else:
+        fw, fh = width, height
+    found = fits.any(1)
+    w, h = torch.where(found, w, fw), torch.where(found, h, fh)
+    top = torch.where(found, (uniform(0, 1, batch) * (height - h + 1)).floor().long(), (height - h) // 2)
+    left = torch.where(found, (uniform(0, 1, batch) * (width - w + 1)).floor().long(), (width - w) // 2)
+    flip = coin(spec.flip)
+    factors = torch.stack([uniform(*spec.brightness, batch), uniform(*spec.contrast, batch),
+                           uniform(*spec.saturation, batch), uniform(*spec.hue, batch)], 1)  # [B, 4]
+    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=device)
+    jitter = torch.where(coin(spec.jitter)[:, None], factors, identity)
+    order = torch.rand(batch, 4, generator=generator, device=device).argsort(1)  # a uniform permutation per sample
+    grayscale = coin(spec.grayscale)
+    sigma = torch.where(coin(spec.blur), uniform(*spec.blur_sigma, batch), 0.0)
+    solarize = coin(spec.solarize)
+    return ViewParams(spec, top, left, h, w, flip, jitter, order, grayscale, sigma, solarize)
+
+
+@torch.no_grad()
+def apply_params(images: torch.Tensor, params: ViewParams, standardize: bool = True) -> torch.Tensor:
+    """The views of `images` ([B, C, H, W], uint8 or float in [0, 1]) for `params`: [B, C, size, size] float,
+    standardised with the spec's mean and std (or left in [0, 1] with standardize=False)."""
+    spec, p = params.spec, params
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()  # [B, C, H, W] in [0, 1]
+    x = resized_crop(x, p.top, p.left, p.height, p.width, spec.size, p.flip)  # [B, C, size, size]
+    if spec.jitter > 0:
+        active = (spec.brightness != (1, 1), spec.contrast != (1, 1), spec.saturation != (1, 1), spec.hue != (0, 0))
+        x = color_jitter(x, p.jitter, p.order, active)
+    if spec.grayscale > 0:
+        x = torch.where(p.grayscale[:, None, None, None], rgb_to_grayscale(x).expand_as(x), x)
+    if spec.blur > 0:
+        x = gaussian_blur(x, spec.blur_kernel, p.sigma).clamp(0, 1)  # its sums can round a hair outside
+    if spec.solarize > 0:
+        x = solarize(x, spec.solarize_threshold, p.solarize)
+    if standardize and spec.mean:
+        mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
+        x = (x - mean) / std
+    return x
+
+
+def _bilinear_taps(start: torch.Tensor, length: torch.Tensor, size: int, flip: torch.Tensor | None = None):
+    """For each sample's crop [start, start + length) of one axis: the two input pixels and the weight of the
+    second that make each of `size` output pixels, as torchvision's bilinear resize without antialiasing
+    (output pixel i reads the crop at (i + 0.5) * length / size - 0.5, clamped to the crop). [B] -> 3 x [B, size]"""
+    i = torch.arange(size, device=start.device, dtype=torch.float32)
+    pos = ((i + 0.5) * (length[:, None] / size) - 0.5).clamp(min=0)  # [B, size], in crop pixels
+    low = pos.floor()
+    weight = pos - low
+    last = length[:, None] - 1
+    low = torch.minimum(low.long(), last)
+    high = torch.minimum(low + 1, last)
+    taps = [start[:, None] + low, start[:, None] + high, weight]
+    if flip is not None:  # a mirrored view reads its columns right to left
+        taps = [torch.where(flip[:, None], t.flip(1), t) for t in taps]
+    return taps
+
+
+def _resample(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, weight: torch.Tensor, dim: int):
+    """Linear interpolation of x [B, C, H, W] along `dim` (2: rows, 3: columns) at per-sample taps [B, S]."""
+    shape = [x.shape[0], 1, 1, 1]
+    shape[dim] = low.shape[1]  # [B, 1, S, 1] or [B, 1, 1, S]
+    out = list(x.shape)
+    out[dim] = low.shape[1]
+    a = x.gather(dim, low.view(shape).expand(out))
+    b = x.gather(dim, high.view(shape).expand(out))
+    return torch.lerp(a, b, weight.view(shape))
+
+
+def resized_crop(x: torch.Tensor, top, left, height, width, size: int, flip=None) -> torch.Tensor:
+    """Each sample's box (top, left, height, width: [B] integers) of x [B, C, H, W] resized to size x size,
+    bilinear without antialiasing, mirrored where flip [B] is set: torchvision's resized_crop(antialias=False)
+    then hflip. Two gathers per axis rather than grid_sample, so the samples near the box's edges are clamped
+    to the box as torchvision's resize of the cropped image clamps them."""
+    x = _resample(x, *_bilinear_taps(top, height, size), dim=2)  # [B, C, size, W]
+    return _resample(x, *_bilinear_taps(left, width, size, flip), dim=3)  # [B, C, size, size]
+
+
+def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Luma (ITU-R 601-2, torchvision's weights) [B, 1, H, W] of RGB x [B, 3, H, W]; one channel stays as it is."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _blend(x: torch.Tensor, other, factor: torch.Tensor) -> torch.Tensor:
+    f = factor.view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * other).clamp(0, 1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """x [B, C, H, W] in [0, 1] scaled by factor [B] (blended with black)."""
+    return _blend(x, 0.0, factor)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """x blended with its own mean luma by factor [B]."""
+    return _blend(x, rgb_to_grayscale(x).mean((1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """x blended with its grayscale by factor [B]; a one-channel image has no saturation to change."""
+    return x if x.shape[1] == 1 else _blend(x, rgb_to_grayscale(x), factor)
+
+
+def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Hue rotated by factor [B] (in turns, [-0.5, 0.5]) in HSV space; a one-channel image has no hue."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)  # [B, H, W] each
+    v, _ = x.max(1)
+    delta = v - x.min(1).values
+    s = torch.where(v > 0, delta / torch.where(v > 0, v, 1.0), 0.0)
+    d = torch.where(delta > 0, delta, 1.0)  # grey pixels: any hue, 0 here, and s = 0 makes it irrelevant
+    h = torch.where(v == r, (g - b) / d, torch.where(v == g, (b - r) / d + 2, (r - g) / d + 4))  # sextants
+    h = (h / 6 + factor.view(-1, 1, 1)) % 1.0  # [B, H, W] in turns
+    # back to RGB: channel n in (5, 3, 1) for (R, G, B) is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h[:, None]) % 6  # [B, 3, H, W]
+    out = v[:, None] - (v * s)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+    return torch.where((factor == 0).view(-1, 1, 1, 1), x, out)  # exactly x when not rotated
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, active=(True,) * 4) -> torch.Tensor:
+    """ColorJitter with per-sample factors [B, 4] (brightness, contrast, saturation, hue) applied in each sample's
+    own order [B, 4], as torchvision draws a permutation per image. Batched: at each of the four places every
+    step runs on the whole batch, with its identity factor for the samples whose step there is another one.
+    `active`: which steps can change anything (a step whose range is the identity is skipped)."""
+    steps = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    identity = (1.0, 1.0, 1.0, 0.0)
+    for place in range(4):
+        for j, step in enumerate(steps):
+            if active[j]:
+                x = step(x, torch.where(order[:, place] == j, factors[:, j], identity[j]))
+    return x
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
+    """x [B, C, H, W] blurred with a Gaussian of side kernel_size (odd) and per-sample sigma [B] (0: unchanged),
+    reflect padding, as torchvision's gaussian_blur; separable: one grouped convolution per axis."""
+    batch, channels, height, width = x.shape
+    t = torch.arange(kernel_size, device=x.device, dtype=torch.float32) - (kernel_size - 1) / 2  # [k]
+    kernel = torch.exp(-0.5 * (t / sigma.clamp(min=1e-6)[:, None]) ** 2)  # [B, k]; sigma 0: a unit impulse
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(channels, 0)  # [B*C, k]
+    pad = kernel_size // 2
+    y = F.pad(x.reshape(1, batch * channels, height, width), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, kernel.view(-1, 1, kernel_size, 1), groups=batch * channels)  # along rows
+    y = F.conv2d(y, kernel.view(-1, 1, 1, kernel_size), groups=batch * channels)  # along columns
+    return y.view(batch, channels, height, width)
+
+
+def solarize(x: torch.Tensor, threshold: float, mask: torch.Tensor) -> torch.Tensor:
+    """x -> 1 - x where x >= threshold, for the samples where mask [B] is set."""
+    return torch.where(mask.view(-1, 1, 1, 1) & (x >= threshold), 1 - x, x)
+
+
+class DeviceData:
+    """A training set held whole on the device: images uint8 [N, C, H, W] and labels [N], decoded once.
+    `with_index`: the training set was a WithIndex, so batches carry the samples' positions too."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, with_index: bool = False):
+        self.images, self.targets, self.with_index = images, targets, with_index
+
+    def __len__(self):
+        return len(self.images)
+
+    @classmethod
+    def from_dataset(cls, dataset, device: torch.device, workers: int = 0, max_bytes: float = float("inf")):
+        """The images of a training set from load_dataset / training_and_eval_sets (through Subset and WithIndex),
+        in its order. Raises ValueError when they cannot be held: too large, images of differing sizes, large
+        images (an image folder of more than 64 px is ImageNet-scale), or a dataset without raw images."""
+        base, indices, with_index = dataset, None, False
+        while isinstance(base, (WithIndex, torch.utils.data.Subset)):
+            if isinstance(base, WithIndex):
+                with_index = True
+            else:
+                indices = list(base.indices) if indices is None else [base.indices[i] for i in indices]
+            base = base.dataset
+        indices = list(range(len(base))) if indices is None else indices
+        targets = torch.as_tensor([base.targets[i] for i in indices], dtype=torch.long)
+        if isinstance(base, ImageTensorDataset):
+            source = base.images.permute(0, 3, 1, 2)  # [N, C, H, W]
+        elif isinstance(base, torchvision.datasets.ImageFolder):
+            paths = [base.samples[i][0] for i in indices]
+            with Image.open(paths[0]) as img:
+                width, height = img.size
+            if max(width, height) > 64:
+                raise ValueError(f"images of {width}x{height} px: the device copy is for small images (64 px or "
+                                 f"less); an ImageNet-scale folder stays on the CPU DataLoader")
+            if len(paths) * 3 * width * height > max_bytes:
+                raise ValueError(f"{len(paths)} images do not fit in the memory set aside for them")
+            return cls(_decode_files(paths, workers).to(device), targets.to(device), with_index)
+        elif hasattr(getattr(base, "data", None), "shape"):  # torchvision's CIFAR, SVHN, STL-10, MNIST-like
+            source = torch.as_tensor(base.data)
+            if source.ndim == 3:  # MNIST-like: [N, H, W]
+                source = source[:, None]
+            elif isinstance(base, torchvision.datasets.CIFAR10):  # [N, H, W, C]; SVHN and STL-10: [N, C, H, W]
+                source = source.permute(0, 3, 1, 2)
+        else:
+            raise ValueError(f"no device copy of a {type(base).__name__}")
+        size = len(indices) * source[0].numel()
+        if size > max_bytes:
+            raise ValueError(f"{size / 2**30:.1f} GiB of images do not fit in the memory set aside for them")
+        return cls(source[torch.as_tensor(indices)].contiguous().to(device), targets.to(device), with_index)
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):  # decoded by PIL as ImageFolder does, so both paths see the same pixels
+        with Image.open(self.paths[i]) as img:
+            return T.functional.pil_to_tensor(img.convert("RGB"))  # [3, H, W] uint8
+
+
+def _decode_files(paths: list, workers: int) -> torch.Tensor:
+    loader = torch.utils.data.DataLoader(_ImageFiles(paths), batch_size=256, num_workers=workers)
+    try:
+        return torch.cat(list(loader))  # [N, 3, H, W]
+    except RuntimeError as err:  # stacking images of different sizes
+        raise ValueError(f"the images differ in size ({str(err).splitlines()[0]})") from None
+
+
+def epoch_batches(n: int, args: Args, dist: Dist, epoch: int) -> torch.Tensor:
+    """This process's share of epoch `epoch` of n samples as batches of indices [steps, local batch] on the
+    device: the seeded shuffle of train_loader (DistributedSampler: every process its own W-th of the epoch,
+    reshuffled with seed + epoch), full batches only."""
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=dist.world_size, rank=dist.rank,
+                                                  shuffle=True, seed=args.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    local_batch = args.batch_size // dist.world_size
+    if len(sampler) < local_batch:
+        fail(f"--batch-size {args.batch_size} is larger than the training set ({n} images)")
+    steps = len(sampler) // local_batch
+    return torch.tensor(list(sampler))[:steps * local_batch].view(steps, local_batch).to(dist.device)
+
+
+class DeviceLoader:
+    """One epoch from a DeviceData, shaped like train_loader's DataLoader over a MultiView: (views, labels) or,
+    for a WithIndex set, (views, labels, indices), with the views a list (one per spec) when given a list.
+    The views are drawn from a generator on the device seeded per epoch and process, so --resume reproduces."""
+
+    def __init__(self, data: DeviceData, specs, args: Args, dist: Dist, epoch: int):
+        self.data, self.specs = data, specs
+        self.batches = epoch_batches(len(data), args, dist, epoch)
+        self.generator = torch.Generator(dist.device).manual_seed(seed_epoch(args.seed, epoch, dist.rank))
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for idx in self.batches:
+            images = self.data.images[idx]  # [b, C, H, W] uint8
+            specs = self.specs if isinstance(self.specs, list) else [self.specs]
+            views = [apply_params(images, draw_params(spec, len(idx), *images.shape[2:], self.generator))
+                     for spec in specs]
+            x = views if isinstance(self.specs, list) else views[0]
+            labels = self.data.targets[idx]
+            yield (x, labels, idx) if self.data.with_index else (x, labels)
+
+
+class TrainData:
+    """The training batches of every epoch, on the path --data-path picks: `loader(epoch)` is a DeviceLoader
+    (the set decoded once onto the device, batched augmentation) or train_loader's CPU DataLoader.
+
+    `views` is the transform given to the training set (a MultiView, or one transform); the device path runs
+    the same pipeline, translated by ViewSpec.from_torchvision. auto: the device on CUDA when the translation
+    works and the images take at most a quarter of the free GPU memory, else the CPU DataLoader."""
+
+    def __init__(self, train_set, views, args: Args, dist: Dist):
+        self.train_set, self.args, self.dist = train_set, args, dist
+        self.data, why = None, None
+        if args.data_path == "device" or (args.data_path == "auto" and dist.device.type == "cuda"):
+            try:
+                specs = view_specs(views)
+                self.specs = specs if isinstance(views, MultiView) else specs[0]
+                budget = float("inf")
+                if args.data_path == "auto":
+                    budget = torch.cuda.mem_get_info(dist.device)[0] / 4
+                self.data = DeviceData.from_dataset(train_set, dist.device, args.workers, budget)
+            except ValueError as err:
+                if args.data_path == "device":
+                    fail(f"--data-path device: {err}")
+                why = str(err)
+        if self.data is not None:
+            print0(f"training data on {dist.device}: {len(self.data)} images of {tuple(self.data.images.shape[1:])}"
+                   f" ({self.data.images.numel() / 2**20:.1f} MiB), views made there")
+        elif why:
+            print0(f"training data through the CPU DataLoader: {why}")
+
+    @property
+    def on_device(self) -> bool:
+        return self.data is not None
+
+    def loader(self, epoch: int):
+        if self.data is not None:
+            return DeviceLoader(self.data, self.specs, self.args, self.dist, epoch)
+        return train_loader(self.train_set, self.args, self.dist, epoch)
 
 
 # ----------------------------------------------------------------------------------------------------------------

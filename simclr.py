@@ -239,6 +239,7 @@ def main(args: Args):
     views = common.MultiView([simclr_augment(info, size, args.jitter_strength, blur, args.crop_min_scale)
                               for _ in range(2)])
     train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
+    train_data = common.TrainData(train_set, views, args, dist)  # on the device (--data-path) or the CPU
     run = common.RunDir(args, "simclr", dist)
 
     backbone = common.build_backbone(args.arch, info.channels, size)
@@ -258,7 +259,7 @@ def main(args: Args):
                   f"{args.batch_size} per epoch, {dist.world_size} process(es) on {dist.device}")
     progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
     for epoch in range(state["epoch"], args.epochs):
-        loader = common.train_loader(train_set, args, dist, epoch)
+        loader = train_data.loader(epoch)
         t0 = time.perf_counter()
         loss = train_one_epoch(net, model, loader, optimizer, lr_at, args, dist, epoch, progress, info)
         run.end_epoch(epoch, steps, args, monitor, seconds=time.perf_counter() - t0, loss=loss,

@@ -1,0 +1,371 @@
+"""The device data path (common.py, "Device data"): batched per-sample augmentation against torchvision's
+functional ops sample by sample, its random parameters, the epoch's batches, and simclr.py trained through it."""
+
+import json
+
+import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.v2.functional as TF
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+import common
+import simclr
+from conftest import run_script
+
+seeds = st.integers(0, 2**31 - 1)
+channels = st.sampled_from([1, 3])
+
+
+def images(seed, batch, c, h, w):
+    """Random images in [0, 1], with flat regions and saturated pixels (grey, black, white) mixed in, where
+    colour conversions have their edge cases."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, c, h, w, generator=g)
+    x[:, :, : h // 3] = x[:, :1, : h // 3]  # grey rows: every channel equal
+    x[:, :, -1:] = (x[:, :, -1:] > 0.5).float()  # black or white
+    return x
+
+
+def params_for(spec, batch, h, w, seed):
+    return common.draw_params(spec, batch, h, w, torch.Generator().manual_seed(seed))
+
+
+SIMCLR_LIKE = dict(scale=(0.08, 1.0), flip=0.5, brightness=(0.2, 1.8), contrast=(0.2, 1.8), saturation=(0.2, 1.8),
+                   hue=(-0.2, 0.2), jitter=0.8, grayscale=0.2)
+
+# ---------------------------------------------------------------------------------------------------- each op
+
+
+@given(seed=seeds, batch=st.integers(1, 5), c=channels, h=st.integers(3, 20), w=st.integers(3, 20),
+       size=st.integers(2, 16), scale_low=st.floats(0.01, 1.0))
+def test_resized_crop_and_flip_match_torchvision(seed, batch, c, h, w, size, scale_low):
+    x = images(seed, batch, c, h, w)
+    p = params_for(common.ViewSpec(size, scale=(scale_low, 1.0), flip=0.5), batch, h, w, seed)
+    out = common.resized_crop(x, p.top, p.left, p.height, p.width, size, p.flip)  # [B, C, size, size]
+    assert out.shape == (batch, c, size, size)
+    for b in range(batch):
+        box = [int(v[b]) for v in (p.top, p.left, p.height, p.width)]
+        assert 0 <= box[0] and box[0] + box[2] <= h and 0 <= box[1] and box[1] + box[3] <= w
+        ref = TF.resized_crop(x[b], *box, [size, size], antialias=False)
+        ref = TF.horizontal_flip(ref) if p.flip[b] else ref
+        torch.testing.assert_close(out[b], ref, atol=1e-5, rtol=0)
+
+
+STEPS = {"brightness": (common.adjust_brightness, TF.adjust_brightness, (0.0, 3.0)),
+         "contrast": (common.adjust_contrast, TF.adjust_contrast, (0.0, 3.0)),
+         "saturation": (common.adjust_saturation, TF.adjust_saturation, (0.0, 3.0)),
+         "hue": (common.adjust_hue, TF.adjust_hue, (-0.5, 0.5))}
+
+
+@pytest.mark.parametrize("name", STEPS)
+@given(seed=seeds, batch=st.integers(1, 6), c=channels, side=st.integers(1, 9))
+def test_each_jitter_step_matches_torchvision_per_sample_factor(name, seed, batch, c, side):
+    ours, theirs, (low, high) = STEPS[name]
+    x = images(seed, batch, c, side, side)
+    factor = low + (high - low) * torch.rand(batch, generator=torch.Generator().manual_seed(seed + 1))
+    factor[0] = 0.0 if name == "hue" else 1.0  # the identity factor, which the jitter gives unjittered samples
+    out = ours(x, factor)
+    for b in range(batch):
+        torch.testing.assert_close(out[b], theirs(x[b], float(factor[b])), atol=2e-5, rtol=0)
+    assert torch.equal(out[0], x[0]), "the identity factor leaves the image exactly as it is"
+
+
+@given(seed=seeds, batch=st.integers(1, 6), c=channels, side=st.integers(1, 9))
+def test_grayscale_and_solarize_match_torchvision(seed, batch, c, side):
+    x = images(seed, batch, c, side, side)
+    gray = common.rgb_to_grayscale(x)
+    mask = torch.rand(batch, generator=torch.Generator().manual_seed(seed)) < 0.5
+    threshold = float(torch.rand((), generator=torch.Generator().manual_seed(seed + 1)))
+    sol = common.solarize(x, threshold, mask)
+    for b in range(batch):
+        torch.testing.assert_close(gray[b], TF.rgb_to_grayscale(x[b]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(sol[b], TF.solarize(x[b], threshold) if mask[b] else x[b], atol=1e-6, rtol=0)
+
+
+@given(seed=seeds, batch=st.integers(1, 5), c=channels, side=st.integers(6, 14), k=st.sampled_from([1, 3, 5]))
+def test_gaussian_blur_with_per_sample_sigma_matches_torchvision(seed, batch, c, side, k):
+    x = images(seed, batch, c, side, side)
+    sigma = 0.1 + 2.9 * torch.rand(batch, generator=torch.Generator().manual_seed(seed))
+    sigma[0] = 0.0  # not blurred
+    out = common.gaussian_blur(x, k, sigma)
+    torch.testing.assert_close(out[0], x[0], atol=1e-6, rtol=0)
+    for b in range(1, batch):
+        ref = TF.gaussian_blur(x[b], [k, k], [float(sigma[b])] * 2)
+        torch.testing.assert_close(out[b], ref, atol=1e-5, rtol=0)
+
+
+def reference_view(x, p, b):
+    """Sample b's view through torchvision's functional ops, with the parameters that draw_params chose."""
+    spec = p.spec
+    y = TF.resized_crop(x, int(p.top[b]), int(p.left[b]), int(p.height[b]), int(p.width[b]), [spec.size] * 2,
+                        antialias=False)
+    if p.flip[b]:
+        y = TF.horizontal_flip(y)
+    steps = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    if not torch.equal(p.jitter[b], torch.tensor([1.0, 1.0, 1.0, 0.0])):
+        for j in p.order[b].tolist():
+            y = steps[j](y, float(p.jitter[b, j]))
+    if p.grayscale[b]:
+        y = TF.rgb_to_grayscale(y, num_output_channels=y.shape[0])
+    if p.sigma[b] > 0:
+        y = TF.gaussian_blur(y, [spec.blur_kernel] * 2, [float(p.sigma[b])] * 2)
+    if p.solarize[b]:
+        y = TF.solarize(y, spec.solarize_threshold)
+    return TF.normalize(y, list(spec.mean), list(spec.std))
+
+
+@given(seed=seeds, batch=st.integers(1, 6), c=channels, side=st.integers(8, 20), size=st.integers(6, 16))
+def test_whole_view_matches_torchvision_sample_by_sample(seed, batch, c, side, size):
+    spec = common.ViewSpec(size, **SIMCLR_LIKE, blur=0.5, blur_kernel=5, solarize=0.5, mean=(0.4,) * c,
+                           std=(0.25,) * c)
+    x = (images(seed, batch, c, side, side) * 255).round().to(torch.uint8)  # decoded images are 8-bit
+    p = params_for(spec, batch, side, side, seed)
+    out = common.apply_params(x, p)
+    for b in range(batch):
+        torch.testing.assert_close(out[b], reference_view(x[b].float() / 255, p, b), atol=2e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- parameters
+
+
+def test_each_sample_draws_its_own_parameters():
+    n = 2000
+    spec = common.ViewSpec(16, **SIMCLR_LIKE, blur=0.5, solarize=0.3)
+    p = params_for(spec, n, 16, 16, seed=0)
+    boxes = torch.stack([p.top, p.left, p.height, p.width], 1)
+    assert len(boxes.unique(dim=0)) > n // 4
+    jittered = (p.jitter != torch.tensor([1.0, 1.0, 1.0, 0.0])).any(1)
+    assert len(p.jitter[jittered].unique(dim=0)) == int(jittered.sum())  # continuous factors: all distinct
+    assert len(p.order.unique(dim=0)) == 24  # every order of the four jitter steps occurs
+    assert len(p.sigma[p.sigma > 0].unique()) == int((p.sigma > 0).sum())
+    # each coin comes up at its own rate, and the coins are not the same coin
+    for coin, rate in [(p.flip, 0.5), (jittered, 0.8), (p.grayscale, 0.2), (p.sigma > 0, 0.5), (p.solarize, 0.3)]:
+        assert abs(coin.float().mean().item() - rate) < 5 * (rate * (1 - rate) / n) ** 0.5
+    assert 0.35 < (p.flip == (p.sigma > 0)).float().mean().item() < 0.65
+
+
+def ks_statistic(a, b):
+    """Two-sample Kolmogorov-Smirnov distance between samples a and b of a discrete variable."""
+    values = torch.cat([a, b]).unique()
+    cdf_a = (a[:, None] <= values).float().mean(0)
+    cdf_b = (b[:, None] <= values).float().mean(0)
+    return (cdf_a - cdf_b).abs().max().item()
+
+
+@pytest.mark.parametrize("h, w, scale, ratio", [(16, 16, (0.08, 1.0), (3 / 4, 4 / 3)),
+                                                (8, 20, (0.5, 1.0), (3 / 4, 4 / 3)),  # often no fit: fallback
+                                                (20, 9, (0.3, 0.9), (0.5, 2.0))])
+def test_crop_boxes_are_distributed_as_torchvision_draws_them(h, w, scale, ratio):
+    n = 3000
+    p = params_for(common.ViewSpec(8, scale=scale, ratio=ratio), n, h, w, seed=1)
+    torch.manual_seed(2)
+    image = torch.zeros(1, h, w)
+    theirs = torch.tensor([T.RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(n)])
+    ours = torch.stack([p.top, p.left, p.height, p.width], 1)
+    for k in range(4):  # top, left, height, width; 0.05 is well above the noise of 3000 draws (about 0.035)
+        assert ks_statistic(ours[:, k], theirs[:, k]) < 0.05, k
+    area = lambda boxes: boxes[:, 2] * boxes[:, 3]  # noqa: E731
+    assert ks_statistic(area(ours), area(theirs)) < 0.05
+
+
+@pytest.mark.parametrize("h, w, ratio", [(10, 10, (3 / 4, 4 / 3)), (8, 20, (3 / 4, 4 / 3)), (20, 9, (3 / 4, 4 / 3)),
+                                         (12, 30, (0.5, 2.0))])
+def test_when_no_box_fits_the_crop_is_torchvision_centre_fallback(h, w, ratio):
+    p = params_for(common.ViewSpec(8, scale=(2.0, 3.0), ratio=ratio), 4, h, w, seed=0)  # never fits
+    expected = T.RandomResizedCrop.get_params(torch.zeros(1, h, w), [2.0, 3.0], list(ratio))
+    for b in range(4):
+        assert (int(p.top[b]), int(p.left[b]), int(p.height[b]), int(p.width[b])) == expected
+
+
+@given(seed=seeds, c=channels, side=st.integers(4, 12))
+def test_views_stay_in_unit_range_before_standardisation(seed, c, side):
+    spec = common.ViewSpec(side, flip=0.5, brightness=(0.0, 4.0), contrast=(0.0, 4.0), saturation=(0.0, 4.0),
+                           hue=(-0.5, 0.5), jitter=1.0, grayscale=0.5, blur=0.5, solarize=0.5, mean=(0.5,) * c,
+                           std=(0.1,) * c)
+    x = (images(seed, 8, c, side, side) * 255).round().to(torch.uint8)
+    p = params_for(spec, 8, side, side, seed)
+    out = common.apply_params(x, p, standardize=False)
+    assert out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 1
+    torch.testing.assert_close(common.apply_params(x, p), (out - 0.5) / 0.1)
+
+
+def test_same_seed_same_views_other_seed_other_views():
+    spec = common.ViewSpec(12, **SIMCLR_LIKE, blur=0.5)
+    x = (images(0, 16, 3, 16, 16) * 255).to(torch.uint8)
+    view = lambda seed: common.apply_params(x, params_for(spec, 16, 16, 16, seed))  # noqa: E731
+    assert torch.equal(view(5), view(5))
+    assert not torch.allclose(view(5), view(6))
+
+
+# ---------------------------------------------------------------------------------------------------- views
+
+
+def test_spec_from_simclr_views():
+    info = common.DATASETS["cifar10"]
+    spec = common.ViewSpec.from_torchvision(simclr.simclr_augment(info, 32, strength=0.5, blur=0.5))
+    assert spec == common.ViewSpec(32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5, brightness=(0.6, 1.4),
+                                   contrast=(0.6, 1.4), saturation=(0.6, 1.4), hue=(-0.1, 0.1), jitter=0.8,
+                                   grayscale=0.2, blur=0.5, blur_kernel=3, blur_sigma=(0.1, 2.0),
+                                   mean=info.mean, std=info.std)
+    solarized = T.Compose([T.RandomResizedCrop(8), T.RandomSolarize(128, p=0.3), T.ToTensor()])
+    assert common.ViewSpec.from_torchvision(solarized).solarize_threshold == 128 / 255  # PIL's 8-bit units
+    for unsupported in [T.Compose([T.RandomResizedCrop(8), T.RandomRotation(10)]),
+                        T.Compose([T.RandomResizedCrop(8), T.RandomGrayscale(), T.ColorJitter(0.4)]),  # order
+                        T.Compose([T.Resize(8), T.ToTensor()])]:
+        with pytest.raises(ValueError, match="batched"):
+            common.ViewSpec.from_torchvision(unsupported)
+
+
+# ---------------------------------------------------------------------------------------------------- epochs
+
+
+def tiny_args(**kw):
+    return simclr.Args(**{"dataset": "synthetic", "arch": "tiny", "workers": 0, "batch_size": 32, "seed": 3, **kw})
+
+
+@given(n=st.integers(8, 80), batch=st.integers(1, 8).map(lambda k: 2 * k), epoch=st.integers(0, 5), seed=seeds)
+def test_epoch_batches_split_the_data_over_two_ranks_like_the_dataloader(n, batch, epoch, seed):
+    args = tiny_args(batch_size=batch, seed=seed)
+    local = batch // 2
+    if n // 2 < local:
+        return  # train_loader refuses this too
+    dataset = common.WithIndex(common.ImageTensorDataset(torch.zeros(n, 1, 1, 1, dtype=torch.uint8), [0] * n,
+                                                         transform=T.PILToTensor()))
+    ranks = []
+    for rank in range(2):
+        dist = common.Dist(rank=rank, world_size=2)
+        ours = common.epoch_batches(n, args, dist, epoch)  # [steps, local]
+        assert ours.shape == ((n // 2) // local, local)
+        cpu = [i for _, _, i in common.train_loader(dataset, args, dist, epoch)]
+        assert torch.equal(ours, torch.stack(cpu)), "the same batches as the CPU DataLoader"
+        ranks.append(ours.flatten())
+    seen = torch.cat(ranks)
+    assert len(seen.unique()) == len(seen) and seen.min() >= 0 and seen.max() < n  # disjoint, in range
+    assert len(seen) == 2 * ((n // 2) // local) * local  # every full batch, no partial one
+    other = common.epoch_batches(n, args, common.Dist(0, 2), epoch + 1)
+    assert n < 20 or not torch.equal(other, common.epoch_batches(n, args, common.Dist(0, 2), epoch))  # reshuffled
+
+
+def test_device_data_keeps_the_subset_order_and_the_indices(tmp_path):
+    args = tiny_args(subset=100)
+    views = common.MultiView([T.Compose([T.RandomResizedCrop(16), T.ToTensor()])] * 2)
+    train, _, _ = common.training_and_eval_sets(args, views, T.ToTensor())
+    data = common.DeviceData.from_dataset(common.WithIndex(train), torch.device("cpu"))
+    assert data.with_index and len(data) == 100
+    raw = common.load_dataset(args, True)
+    for i in (0, 37, 99):
+        assert torch.equal(data.images[i], TF.pil_to_tensor(raw[train.indices[i]][0]))
+        assert data.targets[i] == train.targets[i]
+
+
+def test_device_data_decodes_a_small_image_folder_as_imagefolder_does(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    for k, cls in enumerate(["a", "b"]):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(3):
+            pixels = torch.randint(0, 256, (10, 10, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "train" / cls / f"{i}.jpg", quality=90)
+    args = tiny_args(dataset="imagefolder", data_dir=str(tmp_path))
+    folder = common.load_dataset(args, True)
+    data = common.DeviceData.from_dataset(folder, torch.device("cpu"))
+    assert data.images.shape == (6, 3, 10, 10) and data.targets.tolist() == folder.targets
+    for i in range(6):
+        assert torch.equal(data.images[i], TF.pil_to_tensor(folder[i][0]))
+    Image.new("RGB", (12, 10)).save(tmp_path / "train" / "a" / "odd.png")
+    with pytest.raises(ValueError, match="differ in size"):
+        common.DeviceData.from_dataset(common.load_dataset(args, True), torch.device("cpu"))
+    Image.new("RGB", (100, 100)).save(tmp_path / "train" / "a" / "0.jpg")
+    with pytest.raises(ValueError, match="ImageNet-scale"):
+        common.DeviceData.from_dataset(common.load_dataset(args, True), torch.device("cpu"))
+
+
+def device_train_data(args, views):
+    train, _, _ = common.training_and_eval_sets(args, views, T.ToTensor())
+    return common.TrainData(train, views, args, common.Dist())
+
+
+def test_an_epoch_of_views_does_not_depend_on_what_ran_before():
+    """What --resume relies on: the views of epoch e are a function of (seed, epoch, rank) alone."""
+    views = common.MultiView([simclr.simclr_augment(common.DATASETS["synthetic"], 16, blur=0.5)] * 2)
+    data = device_train_data(tiny_args(data_path="device"), views)
+    assert data.on_device
+    first = [v for (v, _) in data.loader(2)]
+    torch.rand(100)
+    list(data.loader(1))
+    again = [v for (v, _) in data.loader(2)]
+    for a, b in zip(first, again):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(first[0][0], first[0][1]), "two different views of each image"
+    assert not torch.equal(first[0][0], next(iter(data.loader(3)))[0][0]), "another epoch, other views"
+
+
+def test_views_without_a_batched_version_are_refused_on_the_device_path():
+    views = common.MultiView([T.Compose([T.RandomResizedCrop(16), T.RandomRotation(10), T.ToTensor()])] * 2)
+    with pytest.raises(common.UserError) as refused:
+        device_train_data(tiny_args(data_path="device"), views)
+    assert refused.value.message.startswith("--data-path device: no batched version of RandomRotation")
+    assert not device_train_data(tiny_args(data_path="auto"), views).on_device  # auto falls back to the CPU
+
+
+def train_epoch_through(path, views, args):
+    """simclr.train_one_epoch over one epoch of `path`, from the same initial network; the loss and weights."""
+    args = tiny_args(data_path=path, **args)
+    dist = common.Dist()
+    data = device_train_data(args, views)
+    assert data.on_device == (path == "device")
+    torch.manual_seed(0)
+    model = simclr.SimCLR(common.build_backbone("tiny", 3, 16), args.proj_dim, args.proj_layers)
+    optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=0.5, momentum=args.momentum)
+    progress = common.Progress(args.epochs, 1, 0, 1e9, dist)
+    info = common.DATASETS["synthetic"]
+    loss = simclr.train_one_epoch(model, model, data.loader(0), optimizer, lambda step: 0.5, args, dist, 0,
+                                  progress, info)
+    return loss, model.state_dict()
+
+
+def test_device_path_and_cpu_path_give_simclr_the_same_loss():
+    """Views that both paths make identically (a whole-image crop, flipped, solarised: no randomness left), so
+    the same images in the same batches must give the same loss and the same weights after the epoch's two steps
+    (more steps of LARS at this rate amplify the paths' 1e-7 differences in pixels past any useful tolerance)."""
+    info = common.DATASETS["synthetic"]
+    view = T.Compose([T.RandomResizedCrop(16, scale=(1.0, 1.0), ratio=(1.0, 1.0)), T.RandomHorizontalFlip(p=1.0),
+                      T.RandomSolarize(128, p=1.0), common.normalize(info)])
+    views = common.MultiView([view, T.Compose([T.RandomHorizontalFlip(p=1.0), common.normalize(info)])])
+    with pytest.raises(common.UserError):  # the second view has no crop: not translatable, so give it one
+        train_epoch_through("device", views, {})
+    views = common.MultiView([view, T.Compose([T.RandomResizedCrop(16, scale=(1.0, 1.0), ratio=(1.0, 1.0)),
+                                               common.normalize(info)])])
+    cpu_loss, cpu_weights = train_epoch_through("cpu", views, {"subset": 64})
+    device_loss, device_weights = train_epoch_through("device", views, {"subset": 64})
+    assert device_loss == pytest.approx(cpu_loss, rel=1e-5)
+    for k in cpu_weights:
+        torch.testing.assert_close(device_weights[k], cpu_weights[k], atol=1e-5, rtol=1e-5)
+    # and the comparison can tell: a different view on one path changes the loss
+    views = common.MultiView([view, view])
+    assert train_epoch_through("device", views, {"subset": 64})[0] != pytest.approx(cpu_loss, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------- script
+
+
+def test_simclr_runs_on_the_device_data_path(tmp_path):
+    run = tmp_path / "run"
+    out = run_script("simclr.py", "--dataset", "synthetic", "--arch", "tiny", "--epochs", "1", "--batch-size", "32",
+                     "--workers", "0", "--data-path", "device", "--out-dir", run)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "training data on cpu: 512 images" in out.stdout
+    assert json.loads((run / "args.json").read_text())["data_path"] == "device"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[-1]["loss"] > 0
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert (run / "results.json").exists()
+
+
+def test_bad_data_path_is_refused(tmp_path):
+    out = run_script("simclr.py", "--dataset", "synthetic", "--data-path", "bogus", "--out-dir", tmp_path / "run")
+    assert out.returncode == 2
+    assert "--data-path" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "run").exists()
