@@ -1,0 +1,230 @@
+"""Throughput of a method's training step against its floor, and of the two data paths' augmentation.
+
+Run:   python tests/bench.py                           (SimCLR, tiny network, synthetic images, on cuda if present)
+       python tests/bench.py --arch resnet18 --batch-size 512 --data cifar10 --data-dir ../shared/data/cifar10
+
+For each method (--method; entries in METHODS), in images per second, each the median over --repeats rounds:
+  floor             the network work alone on one fixed batch already on the device: forward of both views,
+                    the loss, backward and the optimiser step; no data loading, no augmentation
+  step, device data the method's own train_one_epoch over --steps batches from the training set held on the
+                    device, views made there by batched augmentation (common.TrainData, --data-path device)
+  step, CPU data    the same over the CPU DataLoader with the PIL views and --workers processes (--data-path cpu)
+  augment, device / CPU   the views of --steps batches alone (both views of every image), made on the device,
+                    or by the DataLoader and moved to the device
+The ratio step / floor says how much of the network's speed survives the data path (1.0: the data costs nothing).
+Every quantity is measured once per round, in the same round as the others, so that a change in the machine's
+load (this CPU may be shared) touches every row alike; one round of warm-up is discarded.
+The numbers and every round go to --json (bench.json). Not a test: pytest collects only test_*.py files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402
+import simclr  # noqa: E402
+
+
+@dataclasses.dataclass
+class Entry:
+    """What the benchmark needs from a method: its views (the training set's transform), a step that trains on a
+    loader of batches with the method's own train_one_epoch, and the floor's network work on one batch of views."""
+
+    views: object
+    step: callable  # loader -> None
+    floor: callable  # list of views on the device -> None
+
+
+def simclr_entry(bench, info: common.DataInfo, size: int, dist: common.Dist) -> Entry:
+    args = simclr.Args(dataset="synthetic", arch=bench.arch, batch_size=bench.batch_size, workers=bench.workers,
+                       amp=bench.amp, channels_last=bench.channels_last, compile=bench.compile, log_every=1e9)
+    views = common.MultiView([simclr.simclr_augment(info, size, args.jitter_strength, 0.0, args.crop_min_scale)
+                              for _ in range(2)])
+    model = common.prepare_model(simclr.SimCLR(common.build_backbone(args.arch, info.channels, size),
+                                               args.proj_dim, args.proj_layers), args, dist)
+    lr = args.lr * args.batch_size / 256
+    optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=lr, momentum=args.momentum,
+                            eta=args.lars_eta)
+    net = common.distribute(model, args, dist)
+    progress = common.Progress(1, 0, 0, float("inf"), dist)  # never prints
+
+    def step(loader):
+        simclr.train_one_epoch(net, model, loader, optimizer, lambda _: lr, args, dist, 0, progress, info)
+
+    def floor(views):  # train_one_epoch's step without its loader
+        x = torch.cat(common.to_device(views, dist.device, args.channels_last))  # [2n, C, H, W]
+        with common.autocast(args, dist.device):
+            z = net(x)
+        z1, z2 = z.chunk(2)
+        loss = simclr.nt_xent(z1, z2, args.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return Entry(views, step, floor)
+
+
+METHODS = {"simclr": simclr_entry}
+
+
+class Batches:
+    """A loader of k training batches (what train_one_epoch iterates) from epoch `epoch` on, whose first `skip`
+    batches were fetched before it is handed out, untimed. With skip = the DataLoader's workers, every worker has
+    delivered its first batch and is busy with its next: the pipeline is in its steady state, neither starting
+    its processes nor holding batches prepared while something else was being measured (a fresh iterator for
+    each measurement, so no worker runs in the background of another row)."""
+
+    def __init__(self, train_data: common.TrainData, epoch: int, k: int, skip: int = 0):
+        self.batches = itertools.chain.from_iterable(train_data.loader(e) for e in itertools.count(epoch))
+        for _ in range(skip):
+            next(self.batches)
+        self.k = k
+
+    def __len__(self):
+        return self.k
+
+    def __iter__(self):
+        return itertools.islice(self.batches, self.k)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds that fn() takes, the device's queued work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def training_set(bench, data_args: common.Args, views):
+    """The training images with the method's views: synthetic (made here, --images of them) or a CIFAR-10 image
+    folder (a class-balanced --images of its train/)."""
+    if bench.data == "synthetic":
+        return common.ImageTensorDataset(*common._synthetic(True, bench.images), transform=views)
+    train = common.load_dataset(data_args, True, views)
+    return common.Subset(train, common.balanced_subset(train.targets, bench.images)) if bench.images else train
+
+
+def run(bench) -> dict:
+    device = torch.device(bench.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data_args = common.Args(dataset="synthetic" if bench.data == "synthetic" else "imagefolder",
+                            data_dir=bench.data_dir, device=str(device))
+    dist = common.setup_distributed(data_args)
+    info, size = common.dataset_info(data_args)
+    n = bench.batch_size * bench.steps
+    results = {"config": {**vars(bench), "device": str(dist.device), "torch": torch.__version__,
+                          "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "image_size": size}}
+    for method in bench.method:
+        entry = METHODS[method](bench, info, size, dist)
+        train_set = training_set(bench, data_args, entry.views)
+        paths = {}
+        for path in ("device", "cpu"):
+            args = dataclasses.replace(data_args, batch_size=bench.batch_size, workers=bench.workers, data_path=path,
+                                       seed=0)
+            paths[path] = common.TrainData(train_set, entry.views, args, dist)
+        skip = {"device": 0, "cpu": bench.workers}
+        fixed = next(iter(paths["device"].loader(0)))[0]  # one batch of views for the floor
+        epoch = itertools.count(1)
+
+        def floor():
+            for _ in range(bench.steps):
+                entry.floor(fixed)
+
+        def step(path):
+            batches = Batches(paths[path], next(epoch), bench.steps, skip[path])
+            return lambda: entry.step(batches)
+
+        def augment(path):
+            batches = Batches(paths[path], next(epoch), bench.steps, skip[path])
+            return lambda: [common.to_device(views, dist.device) for views, _ in batches]
+
+        measures = {"floor": lambda: floor,  # each makes the function to time (untimed set-up first)
+                    "step_device_data": lambda: step("device"),
+                    "step_cpu_data": lambda: step("cpu"),
+                    "augment_device": lambda: augment("device"),
+                    "augment_cpu": lambda: augment("cpu")}
+        rounds = {name: [] for name in measures}
+        for r in range(bench.repeats + 1):  # round 0 warms up (allocator, cudnn, worker start, compile)
+            for name, make in measures.items():
+                seconds = timed(make(), dist.device)
+                if r:
+                    rounds[name].append(n / seconds)
+        median = {name: statistics.median(v) for name, v in rounds.items()}
+        results[method] = {name: {"images_per_s": median[name], "rounds": rounds[name]} for name in measures}
+        for name in ("step_device_data", "step_cpu_data"):
+            results[method][name]["vs_floor"] = median[name] / median["floor"]
+        results[method]["augment_device"]["vs_cpu"] = median["augment_device"] / median["augment_cpu"]
+    return results
+
+
+LABELS = {"floor": ("floor: the network work alone", ""),
+          "step_device_data": ("step, data on the device", "vs_floor"),
+          "step_cpu_data": ("step, CPU DataLoader", "vs_floor"),
+          "augment_device": ("augmentation on the device", "vs_cpu"),
+          "augment_cpu": ("augmentation, CPU DataLoader", "")}
+NOTES = {"vs_floor": "of the floor", "vs_cpu": "x the CPU's", "": ""}
+
+
+def table(results: dict) -> str:
+    c = results["config"]
+    lines = []
+    for method in c["method"]:
+        lines += [f"{method}: {c['arch']}, batch {c['batch_size']}, {c['image_size']} px {c['data']} "
+                  f"({c['images'] or 'all'} images), {c['device']} ({c['threads']} threads), DataLoader with "
+                  f"{c['workers']} workers",
+                  f"{'median of ' + str(c['repeats']) + ' rounds of ' + str(c['steps']) + ' steps':<34}"
+                  f"{'images/s':>10}{'ratio':>8}"]
+        for name, (label, ratio) in LABELS.items():
+            row = results[method][name]
+            value = f"{row[ratio]:.2f}" if ratio else ""
+            lines.append(f"{label:<34}{row['images_per_s']:>10,.0f}{value:>8}  {NOTES[ratio]}".rstrip())
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--arch", default="tiny", choices=["tiny", "resnet18"])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="", help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--repeats", type=int, default=5, help="measured rounds (after one of warm-up)")
+    parser.add_argument("--steps", type=int, default=4, help="training steps (batches) per measurement")
+    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8), help="DataLoader processes")
+    parser.add_argument("--data", default="synthetic", choices=["synthetic", "cifar10"])
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+                                                  / "cifar10"), help="the CIFAR-10 image folder (train/, test/)")
+    parser.add_argument("--images", type=int, default=4096, help="training images (0: all of the folder's)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of the main process (0: torch's default; on a CPU shared with other "
+                             "work, 1 keeps each small op from waiting for a descheduled thread)")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--json", default="bench.json", help="where the results go")
+    bench = parser.parse_args(argv)
+    if bench.data == "synthetic" and not bench.images:
+        parser.error("--images must be positive for synthetic data")
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    results = run(bench)
+    print(table(results))
+    Path(bench.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {bench.json}")
+
+
+if __name__ == "__main__":
+    main()
