@@ -22,6 +22,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import inspect
 import json
 import math
@@ -771,7 +772,8 @@ class ViewSpec:
     RandomResizedCrop(size, scale, ratio) -> RandomHorizontalFlip(flip) -> RandomApply([ColorJitter(brightness,
     contrast, saturation, hue)], jitter) -> RandomGrayscale(grayscale) -> RandomApply([GaussianBlur(blur_kernel,
     blur_sigma)], blur) -> RandomSolarize(solarize_threshold, solarize) -> Normalize(mean, std).
-    Ranges are torchvision's: factors drawn uniformly in (low, high); probabilities per sample."""
+    Ranges are torchvision's: factors drawn uniformly in (low, high); probabilities per sample; the four jitter
+    steps in a random order drawn for each sample, as ColorJitter draws one for each image."""
 
     size: int  # side of the output view in pixels
     scale: tuple = (0.08, 1.0)  # crop area as a fraction of the image
@@ -796,10 +798,10 @@ class ViewSpec:
         """The spec of a torchvision pipeline built from the steps above (nested Compose, RandomApply around one
         step, ToTensor and Normalize at the end). The flip may sit anywhere: mirroring commutes with every other
         step's distribution. Raises ValueError for a step or an order that has no batched version here."""
-        steps, fields, last, pil = _flatten(transform), {}, 0, True
+        fields, last = {}, 0
         order = {T.RandomResizedCrop: 1, T.ColorJitter: 2, T.RandomGrayscale: 3, T.GaussianBlur: 4,
                  T.RandomSolarize: 5, T.ToTensor: 6, T.Normalize: 7}
-        for step in steps:
+        for step in _flatten(transform):
             p = 1.0
             if isinstance(step, T.RandomApply) and len(step.transforms) == 1:
                 p, step = step.p, step.transforms[0]
@@ -825,11 +827,9 @@ class ViewSpec:
                 if step.kernel_size[0] != step.kernel_size[1]:
                     raise ValueError("the batched blur has a square kernel")
                 fields.update(blur=p, blur_kernel=step.kernel_size[0], blur_sigma=tuple(step.sigma))
-            elif kind is T.RandomSolarize:  # on PIL images the threshold is in 8-bit units
-                fields.update(solarize=step.p, solarize_threshold=step.threshold / 255 if pil else step.threshold)
-            elif kind is T.ToTensor:
-                pil = False
-            else:
+            elif kind is T.RandomSolarize:  # before ToTensor: on PIL images, whose threshold is in 8-bit units
+                fields.update(solarize=step.p, solarize_threshold=step.threshold / 255)
+            elif kind is T.Normalize:
                 fields.update(mean=tuple(step.mean), std=tuple(step.std))
         if "size" not in fields:
             raise ValueError("views without a RandomResizedCrop have no batched version here")
@@ -899,10 +899,11 @@ def draw_params(spec: ViewSpec, batch: int, height: int, width: int, generator: 
     top = torch.where(found, (uniform(0, 1, batch) * (height - h + 1)).floor().long(), (height - h) // 2)
     left = torch.where(found, (uniform(0, 1, batch) * (width - w + 1)).floor().long(), (width - w) // 2)
     flip = coin(spec.flip)
-    factors = torch.stack([uniform(*spec.brightness, batch), uniform(*spec.contrast, batch),
-                           uniform(*spec.saturation, batch), uniform(*spec.hue, batch)], 1)  # [B, 4]
-    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=device)
-    jitter = torch.where(coin(spec.jitter)[:, None], factors, identity)
+    jittered = coin(spec.jitter)
+    jitter = torch.stack([torch.where(jittered, uniform(*spec.brightness, batch), 1.0),
+                          torch.where(jittered, uniform(*spec.contrast, batch), 1.0),
+                          torch.where(jittered, uniform(*spec.saturation, batch), 1.0),
+                          torch.where(jittered, uniform(*spec.hue, batch), 0.0)], 1)  # [B, 4]
     order = torch.rand(batch, 4, generator=generator, device=device).argsort(1)  # a uniform permutation per sample
     grayscale = coin(spec.grayscale)
     sigma = torch.where(coin(spec.blur), uniform(*spec.blur_sigma, batch), 0.0)
@@ -927,10 +928,15 @@ def apply_params(images: torch.Tensor, params: ViewParams, standardize: bool = T
     if spec.solarize > 0:
         x = solarize(x, spec.solarize_threshold, p.solarize)
     if standardize and spec.mean:
-        mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
-        x = (x - mean) / std
+        x = (x - _constant(spec.mean, x.device)) / _constant(spec.std, x.device)
     return x
+
+
+@functools.lru_cache
+def _constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """Per-channel values [1, C, 1, 1] on the device, copied there once: a copy from the host in every batch
+    would make the host wait for the device's queued work (a blocking copy synchronises the stream)."""
+    return torch.tensor(values, device=device).view(1, -1, 1, 1)
 
 
 def _bilinear_taps(start: torch.Tensor, length: torch.Tensor, size: int, flip: torch.Tensor | None = None):
@@ -1009,8 +1015,9 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     d = torch.where(delta > 0, delta, 1.0)  # grey pixels: any hue, 0 here, and s = 0 makes it irrelevant
     h = torch.where(v == r, (g - b) / d, torch.where(v == g, (b - r) / d + 2, (r - g) / d + 4))  # sextants
     h = (h / 6 + factor.view(-1, 1, 1)) % 1.0  # [B, H, W] in turns
-    # back to RGB: channel n in (5, 3, 1) for (R, G, B) is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h[:, None]) % 6  # [B, 3, H, W]
+    # back to RGB: channel n = 5, 3, 1 (R, G, B) is v - v s clamp(min(k, 4 - k), 0, 1), with k = (n + 6h) mod 6
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)  # 5, 3, 1 (made on the device, not copied)
+    k = (n + 6 * h[:, None]) % 6  # [B, 3, H, W]
     out = v[:, None] - (v * s)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
     return torch.where((factor == 0).view(-1, 1, 1, 1), x, out)  # exactly x when not rotated
 
