@@ -364,6 +364,32 @@ def test_simclr_runs_on_the_device_data_path(tmp_path):
     assert (run / "results.json").exists()
 
 
+STOP_AFTER_FIRST_EPOCH = """
+import common, simclr
+end_epoch = common.RunDir.end_epoch
+def stop(self, *args, **kwargs):  # as if killed right after the first epoch's checkpoint
+    end_epoch(self, *args, **kwargs)
+    raise SystemExit(3)
+common.RunDir.end_epoch = stop
+simclr.main(common.parse(simclr.Args))
+"""
+
+
+def test_a_run_on_the_device_path_resumes_to_the_same_weights(tmp_path):
+    argv = ["--dataset", "synthetic", "--arch", "tiny", "--epochs", "2", "--batch-size", "64", "--workers", "0",
+            "--data-path", "device", "--eval-every", "0", "--probe-epochs", "0", "--knn-k", "10"]
+    assert run_script("simclr.py", *argv, "--out-dir", tmp_path / "whole").returncode == 0
+    cut = run_script("-c", STOP_AFTER_FIRST_EPOCH, *argv, "--out-dir", tmp_path / "cut")
+    assert cut.returncode == 3, cut.stderr[-3000:]
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    out = run_script("simclr.py", *argv, "--out-dir", tmp_path / "cut", "--resume")
+    assert out.returncode == 0, out.stderr[-3000:]
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model"]
+    resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+
+
 def test_bad_data_path_is_refused(tmp_path):
     out = run_script("simclr.py", "--dataset", "synthetic", "--data-path", "bogus", "--out-dir", tmp_path / "run")
     assert out.returncode == 2
