@@ -430,7 +430,13 @@ def main(args: Args):
                       state=lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
     snn_top1 = snn_accuracy(model, labelled_set, test_set, info.num_classes, args.temperature, dist, args)
     common.print0(f"PAWS-NN top-1 ({len(labelled)} labelled images): {snn_top1:.4f}")
-    monitor.finish(snn_top1=snn_top1)
+    extra = {}
+    if args.supervised_only:  # the baseline's own classifier, the other way it can use its labels
+        logits, y = common.extract_features(nn.Sequential(model.backbone, model.projector, model.classifier),
+                                            test_set, dist, workers=min(args.workers, 4), args=args)
+        extra["classifier_top1"] = common.topk_accuracy(logits, y, (1,))[0]
+        common.print0(f"classifier top-1: {extra['classifier_top1']:.4f}")
+    monitor.finish(snn_top1=snn_top1, **extra)
     common.cleanup_distributed()
 
 

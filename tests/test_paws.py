@@ -472,6 +472,17 @@ def test_views_two_global_and_multicrop():
     assert all(torch.equal(a, b) for a, b in zip(out, views(img)))  # seeded: the same draws again
 
 
+def test_supervised_only_baseline_reports_its_classifier(tmp_path):
+    run = tmp_path / "run"
+    out = run_script("paws.py", "--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64", "--workers", "0",
+                     "--num-labels", "100", "--supports-per-class", "4", "--multicrop", "2", "--epochs", "1",
+                     "--probe-epochs", "0", "--supervised-only", "--out-dir", run)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((run / "results.json").read_text())
+    assert 0 <= r["classifier_top1"] <= 1 and 0 <= r["snn_top1"] <= 1
+    assert "classifier top-1" in out.stdout
+
+
 def test_args_reject_bad_values():
     for bad in (dict(temperature=0.0), dict(sharpen=-1.0), dict(label_smoothing=1.0), dict(classes_per_batch=1),
                 dict(supports_per_class=0), dict(multicrop=-1), dict(support_views=0), dict(start_lr=-1.0)):
