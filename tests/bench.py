@@ -184,7 +184,7 @@ def table(results: dict) -> str:
     lines = []
     for method in c["method"]:
         lines += [f"{method}: {c['arch']}, batch {c['batch_size']}, {c['image_size']} px {c['data']} "
-                  f"({c['images'] or 'all'} images), {c['device']} ({c['threads']} threads), DataLoader with "
+                  f"({c['images'] or 'all'} images), {c['device']} ({c['threads']} thread{'s' if c['threads'] != 1 else ''}), DataLoader with "
                   f"{c['workers']} workers",
                   f"{'median of ' + str(c['repeats']) + ' rounds of ' + str(c['steps']) + ' steps':<34}"
                   f"{'images/s':>10}{'ratio':>8}"]
@@ -209,8 +209,9 @@ def main(argv=None):
                                                   / "cifar10"), help="the CIFAR-10 image folder (train/, test/)")
     parser.add_argument("--images", type=int, default=4096, help="training images (0: all of the folder's)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads of the main process (0: torch's default; on a CPU shared with other "
-                             "work, 1 keeps each small op from waiting for a descheduled thread)")
+                        help="torch threads of the main process (0: 1 on the CPU, torch's default with CUDA). On a "
+                             "CPU shared with other work, more than one makes every small op wait for a thread "
+                             "that another process holds: the augmentation's 300 small ops then slow down 100-fold")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
@@ -218,8 +219,9 @@ def main(argv=None):
     bench = parser.parse_args(argv)
     if bench.data == "synthetic" and not bench.images:
         parser.error("--images must be positive for synthetic data")
-    if bench.threads:
-        torch.set_num_threads(bench.threads)
+    on_cpu = (bench.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    if bench.threads or on_cpu:
+        torch.set_num_threads(bench.threads or 1)
     results = run(bench)
     print(table(results))
     Path(bench.json).write_text(json.dumps(results, indent=2) + "\n")
