@@ -1447,6 +1447,45 @@ def linear_probe(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Ten
     return top1, top5
 
 
+def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15):
+    """Per confidence bin [lo, hi) of equal width (the last one closed): (count, mean confidence, accuracy).
+    probs: [N, C] predicted probabilities; labels: [N]."""
+    probs, labels = probs.detach().cpu().double(), labels.cpu()
+    confidence, prediction = probs.max(dim=1)  # [N], [N]
+    correct = (prediction == labels).double()  # [N]
+    which = (confidence * bins).long().clamp(0, bins - 1)  # [N] bin index; confidence 1 joins the last bin
+    count = torch.bincount(which, minlength=bins).double()  # [bins]
+    conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, confidence)
+    acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, correct)
+    return count, conf_sum / count.clamp_min(1), acc_sum / count.clamp_min(1)
+
+
+def reliability_diagram(probs: torch.Tensor, labels: torch.Tensor, path, title: str, bins: int = 15):
+    """Accuracy against confidence per bin, with the diagonal of perfect calibration (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    count, confidence, accuracy = calibration_bins(probs, labels, bins)
+    keep = count > 0  # empty bins are left blank
+    centres, confidence, accuracy = ((torch.arange(bins) + 0.5) / bins)[keep], confidence[keep], accuracy[keep]
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.bar(centres, accuracy, width=1 / bins, edgecolor="black", label="accuracy")
+    ax.bar(centres, (confidence - accuracy).abs(), bottom=torch.minimum(confidence, accuracy), width=1 / bins,
+           facecolor="none", edgecolor="red", hatch="//", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Run directory: args.json, metrics.jsonl, checkpoint.pt (atomic), curves.png; the progress line
 # ----------------------------------------------------------------------------------------------------------------

@@ -349,49 +349,10 @@ def train_one_epoch(net, model, loader, optimizer, lr_at, buffer, queue, args: A
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15):
-    """Per confidence bin [lo, hi) of equal width (the last one closed): (count, mean confidence, accuracy).
-    probs: [N, C] predicted probabilities; labels: [N]."""
-    probs, labels = probs.detach().cpu().double(), labels.cpu()
-    confidence, prediction = probs.max(dim=1)  # [N], [N]
-    correct = (prediction == labels).double()  # [N]
-    which = (confidence * bins).long().clamp(0, bins - 1)  # [N] bin index; confidence 1 joins the last bin
-    count = torch.bincount(which, minlength=bins).double()  # [bins]
-    conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, confidence)
-    acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, correct)
-    return count, conf_sum / count.clamp_min(1), acc_sum / count.clamp_min(1)
-
-
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     """ECE = sum_b |B_b| / N * |accuracy(B_b) - confidence(B_b)| over equal-width confidence bins (Guo et al.)."""
-    count, confidence, accuracy = calibration_bins(probs, labels, bins)
+    count, confidence, accuracy = common.calibration_bins(probs, labels, bins)
     return float((count / count.sum() * (accuracy - confidence).abs()).sum())
-
-
-def reliability_diagram(probs: torch.Tensor, labels: torch.Tensor, path, title: str, bins: int = 15):
-    """Accuracy against confidence per bin, with the diagonal of perfect calibration (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    count, confidence, accuracy = calibration_bins(probs, labels, bins)
-    keep = count > 0  # empty bins are left blank
-    centres, confidence, accuracy = ((torch.arange(bins) + 0.5) / bins)[keep], confidence[keep], accuracy[keep]
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.bar(centres, accuracy, width=1 / bins, edgecolor="black", label="accuracy")
-    ax.bar(centres, (confidence - accuracy).abs(), bottom=torch.minimum(confidence, accuracy), width=1 / bins,
-           facecolor="none", edgecolor="red", hatch="//", label="gap to confidence")
-    ax.plot([0, 1], [0, 1], "k--", lw=1)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def ood_test_set(args: Args, info: common.DataInfo, size: int):
@@ -415,7 +376,7 @@ def evaluate(model, test_set, ood_set, buffer, args: Args, dist: common.Dist, ru
     results = {"test_top1": common.topk_accuracy(logits, labels, (1,))[0],
                "ece": expected_calibration_error(probs, labels)}
     if dist.is_main:
-        reliability_diagram(probs, labels, run.path / "reliability.png",
+        common.reliability_diagram(probs, labels, run.path / "reliability.png",
                             f"{args.objective}: ECE {results['ece']:.4f}, accuracy {results['test_top1']:.4f}")
         if buffer is not None:
             grid = buffer.x[:64].clamp(-1, 1).cpu()
