@@ -235,6 +235,7 @@ def main(args: Args):
     views = common.MultiView([byol_augment(info, size, 1.0 if blur else 0.0, 0.0, args.crop_min_scale),
                               byol_augment(info, size, 0.1 if blur else 0.0, args.solarize, args.crop_min_scale)])
     train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
+    train_data = common.TrainData(train_set, views, args, dist)  # on the device (--data-path) or the CPU
     run = common.RunDir(args, "byol", dist)
 
     model = BYOL(common.build_backbone(args.arch, info.channels, size), args.proj_hidden_dim, args.proj_dim)
@@ -252,7 +253,7 @@ def main(args: Args):
                   f"{args.batch_size} per epoch, {dist.world_size} process(es) on {dist.device}")
     progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
     for epoch in range(state["epoch"], args.epochs):
-        loader = common.train_loader(train_set, args, dist, epoch)
+        loader = train_data.loader(epoch)
         t0 = time.perf_counter()
         loss = train_one_epoch(net, model, loader, optimizer, lr_at, args, dist, epoch, progress)
         run.end_epoch(epoch, steps, args, monitor, seconds=time.perf_counter() - t0, loss=loss,

@@ -411,6 +411,7 @@ def main(args: Args):
     views = instdisc_augment(info, size, args.crop_min_scale, args.flip)
     train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
     train_set = common.WithIndex(train_set)  # (x, y, i): i is the image's row in the memory bank
+    train_data = common.TrainData(train_set, views, args, dist)  # on the device (--data-path) or the CPU
     run = common.RunDir(args, "instdisc", dist)
 
     backbone = common.build_backbone(args.arch, info.channels, size)
@@ -438,7 +439,7 @@ def main(args: Args):
                   f"{args.batch_size} per epoch, {dist.world_size} process(es) on {dist.device}")
     progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
     for epoch in range(state["epoch"], args.epochs):
-        loader = common.train_loader(train_set, args, dist, epoch)
+        loader = train_data.loader(epoch)
         t0 = time.perf_counter()
         loss = train_one_epoch(net, model, bank, sampler, noise_rng, loader, optimizer, lr_at, args, dist, epoch,
                                progress, info)

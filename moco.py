@@ -294,6 +294,7 @@ def main(args: Args):
     info, size = common.dataset_info(args)
     views = common.MultiView([moco_augment(info, size, args.crop_min_scale) for _ in range(2)])
     train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
+    train_data = common.TrainData(train_set, views, args, dist)  # on the device (--data-path) or the CPU
     run = common.RunDir(args, "moco", dist)
 
     # split BatchNorm stands in for several GPUs on one process; with several, each process is one BN group
@@ -313,7 +314,7 @@ def main(args: Args):
                   f"{args.batch_size} per epoch, {dist.world_size} process(es) on {dist.device}")
     progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
     for epoch in range(state["epoch"], args.epochs):
-        loader = common.train_loader(train_set, args, dist, epoch)
+        loader = train_data.loader(epoch)
         t0 = time.perf_counter()
         loss = train_one_epoch(net, model, loader, optimizer, lr_at, args, dist, epoch, progress)
         run.end_epoch(epoch, steps, args, monitor, seconds=time.perf_counter() - t0, loss=loss,
