@@ -1,5 +1,6 @@
 """The device data path (common.py, "Device data"): batched per-sample augmentation against torchvision's
-functional ops sample by sample, its random parameters, the epoch's batches, and simclr.py trained through it."""
+functional ops sample by sample, its random parameters, the epoch's batches, simclr.py trained through it, and
+every method that takes its batches through common.TrainData run on it."""
 
 import json
 
@@ -11,7 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+import byol
 import common
+import instdisc
 import simclr
 from conftest import run_script
 
@@ -219,6 +222,29 @@ def test_spec_from_simclr_views():
             common.ViewSpec.from_torchvision(unsupported)
 
 
+def test_byol_asymmetric_views_translate_to_two_different_specs():
+    """BYOL's views differ: blur always on the first and with p 0.1 on the second, solarisation on the second
+    only. Both must reach the device path with their own probabilities, not one spec twice."""
+    info = common.DATASETS["cifar10"]
+    views = common.MultiView([byol.byol_augment(info, 32, 1.0, 0.0), byol.byol_augment(info, 32, 0.1, 0.2)])
+    first, second = common.view_specs(views)
+    common_fields = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5, brightness=(0.6, 1.4),
+                         contrast=(0.6, 1.4), saturation=(0.8, 1.2), hue=(-0.1, 0.1), jitter=0.8, grayscale=0.2,
+                         blur_kernel=3, blur_sigma=(0.1, 2.0), mean=info.mean,
+                         std=info.std)
+    assert first == common.ViewSpec(32, blur=1.0, solarize=0.0, **common_fields)
+    assert second == common.ViewSpec(32, blur=0.1, solarize=0.2, solarize_threshold=128 / 255, **common_fields)
+
+
+def test_instdisc_view_translates_with_its_flip_left_out_or_put_last():
+    info = common.DATASETS["cifar10"]
+    for flip, p in [(False, 0.0), (True, 0.5)]:
+        spec = common.ViewSpec.from_torchvision(instdisc.instdisc_augment(info, 32, 0.2, flip))
+        assert spec == common.ViewSpec(32, scale=(0.2, 1.0), flip=p, brightness=(0.6, 1.4), contrast=(0.6, 1.4),
+                                       saturation=(0.6, 1.4), hue=(-0.4, 0.4), jitter=1.0, grayscale=0.2,
+                                       mean=info.mean, std=info.std)
+
+
 # ---------------------------------------------------------------------------------------------------- epochs
 
 
@@ -302,6 +328,24 @@ def test_an_epoch_of_views_does_not_depend_on_what_ran_before():
     assert not torch.equal(first[0][0], next(iter(data.loader(3)))[0][0]), "another epoch, other views"
 
 
+def test_a_with_index_set_gives_the_cpu_batches_structure_on_the_device():
+    """instdisc.py's batches are (x, y, i) with i the image's row in its memory bank: the device path must give
+    one view tensor (not a list), and the same labels and positions, batch by batch, as the CPU DataLoader."""
+    args = tiny_args(data_path="device", subset=96, batch_size=16)
+    view = instdisc.instdisc_augment(common.DATASETS["synthetic"], 16)
+    train, _, _ = common.training_and_eval_sets(args, view, T.ToTensor())
+    train = common.WithIndex(train)
+    data = common.TrainData(train, view, args, common.Dist())
+    assert data.on_device
+    cpu = list(common.train_loader(train, args, common.Dist(), 1))
+    device = list(data.loader(1))
+    assert len(device) == len(cpu) == 6
+    for (x, y, i), (cpu_x, cpu_y, cpu_i) in zip(device, cpu):
+        assert isinstance(x, torch.Tensor) and x.shape == cpu_x.shape == (16, 3, 16, 16)
+        assert torch.equal(i, cpu_i) and torch.equal(y, cpu_y)
+        assert torch.equal(y, torch.as_tensor([train[k][1] for k in i.tolist()]))
+
+
 def test_views_without_a_batched_version_are_refused_on_the_device_path():
     views = common.MultiView([T.Compose([T.RandomResizedCrop(16), T.RandomRotation(10), T.ToTensor()])] * 2)
     with pytest.raises(common.UserError) as refused:
@@ -362,6 +406,46 @@ def test_simclr_runs_on_the_device_data_path(tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1] and rows[-1]["loss"] > 0
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert (run / "results.json").exists()
+
+
+# every method file that takes its batches through common.TrainData -> the flags of its small model
+DEVICE_METHODS = {
+    "simclr.py": [],
+    "supcon.py": [],
+    "moco.py": ["--queue-size", "128"],
+    "byol.py": ["--proj-hidden-dim", "64", "--proj-dim", "32"],
+    "simsiam.py": ["--proj-dim", "64", "--pred-dim", "16"],
+    "instdisc.py": ["--nce-k", "32"],
+}
+
+
+# runs a method file as `python METHOD ARGS` would, with the CPU DataLoader taken away: a method that built its
+# TrainData but still asked train_loader for its batches would train on the CPU path without a word
+WITHOUT_TRAIN_LOADER = """
+import runpy, sys
+import common
+def refuse(*args, **kwargs):
+    raise SystemExit("train_loader called on the device data path")
+common.train_loader = refuse
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("method", DEVICE_METHODS)
+def test_each_method_trains_an_epoch_on_the_device_data_path(method, tmp_path):
+    """One epoch of two steps on a 128-image subset, so each run takes seconds, with every batch from the
+    device path: the CPU DataLoader refuses to be built."""
+    run = tmp_path / "run"
+    out = run_script("-c", WITHOUT_TRAIN_LOADER, method, "--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64", "--workers", "0",
+                     "--probe-epochs", "0", "--epochs", "1", "--subset", "128", "--eval-every", "0", "--knn-k", "10",
+                     "--data-path", "device", "--out-dir", run, *DEVICE_METHODS[method])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "training data on cpu: 128 images" in out.stdout, out.stdout[-2000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[-1]["loss"] is not None
+    assert torch.isfinite(torch.tensor(rows[-1]["loss"]))
+    assert json.loads((run / "results.json").read_text())["knn_top1"] is not None
 
 
 STOP_AFTER_FIRST_EPOCH = """
