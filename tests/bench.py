@@ -1,11 +1,15 @@
 """Throughput of a method's training step against its floor, and of the two data paths' augmentation.
 
-Run:   python tests/bench.py                           (SimCLR, tiny network, synthetic images, on cuda if present)
+Run:   python tests/bench.py                           (every method, tiny network, synthetic images, cuda if present)
        python tests/bench.py --arch resnet18 --batch-size 512 --data cifar10 --data-dir ../shared/data/cifar10
 
 For each method (--method; entries in METHODS), in images per second, each the median over --repeats rounds:
-  floor             the network work alone on one fixed batch already on the device: forward of both views,
-                    the loss, backward and the optimiser step; no data loading, no augmentation
+  floor             the network work alone on one fixed batch already on the device: the method's step without
+                    its loader (SimCLR, SupCon, SimSiam: forward and backward over both views; BYOL: the same for
+                    the online network plus the target's forward; MoCo: the query encoder's forward and backward
+                    over one view plus the key encoder's forward over the other, both ways with its --symmetric;
+                    InstDisc: forward and backward over its one view), the loss and the optimiser step; no data
+                    loading, no augmentation
   step, device data the method's own train_one_epoch over --steps batches from the training set held on the
                     device, views made there by batched augmentation (common.TrainData, --data-path device)
   step, CPU data    the same over the CPU DataLoader with the PIL views and --workers processes (--data-path cpu)
@@ -33,8 +37,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import byol  # noqa: E402
 import common  # noqa: E402
+import instdisc  # noqa: E402
+import moco  # noqa: E402
 import simclr  # noqa: E402
+import simsiam  # noqa: E402
+import supcon  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -44,12 +53,18 @@ class Entry:
 
     views: object
     step: callable  # loader -> None
-    floor: callable  # list of views on the device -> None
+    floor: callable  # the views of one batch on the device (a list, or one tensor) -> None
+    indexed: bool = False  # the method trains on a common.WithIndex set: batches (views, labels, positions)
 
 
-def simclr_entry(bench, info: common.DataInfo, size: int, dist: common.Dist) -> Entry:
-    args = simclr.Args(dataset="synthetic", arch=bench.arch, batch_size=bench.batch_size, workers=bench.workers,
-                       amp=bench.amp, channels_last=bench.channels_last, compile=bench.compile, log_every=1e9)
+def method_args(cls, bench, **kw):
+    """The method's defaults with the benchmark's network, batch and speed options."""
+    return cls(dataset="synthetic", arch=bench.arch, batch_size=bench.batch_size, workers=bench.workers,
+               amp=bench.amp, channels_last=bench.channels_last, compile=bench.compile, log_every=1e9, **kw)
+
+
+def simclr_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, images: int) -> Entry:
+    args = method_args(simclr.Args, bench)
     views = common.MultiView([simclr.simclr_augment(info, size, args.jitter_strength, 0.0, args.crop_min_scale)
                               for _ in range(2)])
     model = common.prepare_model(simclr.SimCLR(common.build_backbone(args.arch, info.channels, size),
@@ -76,7 +91,153 @@ def simclr_entry(bench, info: common.DataInfo, size: int, dist: common.Dist) -> 
     return Entry(views, step, floor)
 
 
-METHODS = {"simclr": simclr_entry}
+def supcon_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, images: int) -> Entry:
+    args = method_args(supcon.Args, bench)
+    views = common.MultiView([supcon.supcon_augment(info, size, args.crop_min_scale) for _ in range(2)])
+    model = common.prepare_model(supcon.SupCon(common.build_backbone(args.arch, info.channels, size),
+                                               args.proj_dim), args, dist)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    net = common.distribute(model, args, dist)
+    progress = common.Progress(1, 0, 0, float("inf"), dist)
+    labels = torch.arange(bench.batch_size, device=dist.device) % info.num_classes  # the floor's fixed labels
+
+    def step(loader):
+        supcon.train_one_epoch(net, loader, optimizer, lambda _: args.lr, args, dist, 0, progress)
+
+    def floor(views):  # train_one_epoch's step without its loader: forward of both views, loss, backward, step
+        x = torch.cat(common.to_device(views, dist.device, args.channels_last))  # [2n, C, H, W]
+        with common.autocast(args, dist.device):
+            z = net(x)
+        features = torch.stack(z.chunk(2), dim=1)  # [n, 2, D]
+        loss = supcon.supcon_loss(features, labels[:len(features)], args.temperature, args.base_temperature,
+                                  args.contrast_mode)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return Entry(views, step, floor)
+
+
+def moco_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, images: int) -> Entry:
+    args = method_args(moco.Args, bench)
+    views = common.MultiView([moco.moco_augment(info, size, args.crop_min_scale) for _ in range(2)])
+    backbone = moco.split_batchnorm(common.build_backbone(args.arch, info.channels, size), args.bn_splits)
+    model = common.prepare_model(moco.MoCo(backbone, args.proj_dim, args.mlp, args.queue_size), args, dist)
+    lr = args.lr * args.batch_size / 512
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                momentum=args.sgd_momentum, weight_decay=args.weight_decay)
+    net = common.distribute(model, args, dist)
+    progress = common.Progress(1, 0, 0, float("inf"), dist)
+
+    def step(loader):
+        moco.train_one_epoch(net, model, loader, optimizer, lambda _: lr, args, dist, 0, progress)
+
+    def floor(views):  # the step without its loader: the query encoder's forward and backward on one view, the
+        x1, x2 = common.to_device(views, dist.device, args.channels_last)  # key encoder's forward on the other
+        moco.momentum_update(model.encoder_q, model.encoder_k, args.momentum)
+        with common.autocast(args, dist.device):
+            q1, k2 = net(x1), model.keys(x2)
+            if args.symmetric:
+                q2, k1 = net(x2), model.keys(x1)
+        queue = model.queue.clone()
+        loss = moco.moco_loss(q1, k2, queue, args.temperature)
+        if args.symmetric:
+            loss = loss + moco.moco_loss(q2, k1, queue, args.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for k in ([k1, k2] if args.symmetric else [k2]):
+            model.dequeue_and_enqueue(k)
+
+    return Entry(views, step, floor)
+
+
+def byol_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, images: int) -> Entry:
+    args = method_args(byol.Args, bench)
+    blur = args.blur == 1 or (args.blur == -1 and size > 64)
+    views = common.MultiView([byol.byol_augment(info, size, 1.0 if blur else 0.0, 0.0, args.crop_min_scale),
+                              byol.byol_augment(info, size, 0.1 if blur else 0.0, args.solarize,
+                                                args.crop_min_scale)])
+    model = common.prepare_model(byol.BYOL(common.build_backbone(args.arch, info.channels, size),
+                                           args.proj_hidden_dim, args.proj_dim), args, dist)
+    lr = args.lr * args.batch_size / 256
+    optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=lr, momentum=args.momentum,
+                            eta=args.lars_eta, clip=args.lars_clip)
+    net = common.distribute(model, args, dist)
+    progress = common.Progress(1, 0, 0, float("inf"), dist)
+
+    def step(loader):
+        byol.train_one_epoch(net, model, loader, optimizer, lambda _: lr, args, dist, 0, progress)
+
+    def floor(views):  # the step without its loader: the online network's forward and backward on both views,
+        x1, x2 = common.to_device(views, dist.device, args.channels_last)  # the target's forward on both
+        with common.autocast(args, dist.device):
+            p1, p2, z1, z2 = net(x1, x2)
+        loss = byol.byol_loss(p1, z2) + byol.byol_loss(p2, z1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.update_target(args.tau_base)
+
+    return Entry(views, step, floor)
+
+
+def simsiam_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, images: int) -> Entry:
+    args = method_args(simsiam.Args, bench)
+    blur = args.blur if args.blur >= 0 else (0.5 if size > 64 else 0.0)
+    views = common.MultiView([simsiam.simsiam_augment(info, size, blur, args.crop_min_scale) for _ in range(2)])
+    backbone = common.build_backbone(args.arch, info.channels, size, zero_init_residual=True)
+    model = common.prepare_model(simsiam.SimSiam(backbone, args.proj_dim, args.pred_dim, args.proj_layers),
+                                 args, dist)
+    lr = args.lr * args.batch_size / 256
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    net = common.distribute(model, args, dist)
+    progress = common.Progress(1, 0, 0, float("inf"), dist)
+
+    def step(loader):
+        simsiam.train_one_epoch(net, loader, optimizer, lambda _: lr, args, dist, 0, progress)
+
+    def floor(views):  # the step without its loader: forward and backward on both views
+        x1, x2 = common.to_device(views, dist.device, args.channels_last)
+        with common.autocast(args, dist.device):
+            p1, p2, z1, z2 = net(x1, x2)
+        loss = simsiam.simsiam_loss(p1, p2, z1, z2, stop_grad=args.stop_grad)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        simsiam.output_std(z1)
+
+    return Entry(views, step, floor)
+
+
+def instdisc_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, images: int) -> Entry:
+    args = method_args(instdisc.Args, bench)
+    views = instdisc.instdisc_augment(info, size, args.crop_min_scale, args.flip)
+    model = common.prepare_model(instdisc.InstDisc(common.build_backbone(args.arch, info.channels, size),
+                                                   args.low_dim), args, dist)
+    bank = instdisc.MemoryBank(images, args.low_dim, torch.Generator().manual_seed(0)).to(dist.device)
+    sampler = instdisc.AliasSampler(torch.ones(images)).to(dist.device)
+    noise_rng = torch.Generator(dist.device).manual_seed(7919)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    net = common.distribute(model, args, dist)
+    progress = common.Progress(1, 0, 0, float("inf"), dist)
+    rows = torch.arange(bench.batch_size, device=dist.device)  # the floor's fixed bank rows
+
+    def step(loader):
+        instdisc.train_one_epoch(net, model, bank, sampler, noise_rng, loader, optimizer, lambda _: args.lr, args,
+                                 dist, 0, progress, info)
+
+    def floor(x):  # the step without its loader: forward and backward on the one view, the bank's update
+        x = common.to_device(x, dist.device, args.channels_last)
+        instdisc.train_step(net, model, bank, sampler, noise_rng, optimizer, x, rows[:len(x)], args, dist, info)
+
+    return Entry(views, step, floor, indexed=True)
+
+
+METHODS = {"simclr": simclr_entry, "supcon": supcon_entry, "moco": moco_entry, "byol": byol_entry,
+           "simsiam": simsiam_entry, "instdisc": instdisc_entry}
 
 
 class Batches:
@@ -128,9 +289,12 @@ def run(bench) -> dict:
     n = bench.batch_size * bench.steps
     results = {"config": {**vars(bench), "device": str(dist.device), "torch": torch.__version__,
                           "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "image_size": size}}
+    images = len(training_set(bench, data_args, None))  # InstDisc's memory bank has a row per image
     for method in bench.method:
-        entry = METHODS[method](bench, info, size, dist)
+        entry = METHODS[method](bench, info, size, dist, images)
         train_set = training_set(bench, data_args, entry.views)
+        if entry.indexed:
+            train_set = common.WithIndex(train_set)
         paths = {}
         for path in ("device", "cpu"):
             args = dataclasses.replace(data_args, batch_size=bench.batch_size, workers=bench.workers, data_path=path,
@@ -150,7 +314,7 @@ def run(bench) -> dict:
 
         def augment(path):
             batches = Batches(paths[path], next(epoch), bench.steps, skip[path])
-            return lambda: [common.to_device(views, dist.device) for views, _ in batches]
+            return lambda: [common.to_device(views, dist.device) for views, *_ in batches]
 
         measures = {"floor": lambda: floor,  # each makes the function to time (untimed set-up first)
                     "step_device_data": lambda: step("device"),
