@@ -19,12 +19,17 @@ The ratio step / floor says how much of the network's speed survives the data pa
 Every quantity is measured once per round, in the same round as the others, so that a change in the machine's
 load (this CPU may be shared) touches every row alike; one round of warm-up is discarded.
 The numbers and every round go to --json (bench.json). Not a test: pytest collects only test_*.py files.
+
+       python tests/bench.py --adversarial             (the cost of CLAE and AdvProp, see README)
+times the training step of simclr.py and instdisc.py as they are, with CLAE's adversarial view (--adv-eps 0.03)
+and with it and AdvProp's auxiliary BatchNorms (--adv-bn), on the same fixed batches, round by round.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -343,6 +348,68 @@ LABELS = {"floor": ("floor: the network work alone", ""),
 NOTES = {"vs_floor": "of the floor", "vs_cpu": "x the CPU's", "": ""}
 
 
+ADVERSARIAL = {"plain": {}, "clae": {"adv_eps": 0.03}, "clae+advprop": {"adv_eps": 0.03, "adv_bn": True}}
+
+
+def adversarial_costs(bench) -> dict:
+    """ms per training step of simclr.py and instdisc.py with and without --adv-eps / --adv-bn, each method's own
+    train_one_epoch over the same --steps fixed batches, the configurations interleaved round by round."""
+    device = torch.device(bench.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dist = common.setup_distributed(common.Args(dataset="synthetic", device=str(device)))
+    info, size, n = common.DATASETS["cifar10"], 32, bench.batch_size  # CIFAR-sized random images
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(n, info.channels, size, size, generator=g).to(device) for _ in range(2 * bench.steps)]
+    y, i = torch.zeros(n, dtype=torch.long, device=device), torch.arange(n, device=device)
+    progress = common.Progress(1, 0, 0, float("inf"), dist)
+    results = {}
+    for method in ("simclr", "instdisc"):
+        steps = {}
+        for name, options in ADVERSARIAL.items():
+            torch.manual_seed(0)
+            if method == "simclr":
+                args = method_args(simclr.Args, bench, **options)
+                backbone = common.build_backbone(args.arch, info.channels, size)
+                model = simclr.SimCLR(common.dual_batchnorm(backbone) if args.adv_bn else backbone, args.proj_dim,
+                                      args.proj_layers).to(device)
+                opt = common.LARS(common.param_groups(model, args.weight_decay), lr=0.1, eta=args.lars_eta)
+                batches = [((x[2 * k], x[2 * k + 1]), y) for k in range(bench.steps)]
+                steps[name] = functools.partial(simclr.train_one_epoch, model, model, batches, opt, lambda _: 0.1,
+                                                args, dist, 0, progress, info)
+            else:
+                args = method_args(instdisc.Args, bench, **options)
+                backbone = common.build_backbone(args.arch, info.channels, size)
+                model = instdisc.InstDisc(common.dual_batchnorm(backbone) if args.adv_bn else backbone,
+                                          args.low_dim).to(device)
+                opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)
+                bank = instdisc.MemoryBank(n, args.low_dim).to(device)
+                sampler = instdisc.AliasSampler(torch.ones(n)).to(device)
+                batches = [(x[k], y, i) for k in range(bench.steps)]
+                steps[name] = functools.partial(instdisc.train_one_epoch, model, model, bank, sampler,
+                                                torch.Generator(device).manual_seed(1), batches, opt, lambda _: 0.03,
+                                                args, dist, 0, progress, info)
+        rounds = {name: [] for name in steps}
+        for r in range(bench.repeats + 1):  # round 0 warms up
+            for name, step in steps.items():
+                seconds = timed(step, dist.device)
+                if r:
+                    rounds[name].append(1000 * seconds / bench.steps)
+        plain = statistics.median(rounds["plain"])
+        results[method] = {name: {"ms_per_step": statistics.median(v), "vs_plain": statistics.median(v) / plain,
+                                  "rounds": v} for name, v in rounds.items()}
+    return results
+
+
+def adversarial_table(results: dict, bench) -> str:
+    lines = []
+    for method in ("simclr", "instdisc"):
+        lines += [f"{method}: {bench.arch}, batch {bench.batch_size}, {results['config']['device']} "
+                  f"({results['config']['threads']} thread(s)), median of {bench.repeats} rounds of {bench.steps} steps",
+                  f"{'':<34}{'ms/step':>10}{'ratio':>8}"]
+        for name, row in results[method].items():
+            lines.append(f"{name:<34}{row['ms_per_step']:>10,.1f}{row['vs_plain']:>8.2f}")
+    return "\n".join(lines)
+
+
 def table(results: dict) -> str:
     c = results["config"]
     lines = []
@@ -380,14 +447,23 @@ def main(argv=None):
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument("--json", default="bench.json", help="where the results go")
+    parser.add_argument("--adversarial", action="store_true",
+                        help="instead: ms per step of simclr.py and instdisc.py with and without CLAE and AdvProp")
     bench = parser.parse_args(argv)
     if bench.data == "synthetic" and not bench.images:
         parser.error("--images must be positive for synthetic data")
     on_cpu = (bench.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
     if bench.threads or on_cpu:
         torch.set_num_threads(bench.threads or 1)
-    results = run(bench)
-    print(table(results))
+    if bench.adversarial:
+        results = {"config": {**vars(bench), "device": bench.device or ("cuda" if torch.cuda.is_available()
+                                                                         else "cpu"),
+                              "threads": torch.get_num_threads(), "torch": torch.__version__},
+                   **adversarial_costs(bench)}
+        print(adversarial_table(results, bench))
+    else:
+        results = run(bench)
+        print(table(results))
     Path(bench.json).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {bench.json}")
 
