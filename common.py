@@ -325,15 +325,75 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over processes. Every process's loss depends on the sum, so the gradient for this process's term
+    is the sum of the processes' incoming gradients: the backward all-reduces them too."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.detach().clone()
+        torch_dist.all_reduce(x, op=torch_dist.ReduceOp.SUM)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch_dist.all_reduce(grad, op=torch_dist.ReduceOp.SUM)
+        return grad
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training-mode statistics are those of the global batch: each process's per-channel sums of
+    x and x^2 and its count are summed over processes (with gradient), on any backend. It stands in for torch's
+    SyncBatchNorm where that cannot run (the CPU, gloo); one process, or eval mode, is plain BatchNorm. The
+    running variance is the global batch's unbiased one, as SyncBatchNorm keeps it."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-d input, got {x.dim()}-d")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _world()[1] > 1):
+            return super().forward(x)
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        c, xf = x.shape[1], x.float()
+        local = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_full((1,), x.numel() / c)])  # [2C + 1]
+        total = _AllReduceSum.apply(local)
+        n = total[-1]
+        mean = total[:c] / n  # [C]
+        var = (total[c:2 * c] / n - mean * mean).clamp_min(0)  # [C] biased, as normalisation uses
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                unbiased = var.detach() * n / (n - 1).clamp_min(1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def global_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm1d/2d/3d inside `module` becomes a GlobalBatchNorm, in place (same parameters, buffers and
+    state_dict keys: only the class changes). Returns `module`."""
+    for m in module.modules():
+        if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+            m.__class__ = GlobalBatchNorm
+    return module
+
+
 def distribute(model: nn.Module, args: Args, dist: Dist) -> nn.Module:
     """The network to train: DistributedDataParallel on several processes (with --sync-bn, BatchNorm over the
-    global batch), compiled with --compile. `model` itself stays the plain module for evaluation and checkpoints.
-
-    On the CPU each process normalises over its own share of the batch: torch's SyncBatchNorm needs a GPU."""
+    global batch: torch's SyncBatchNorm on CUDA, GlobalBatchNorm elsewhere), compiled with --compile. `model`
+    itself stays the plain module for evaluation and checkpoints."""
     net = model
     if dist.world_size > 1:
         if args.sync_bn and dist.device.type == "cuda":
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # swaps the BatchNorm layers inside `model` too
+        elif args.sync_bn:
+            global_batchnorm(net)  # in place: `model` normalises over the global batch as well
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dist.device.index] if dist.device.type == "cuda"
                                                   else None)
     return torch.compile(net) if args.compile else net

@@ -162,17 +162,22 @@ def test_args_reject_bad_values():
 WORLD = 2
 
 
-def toy_simsiam():
-    """SimSiam on a BatchNorm-free toy encoder with the heads' BatchNorm removed: only without BatchNorm do two
-    processes on halves compute the same function as one on the whole batch on the CPU (torch's SyncBatchNorm needs
-    CUDA; the BatchNorm statistics part needs GPUs and is not tested here)."""
+def toy_simsiam(batchnorm=False):
+    """SimSiam on a toy encoder. Without BatchNorm (the heads' removed) two processes on halves compute the same
+    function as one on the whole batch; with it, they do when --sync-bn makes every BatchNorm normalise over the
+    global batch (common.distribute: GlobalBatchNorm on the CPU, torch's SyncBatchNorm on CUDA)."""
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.Tanh())
     encoder.out_dim = 16
     model = simsiam.SimSiam(encoder, proj_dim=12, pred_dim=4, proj_layers=2)
-    model.projector = nn.Sequential(*[m for m in model.projector if not isinstance(m, nn.BatchNorm1d)])
-    model.predictor = nn.Sequential(*[m for m in model.predictor if not isinstance(m, nn.BatchNorm1d)])
+    if not batchnorm:
+        model.projector = nn.Sequential(*[m for m in model.projector if not isinstance(m, nn.BatchNorm1d)])
+        model.predictor = nn.Sequential(*[m for m in model.predictor if not isinstance(m, nn.BatchNorm1d)])
     return model
+
+
+def bn_statistics(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
 
 
 def toy_batch():
@@ -191,22 +196,37 @@ def _ddp_worker(rank, store, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    model = toy_simsiam()
     x1, x2 = (x[rank * 4:(rank + 1) * 4] for x in toy_batch())
-    loss, grads = simsiam_step(nn.parallel.DistributedDataParallel(model), model, x1, x2)
-    torch.save({"loss": common.all_reduce_mean(loss), "grads": grads}, f"{out}/{rank}.pt")
+    for name, batchnorm, sync_bn in CASES:
+        model = toy_simsiam(batchnorm)
+        net = common.distribute(model, simsiam.Args(sync_bn=sync_bn), common.Dist(rank, WORLD))
+        loss, grads = simsiam_step(net, model, x1, x2)
+        torch.save({"loss": common.all_reduce_mean(loss), "grads": grads, "bn": bn_statistics(model)},
+                   f"{out}/{name}-{rank}.pt")
     dist.destroy_process_group()
+
+
+# (name, BatchNorm in the heads, --sync-bn): the last shows that the check can tell halves from the whole batch
+CASES = [("no-bn", False, False), ("sync-bn", True, True), ("local-bn", True, False)]
 
 
 def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
     mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
-    model = toy_simsiam()
-    loss, grads = simsiam_step(model, model, *toy_batch())
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"{rank}.pt")
-        assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
-        for name, g in grads.items():
-            assert torch.allclose(got["grads"][name], g, rtol=1e-5, atol=1e-7), name
+    for name, batchnorm, _ in CASES:
+        model = toy_simsiam(batchnorm)
+        loss, grads = simsiam_step(model, model, *toy_batch())
+        for rank in range(WORLD):
+            got = torch.load(tmp_path / f"{name}-{rank}.pt")
+            same = got["loss"].item() == pytest.approx(loss.item(), rel=1e-5) and all(
+                torch.allclose(got["grads"][k], g, rtol=1e-4, atol=1e-6) for k, g in grads.items())
+            same_bn = all(torch.allclose(got["bn"][k], v, rtol=1e-5, atol=1e-6)
+                          for k, v in bn_statistics(model).items())
+            if name == "local-bn":  # each process normalising its own half is another function of the batch
+                assert not same and not same_bn
+            else:  # loss, DDP-averaged gradients and the BatchNorm running statistics of the whole batch
+                assert same and same_bn, name
+            if batchnorm:
+                assert bn_statistics(model), "the toy has BatchNorm statistics to compare"
 
 
 # ---------------------------------------------------------------------------------------------------- learning
