@@ -5,13 +5,15 @@ heads, losses and training step; everything both of them need to run on one CPU,
 
 Sections, in order:
   CLI            Args (the flags every method shares), parse(), fail()
-  Distributed    Dist, setup_distributed(), gather_with_grad(), gather_no_grad(), all_reduce_mean()
+  Distributed    Dist, setup_distributed(), gather_with_grad(), gather_no_grad(), all_reduce_mean(),
+                 GlobalBatchNorm (--sync-bn where torch's SyncBatchNorm cannot run), distribute()
   Backbones      ResNet-18/34/50 (CIFAR or ImageNet stem), Wide-ResNet 28-2/28-10/34-10, a tiny test network
   Data           datasets by name, class-balanced subsets, an index-returning wrapper, views, loaders
   Device data    a training set held on the device, batched per-sample augmentation (ViewSpec), TrainData
   Adversarial    AdvProp's auxiliary BatchNorm (DualBatchNorm), CLAE's adversarial views (FGSM / PGD)
-  Optimisation   LARS, warm-up + cosine schedule
-  Evaluation     feature extraction, weighted k-NN (InstDisc), linear probe on frozen features
+  Optimisation   LARS (optionally clipped), warm-up + cosine schedule, set_lr (per-group scale or fixed rate)
+  Evaluation     feature extraction, weighted k-NN (InstDisc), linear probe on frozen features, calibration bins
+                 and the reliability diagram
   Run directory  args.json, metrics.jsonl, atomic checkpoint.pt, curves.png, the progress line
 """
 

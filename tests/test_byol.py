@@ -277,9 +277,9 @@ WORLD = 2
 
 
 def toy_byol():
-    """BYOL on a BatchNorm-free toy encoder, its heads' BatchNorm removed too: with BatchNorm each process would
-    normalise over its own half (torch's SyncBatchNorm needs CUDA), so only the BatchNorm-free network computes the
-    same function on halves as on the whole batch. The BatchNorm statistics part needs GPUs and is not tested here."""
+    """BYOL on a BatchNorm-free toy encoder, its heads' BatchNorm removed too, so that the two-process check is about
+    the gradient average and the EMA alone. BatchNorm over the global batch (--sync-bn, common.GlobalBatchNorm on the
+    CPU) is checked, statistics included, in test_simsiam.py."""
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.Tanh())
     encoder.out_dim = 16
