@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
+import torchvision.transforms.v2.functional as TF2
 from PIL import Image
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -831,13 +832,17 @@ DATA_PATHS = ["auto", "device", "cpu"]
 @dataclass(frozen=True)
 class ViewSpec:
     """One random view: torchvision's pipeline of these steps, in this order, each left out at its default:
-    RandomResizedCrop(size, scale, ratio) -> RandomHorizontalFlip(flip) -> RandomApply([ColorJitter(brightness,
-    contrast, saturation, hue)], jitter) -> RandomGrayscale(grayscale) -> RandomApply([GaussianBlur(blur_kernel,
-    blur_sigma)], blur) -> RandomSolarize(solarize_threshold, solarize) -> Normalize(mean, std).
+    RandomResizedCrop(size, scale, ratio) (or, with crop "padded", Pad(pad, reflect) -> RandomCrop(size)) ->
+    RandomHorizontalFlip(flip) -> RandomApply([ColorJitter(brightness, contrast, saturation, hue)], jitter) ->
+    RandomGrayscale(grayscale) -> RandomApply([GaussianBlur(blur_kernel, blur_sigma)], blur) ->
+    RandomSolarize(solarize_threshold, solarize) (or SolarizeRandomThreshold, a threshold per sample) ->
+    RandomEqualize(equalize) -> Normalize(mean, std) -> GaussianNoise(noise).
     Ranges are torchvision's: factors drawn uniformly in (low, high); probabilities per sample; the four jitter
     steps in a random order drawn for each sample, as ColorJitter draws one for each image."""
 
     size: int  # side of the output view in pixels
+    crop: str = "resized"  # resized: RandomResizedCrop; padded: a size x size crop of the reflect-padded image
+    pad: int = 0  # with crop "padded": reflect padding on every side before the crop (RandomCrop's padding)
     scale: tuple = (0.08, 1.0)  # crop area as a fraction of the image
     ratio: tuple = (3 / 4, 4 / 3)  # crop aspect ratio (width / height), drawn log-uniformly
     flip: float = 0.0  # probability of a horizontal flip
@@ -852,8 +857,11 @@ class ViewSpec:
     blur_sigma: tuple = (0.1, 2.0)  # its sigma range
     solarize: float = 0.0  # probability of solarisation: x -> 1 - x where x >= solarize_threshold
     solarize_threshold: float = 0.5  # in [0, 1] pixel units
+    solarize_range: tuple = ()  # instead: a threshold for each sample, uniform in this range (PAWS's solarize)
+    equalize: float = 0.0  # probability of histogram equalisation of each channel (PIL's, on 8-bit values)
     mean: tuple = ()  # standardisation (empty: the view stays in [0, 1])
     std: tuple = ()
+    noise: float = 0.0  # std of Gaussian noise added to the standardised view (JEM's inputs)
 
     @classmethod
     def from_torchvision(cls, transform) -> "ViewSpec":
@@ -861,8 +869,9 @@ class ViewSpec:
         step, ToTensor and Normalize at the end). The flip may sit anywhere: mirroring commutes with every other
         step's distribution. Raises ValueError for a step or an order that has no batched version here."""
         fields, last = {}, 0
-        order = {T.RandomResizedCrop: 1, T.ColorJitter: 2, T.RandomGrayscale: 3, T.GaussianBlur: 4,
-                 T.RandomSolarize: 5, T.ToTensor: 6, T.Normalize: 7}
+        order = {T.Pad: 0.5, T.RandomResizedCrop: 1, T.RandomCrop: 1, T.ColorJitter: 2, T.RandomGrayscale: 3,
+                 T.GaussianBlur: 4, T.RandomSolarize: 5, SolarizeRandomThreshold: 5, T.RandomEqualize: 6,
+                 T.ToTensor: 7, T.Normalize: 8, GaussianNoise: 9}
         for step in _flatten(transform):
             p = 1.0
             if isinstance(step, T.RandomApply) and len(step.transforms) == 1:
@@ -874,7 +883,17 @@ class ViewSpec:
             if kind not in order or order[kind] <= last or (p != 1.0 and kind not in (T.ColorJitter, T.GaussianBlur)):
                 raise ValueError(f"no batched version of {step!r} at this place in the views")
             last = order[kind]
-            if kind is T.RandomResizedCrop:
+            if kind is T.Pad or (kind is T.RandomCrop and step.padding):
+                padding = step.padding
+                if (kind is T.RandomCrop and step.pad_if_needed) or step.padding_mode != "reflect" or not (
+                        isinstance(padding, int) or len(set(padding)) == 1):
+                    raise ValueError(f"the batched padded crop pads every side alike by reflection, not {step!r}")
+                fields["pad"] = padding if isinstance(padding, int) else padding[0]
+            if kind is T.RandomCrop:
+                if step.size[0] != step.size[1]:
+                    raise ValueError("the batched crop makes square views")
+                fields.update(size=step.size[0], crop="padded")
+            elif kind is T.RandomResizedCrop:
                 if step.size[0] != step.size[1] or step.interpolation != T.InterpolationMode.BILINEAR:
                     raise ValueError("the batched crop makes square views with bilinear interpolation")
                 fields.update(size=step.size[0], scale=tuple(step.scale), ratio=tuple(step.ratio))
@@ -891,11 +910,47 @@ class ViewSpec:
                 fields.update(blur=p, blur_kernel=step.kernel_size[0], blur_sigma=tuple(step.sigma))
             elif kind is T.RandomSolarize:  # before ToTensor: on PIL images, whose threshold is in 8-bit units
                 fields.update(solarize=step.p, solarize_threshold=step.threshold / 255)
+            elif kind is SolarizeRandomThreshold:
+                fields.update(solarize=step.p, solarize_range=(step.low / 255, step.high / 255))
+            elif kind is T.RandomEqualize:
+                fields["equalize"] = step.p
             elif kind is T.Normalize:
                 fields.update(mean=tuple(step.mean), std=tuple(step.std))
-        if "size" not in fields:
-            raise ValueError("views without a RandomResizedCrop have no batched version here")
+            elif kind is GaussianNoise:
+                fields["noise"] = step.sigma
+        if "size" not in fields or (fields.get("pad") and fields.get("crop") != "padded"):
+            raise ValueError("views without a RandomResizedCrop or a RandomCrop have no batched version here")
         return cls(**fields)
+
+
+class SolarizeRandomThreshold:
+    """With probability p, solarize a PIL image (invert the pixels at or above a threshold) with a threshold drawn
+    uniformly in [low, high) 8-bit units for each image (torchvision's RandomSolarize has a fixed one); the
+    default range is the whole of [0, 256), as PAWS's colour distortion."""
+
+    def __init__(self, p: float = 0.2, low: float = 0.0, high: float = 256.0):
+        self.p, self.low, self.high = p, low, high
+
+    def __call__(self, img):
+        if torch.rand(()) < self.p:
+            return T.functional.solarize(img, float(self.low + (self.high - self.low) * torch.rand(())))
+        return img
+
+    def __repr__(self):
+        return f"SolarizeRandomThreshold(p={self.p}, low={self.low}, high={self.high})"
+
+
+class GaussianNoise:
+    """Adds Gaussian noise of std sigma to a tensor image (after standardisation, as JEM's training inputs)."""
+
+    def __init__(self, sigma: float):
+        self.sigma = sigma
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.sigma * torch.randn_like(x)
+
+    def __repr__(self):
+        return f"GaussianNoise(sigma={self.sigma})"
 
 
 def _flatten(transform) -> list:
@@ -924,6 +979,8 @@ class ViewParams:
     grayscale: torch.Tensor  # [B] bool
     sigma: torch.Tensor  # [B] of the Gaussian blur (0: not blurred)
     solarize: torch.Tensor  # [B] bool
+    threshold: torch.Tensor  # [B] solarisation threshold in [0, 1] pixel units
+    equalize: torch.Tensor  # [B] bool
 
 
 def draw_params(spec: ViewSpec, batch: int, height: int, width: int, generator: torch.Generator) -> ViewParams:
@@ -933,7 +990,8 @@ def draw_params(spec: ViewSpec, batch: int, height: int, width: int, generator: 
     fraction uniform in `scale`, aspect ratio log-uniform in `ratio`, sides rounded), the first that fits the image
     is kept, placed uniformly; a sample whose ten candidates all fail gets torchvision's fallback, the centred
     crop of the whole image clamped to `ratio`. Taking the first fitting one of ten independent candidates is
-    the distribution of torchvision's loop of up to ten tries."""
+    the distribution of torchvision's loop of up to ten tries. A "padded" crop is RandomCrop.get_params on the
+    image padded by spec.pad: a size x size box at a uniform offset (ValueError when it cannot fit)."""
     device = generator.device
 
     def uniform(low, high, *shape):
@@ -942,6 +1000,14 @@ def draw_params(spec: ViewSpec, batch: int, height: int, width: int, generator: 
     def coin(p):
         return torch.rand(batch, generator=generator, device=device) < p
 
+    if spec.crop == "padded":  # RandomCrop.get_params on the padded image: a uniform offset, the whole view
+        room_h, room_w = height + 2 * spec.pad - spec.size, width + 2 * spec.pad - spec.size
+        if min(room_h, room_w) < 0 or spec.pad >= min(height, width):
+            raise ValueError(f"a {spec.size} px crop of {height}x{width} images padded by {spec.pad} px")
+        top = (uniform(0, 1, batch) * (room_h + 1)).floor().long()
+        left = (uniform(0, 1, batch) * (room_w + 1)).floor().long()
+        h = w = torch.full((batch,), spec.size, device=device)
+        return _draw_colour(spec, batch, top, left, h, w, uniform, coin, generator)
     area = height * width
     target = area * uniform(*spec.scale, batch, 10)  # [B, 10]
     aspect = torch.exp(uniform(math.log(spec.ratio[0]), math.log(spec.ratio[1]), batch, 10))
@@ -960,25 +1026,38 @@ def draw_params(spec: ViewSpec, batch: int, height: int, width: int, generator: 
     w, h = torch.where(found, w, fw), torch.where(found, h, fh)
     top = torch.where(found, (uniform(0, 1, batch) * (height - h + 1)).floor().long(), (height - h) // 2)
     left = torch.where(found, (uniform(0, 1, batch) * (width - w + 1)).floor().long(), (width - w) // 2)
+    return _draw_colour(spec, batch, top, left, h, w, uniform, coin, generator)
+
+
+def _draw_colour(spec: ViewSpec, batch: int, top, left, h, w, uniform, coin, generator) -> ViewParams:
+    """The parameters after the crop box: flip, jitter and its order, grayscale, blur, solarize, equalize."""
     flip = coin(spec.flip)
     jittered = coin(spec.jitter)
     jitter = torch.stack([torch.where(jittered, uniform(*spec.brightness, batch), 1.0),
                           torch.where(jittered, uniform(*spec.contrast, batch), 1.0),
                           torch.where(jittered, uniform(*spec.saturation, batch), 1.0),
                           torch.where(jittered, uniform(*spec.hue, batch), 0.0)], 1)  # [B, 4]
-    order = torch.rand(batch, 4, generator=generator, device=device).argsort(1)  # a uniform permutation per sample
+    order = torch.rand(batch, 4, generator=generator, device=generator.device).argsort(1)  # a permutation each
     grayscale = coin(spec.grayscale)
     sigma = torch.where(coin(spec.blur), uniform(*spec.blur_sigma, batch), 0.0)
     solarize = coin(spec.solarize)
-    return ViewParams(spec, top, left, h, w, flip, jitter, order, grayscale, sigma, solarize)
+    threshold = (uniform(*spec.solarize_range, batch) if spec.solarize_range
+                 else torch.full((batch,), spec.solarize_threshold, device=generator.device))
+    equalize = coin(spec.equalize) if spec.equalize > 0 else torch.zeros(batch, dtype=torch.bool,
+                                                                           device=generator.device)
+    return ViewParams(spec, top, left, h, w, flip, jitter, order, grayscale, sigma, solarize, threshold, equalize)
 
 
 @torch.no_grad()
-def apply_params(images: torch.Tensor, params: ViewParams, standardize: bool = True) -> torch.Tensor:
+def apply_params(images: torch.Tensor, params: ViewParams, standardize: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """The views of `images` ([B, C, H, W], uint8 or float in [0, 1]) for `params`: [B, C, size, size] float,
-    standardised with the spec's mean and std (or left in [0, 1] with standardize=False)."""
+    standardised with the spec's mean and std and given its Gaussian noise (drawn from `generator`), or left in
+    [0, 1] with standardize=False."""
     spec, p = params.spec, params
     x = images.float() / 255 if images.dtype == torch.uint8 else images.float()  # [B, C, H, W] in [0, 1]
+    if spec.pad:
+        x = F.pad(x, (spec.pad,) * 4, mode="reflect")  # [B, C, H + 2 pad, W + 2 pad]
     x = resized_crop(x, p.top, p.left, p.height, p.width, spec.size, p.flip)  # [B, C, size, size]
     if spec.jitter > 0:
         active = (spec.brightness != (1, 1), spec.contrast != (1, 1), spec.saturation != (1, 1), spec.hue != (0, 0))
@@ -988,9 +1067,13 @@ def apply_params(images: torch.Tensor, params: ViewParams, standardize: bool = T
     if spec.blur > 0:
         x = gaussian_blur(x, spec.blur_kernel, p.sigma).clamp(0, 1)  # its sums can round a hair outside
     if spec.solarize > 0:
-        x = solarize(x, spec.solarize_threshold, p.solarize)
+        x = solarize(x, p.threshold, p.solarize)
+    if spec.equalize > 0:
+        x = equalize(x, p.equalize)
     if standardize and spec.mean:
         x = (x - _constant(spec.mean, x.device)) / _constant(spec.std, x.device)
+    if standardize and spec.noise:
+        x = x + spec.noise * torch.randn(x.shape, generator=generator, device=x.device)
     return x
 
 
@@ -1112,9 +1195,19 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> tor
     return y.view(batch, channels, height, width)
 
 
-def solarize(x: torch.Tensor, threshold: float, mask: torch.Tensor) -> torch.Tensor:
-    """x -> 1 - x where x >= threshold, for the samples where mask [B] is set."""
+def solarize(x: torch.Tensor, threshold, mask: torch.Tensor) -> torch.Tensor:
+    """x -> 1 - x where x >= threshold (a number, or one for each sample [B]), for the samples where mask [B] is
+    set."""
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.view(-1, 1, 1, 1)
     return torch.where(mask.view(-1, 1, 1, 1) & (x >= threshold), 1 - x, x)
+
+
+def equalize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Histogram equalisation of each channel of the samples where mask [B] is set, on x [B, C, H, W] in [0, 1]
+    rounded to 8 bits: torchvision's batched equalize, which follows PIL's ImageOps.equalize."""
+    equalized = TF2.equalize((x * 255).round().to(torch.uint8)).float() / 255  # each image and channel on its own
+    return torch.where(mask.view(-1, 1, 1, 1), equalized, x)
 
 
 class DeviceData:
@@ -1204,12 +1297,16 @@ def epoch_batches(n: int, args: Args, dist: Dist, epoch: int) -> torch.Tensor:
 class DeviceLoader:
     """One epoch from a DeviceData, shaped like train_loader's DataLoader over a MultiView: (views, labels) or,
     for a WithIndex set, (views, labels, indices), with the views a list (one per spec) when given a list.
-    The views are drawn from a generator on the device seeded per epoch and process, so --resume reproduces."""
+    The views are drawn from a generator on the device seeded per epoch and process, so --resume reproduces.
+    `batches` ([steps, b] indices into `data`; default epoch_batches, the seeded shuffle split over processes)
+    gives a method's own sampler's batches; `salt` gives a second loader of the same epoch its own random views."""
 
-    def __init__(self, data: DeviceData, specs, args: Args, dist: Dist, epoch: int):
+    def __init__(self, data: DeviceData, specs, args: Args, dist: Dist, epoch: int, batches=None, salt: int = 0):
         self.data, self.specs = data, specs
-        self.batches = epoch_batches(len(data), args, dist, epoch)
-        self.generator = torch.Generator(dist.device).manual_seed(seed_epoch(args.seed, epoch, dist.rank))
+        self.batches = (epoch_batches(len(data), args, dist, epoch) if batches is None
+                        else torch.as_tensor(batches, dtype=torch.long).to(dist.device))
+        seed = seed_epoch(args.seed, epoch, dist.rank) + (salt << 32)
+        self.generator = torch.Generator(dist.device).manual_seed(seed)
 
     def __len__(self):
         return len(self.batches)
@@ -1218,8 +1315,8 @@ class DeviceLoader:
         for idx in self.batches:
             images = self.data.images[idx]  # [b, C, H, W] uint8
             specs = self.specs if isinstance(self.specs, list) else [self.specs]
-            views = [apply_params(images, draw_params(spec, len(idx), *images.shape[2:], self.generator))
-                     for spec in specs]
+            views = [apply_params(images, draw_params(spec, len(idx), *images.shape[2:], self.generator),
+                                  generator=self.generator) for spec in specs]
             x = views if isinstance(self.specs, list) else views[0]
             labels = self.data.targets[idx]
             yield (x, labels, idx) if self.data.with_index else (x, labels)
@@ -1244,6 +1341,8 @@ class TrainData:
                 if args.data_path == "auto":
                     budget = torch.cuda.mem_get_info(dist.device)[0] / 4
                 self.data = DeviceData.from_dataset(train_set, dist.device, args.workers, budget)
+                for spec in specs:  # a padded crop that cannot fit these images fails here, not in the first step
+                    draw_params(spec, 1, *self.data.images.shape[2:], torch.Generator(dist.device))
             except ValueError as err:
                 if args.data_path == "device":
                     fail(f"--data-path device: {err}")
@@ -1290,33 +1389,39 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every parameter with a gradient, a group at a time with torch's multi-tensor (foreach)
+        kernels: a few launches a group instead of a dozen a parameter, and no host synchronisation (the trust
+        ratios stay on the device)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for w in group["params"]:
-                if w.grad is None:
-                    continue
-                g = w.grad
-                if not group["lars_exclude"]:
-                    if group["weight_decay"]:
-                        g = g.add(w, alpha=group["weight_decay"])
-                    w_norm, g_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(g)
-                    one = torch.ones_like(w_norm)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, one)
-                    if group.get("clip") and group["lr"] > 0:  # .get: checkpoints without the key
-                        trust = (trust / group["lr"]).clamp(max=1.0)  # lr * this = min(eta ||w|| / ||g||, lr)
-                    g = g * trust
+            ws = [w for w in group["params"] if w.grad is not None]
+            if not ws:
+                continue
+            gs, lr, momentum = [w.grad for w in ws], group["lr"], group["momentum"]
+            if not group["lars_exclude"]:
+                if group["weight_decay"]:
+                    gs = torch._foreach_add(gs, ws, alpha=group["weight_decay"])  # g + wd w
+                w_norm, g_norm = torch.stack(torch._foreach_norm(ws)), torch.stack(torch._foreach_norm(gs))  # [P]
+                trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
+                                    torch.ones_like(w_norm))
+                if group.get("clip") and lr > 0:  # .get: checkpoints without the key
+                    trust = (trust / lr).clamp(max=1.0)  # lr * this = min(eta ||w|| / ||g||, lr)
+                gs = torch._foreach_mul(gs, list(trust.unbind()))  # g * trust, one ratio per parameter
+            vs = []
+            for w in ws:
                 state = self.state[w]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(w)
-                v = state["momentum_buffer"]
-                v.mul_(group["momentum"]).add_(g, alpha=group["lr"])
-                if group["nesterov"]:
-                    w.sub_(v * group["momentum"] + g * group["lr"])
-                else:
-                    w.sub_(v)
+                vs.append(state["momentum_buffer"])
+            torch._foreach_mul_(vs, momentum)
+            torch._foreach_add_(vs, gs, alpha=lr)  # v <- momentum v + lr g
+            if group["nesterov"]:
+                torch._foreach_sub_(ws, torch._foreach_add(torch._foreach_mul(vs, momentum), gs, alpha=lr))
+            else:
+                torch._foreach_sub_(ws, vs)  # w <- w - v
         return loss
 
 

@@ -157,10 +157,11 @@ def to_unit_range(channels: int) -> T.Compose:
 def jem_augment(info: common.DataInfo, size: int, sigma: float, flip: bool = True) -> T.Compose:
     """The official training view: reflect-pad 4 and crop back (for 32 px; an eighth of the side in general),
     horizontal flip (not for SVHN's digits), scale to [-1, 1], add Gaussian noise of std sigma."""
-    ops = [T.Resize(size), T.CenterCrop(size), T.Pad(max(1, size // 8), padding_mode="reflect"), T.RandomCrop(size)]
+    ops = [T.Resize(size), T.CenterCrop(size)] if size != info.size else []
+    ops += [T.Pad(max(1, size // 8), padding_mode="reflect"), T.RandomCrop(size)]
     if flip:
         ops.append(T.RandomHorizontalFlip())
-    return T.Compose(ops + [to_unit_range(info.channels), lambda x: x + sigma * torch.randn_like(x)])
+    return T.Compose(ops + [to_unit_range(info.channels), common.GaussianNoise(sigma)])
 
 
 def eval_view(info: common.DataInfo, size: int) -> T.Compose:
@@ -435,6 +436,7 @@ def main(args: Args):
     info, size = common.dataset_info(args)
     views = jem_augment(info, size, args.sigma, flip=args.dataset != "svhn")
     train_set, memory_set, test_set = common.training_and_eval_sets(args, views, eval_view(info, size))
+    train_data = common.TrainData(train_set, views, args, dist)  # on the device (--data-path) or the CPU
     ood_set = ood_test_set(args, info, size)
     run = common.RunDir(args, "jem", dist)
 
@@ -463,7 +465,7 @@ def main(args: Args):
                   f"{args.batch_size} per epoch, {dist.world_size} process(es) on {dist.device}")
     progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
     for epoch in range(state["epoch"], args.epochs):
-        loader = common.train_loader(train_set, args, dist, epoch)
+        loader = train_data.loader(epoch)
         t0 = time.perf_counter()
         try:
             loss = train_one_epoch(net, model, loader, optimizer, lr_at, buffer, queue, args, dist, epoch, progress)

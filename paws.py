@@ -19,16 +19,23 @@ Official code: github.com/facebookresearch/suncet
   start_lr to lr, then cosine decay to final_lr.
   Evaluation (PAWS-NN): a test image's class is argmax_k pi(z, z_L)_k over the embeddings z_L of all labelled
   images (one-hot labels, no augmentation), as the official snn_eval.
+  Fine-tuning (optional, the official snn_fine_tune): a copy of f and g trained on the labelled
+  images alone with SuNCEt, each support classified by the soft nearest neighbours among the other supports:
+  L_ft = mean_i H(y_i, sum_{j != i} softmax_j(norm(z_i) . norm(z_j) / tau) y_j), BatchNorm frozen, flips only.
 
 Run:   python paws.py --dataset digits --arch tiny --num-labels 100 --classes-per-batch 10 --supports-per-class 5
               --multicrop 2 --epochs 30 --batch-size 128 --warmup-epochs 2 --workers 0   (CPU, offline)
        torchrun --nproc_per_node=8 paws.py --data-dir data --download   (the official CIFAR-10 recipe below)
+       torchrun --nproc_per_node=8 paws.py --data-dir data --download --finetune-epochs 30   (and its fine-tuning)
        torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 paws.py ...
 Defaults: the official configs/paws/cifar10_train.yaml: WRN-28-2, 3-layer projection head to 128-d, 256
        unlabelled images a step with 2 global views (crops of 75-100% at 32 px) and 6 multi-crops (30-75% at 18 px),
        supports of 10 classes x 64 images x 2 views, 4,000 labels, tau 0.1, T 0.25, label smoothing 0.1, ME-MAX,
        600 epochs, LARS (momentum 0.9, eta 0.001, weight decay 1e-6), learning rate 0.8 -> 3.2 over 10 warm-up
-       epochs, then cosine to 0.032; colour distortion 0.5 (jitter, solarize, equalize).
+       epochs, then cosine to 0.032; colour distortion 0.5 (jitter, solarize, equalize). Fine-tuning
+       (configs/paws/cifar10_snn.yaml): 30 epochs, the same 10 x 64 x 2 supports, one-hot labels, tau 0.1, LARS
+       without weight decay, learning rate 0.1 cosine-decayed to 0.01, no warm-up.
+
 Expect: PAWS-NN 96.0 +- 0.2% top-1 on CIFAR-10 with 4,000 labels (paper, CIFAR-10 results, WRN-28-2, 600 epochs).
 
 Where this file differs from the official code, and why:
@@ -44,14 +51,18 @@ Where this file differs from the official code, and why:
     identical without weight decay, and within 1e-6 relative at the official weight decay.
   - Inputs are standardised with common's CIFAR-10 std (0.247, 0.243, 0.261), the official code uses
     (0.2023, 0.1994, 0.2010); the first convolution is followed by BatchNorm, so nothing else changes.
-  - The official fine-tuning of the encoder on the labelled set is not included; the PAWS-NN classifier, the
-    k-NN monitor and the linear probe on frozen features report the result.
+  - Fine-tuning (--finetune-epochs, off by default; the official CIFAR-10 recipe is 30) runs after training in the
+    same command, on a copy of f and g, and reports PAWS-NN again (finetune_snn_top1); the k-NN monitor and the
+    linear probe stay those of the encoder PAWS trained. Its epochs are one pass over the labelled images each,
+    as the official one (labelled images a class // supports a class steps when every class is in each batch).
   - --supervised-only trains the same network with a linear classifier and cross-entropy on the labelled
     supports alone, for the same steps: the baseline that shows what the unlabelled images add.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +106,9 @@ class Args(common.Args):
     jitter_strength: float = 0.5  # s: colour jitter of brightness, contrast, saturation 0.8s and hue 0.2s
     supervised_only: bool = False  # baseline: a linear classifier with cross-entropy on the supports alone
     sync_bn: bool = True  # BatchNorm statistics over the global batch (the official code uses SyncBatchNorm)
+    finetune_epochs: int = 0  # after training, fine-tune a copy of f and g on the labelled set (official: 30)
+    finetune_lr: float = 0.1  # fine-tuning learning rate at its first step (official CIFAR-10 fine-tuning)
+    finetune_final_lr: float = 0.01  # fine-tuning learning rate at its last step, after a cosine decay
 
     def check(self, world_size: int = 1):
         super().check(world_size)
@@ -115,6 +129,8 @@ class Args(common.Args):
                              f"{world_size} processes")
         if self.start_lr < 0 or self.final_lr < 0:
             raise ValueError("--start-lr and --final-lr must be >= 0")
+        if self.finetune_epochs < 0 or not self.finetune_lr > 0 or self.finetune_final_lr < 0:
+            raise ValueError("--finetune-epochs and --finetune-final-lr must be >= 0, --finetune-lr positive")
         if self.jitter_strength < 0:
             raise ValueError(f"--jitter-strength must be >= 0, got {self.jitter_strength}")
 
@@ -122,19 +138,6 @@ class Args(common.Args):
 # ----------------------------------------------------------------------------------------------------------------
 # Views
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class RandomSolarize:
-    """Solarize (invert pixels above a threshold) with a threshold drawn uniformly in [0, 256), with probability p,
-    as the official CIFAR-10 colour distortion (torchvision's RandomSolarize has a fixed threshold)."""
-
-    def __init__(self, p: float = 0.2):
-        self.p = p
-
-    def __call__(self, img):
-        if torch.rand(()) < self.p:
-            return T.functional.solarize(img, float(torch.rand(()) * 256))
-        return img
 
 
 def paws_augment(info: common.DataInfo, size: int, scale: tuple, strength: float = 0.5,
@@ -146,7 +149,7 @@ def paws_augment(info: common.DataInfo, size: int, scale: tuple, strength: float
     ops = [T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8)]
     if small:
-        ops += [RandomSolarize(p=0.2), T.RandomEqualize(p=0.2)]
+        ops += [common.SolarizeRandomThreshold(p=0.2), T.RandomEqualize(p=0.2)]  # threshold in [0, 256)
     else:
         ops += [T.RandomGrayscale(p=0.2),
                 T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5)]
@@ -163,6 +166,16 @@ def paws_views(info: common.DataInfo, size: int, multicrop: int, strength: float
     mc_size = max(1, round(size * 18 / 32)) if small else round(size * 96 / 224)
     mc_view = paws_augment(info, mc_size, (0.3, 0.75) if small else (0.05, 0.14), strength, small)
     return common.MultiView([global_view] * 2 + [mc_view] * multicrop), global_view
+
+
+def finetune_view(info: common.DataInfo, size: int) -> T.Compose:
+    """The official fine-tuning view: small images flipped only (its centre crop of a 32 px CIFAR image is the whole
+    image), large ones a random resized crop and a flip; no colour distortion."""
+    if size > 64:
+        ops = [T.RandomResizedCrop(size)]
+    else:  # a crop of the whole image where it has the training size (so the device data path can make it)
+        ops = [T.RandomCrop(size)] if size == info.size else [T.Resize(size), T.CenterCrop(size)]
+    return T.Compose(ops + [T.RandomHorizontalFlip(), common.normalize(info)])
 
 
 class ClassStratifiedSampler(torch.utils.data.Sampler):
@@ -309,6 +322,25 @@ def paws_loss(z: torch.Tensor, z_S: torch.Tensor, y_S: torch.Tensor, tau: float,
         return ce, me_max
 
 
+def suncet_loss(z: torch.Tensor, z_S: torch.Tensor, y_S: torch.Tensor, tau: float, offset: int = 0) -> torch.Tensor:
+    """SuNCEt, the official fine-tuning loss: each support i is classified by the soft nearest neighbours among
+    all the other supports, p_i = sum_{j != i} softmax_j(norm(z_i) . norm(z_j) / tau) y_j, and L = mean_i H(y_i, p_i).
+
+    z: [s, D], this process's supports, which are rows offset .. offset + s of z_S: [S, D], the supports of all
+    processes (gathered with gradient); y_S: [S, K], their labels. Float32 (float64 for float64 inputs), also
+    under autocast.
+    """
+    with torch.autocast(z.device.type, enabled=False):
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        q, k, y_S = F.normalize(z.to(dtype), dim=1), F.normalize(z_S.to(dtype), dim=1), y_S.to(dtype)
+        s = len(q)
+        own = torch.zeros(s, len(k), dtype=torch.bool, device=q.device)  # [s, S]
+        own[torch.arange(s), torch.arange(s) + offset] = True  # a support is not its own neighbour
+        p = torch.softmax((q @ k.T / tau).masked_fill(own, float("-inf")), dim=1) @ y_S  # [s, K]
+        y = y_S[offset:offset + s]
+        return -(y * torch.log(p.clamp_min(torch.finfo(dtype).tiny))).sum(dim=1).mean()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
@@ -321,6 +353,19 @@ def support_labels(y: torch.Tensor, views: int, num_classes: int, smoothing: flo
     y = common.gather_no_grad(y.repeat(views))
     _, slot = torch.unique(y, return_inverse=True)  # the step's classes, in sorted order
     return smooth_labels(slot, num_classes, smoothing)
+
+
+def support_loader(supports: common.TrainData, args: Args, dist: common.Dist, epoch: int, steps: int):
+    """This process's class-stratified support batches of one epoch of `steps` steps: (views, labels), made on
+    the device when the training data is there, else by a DataLoader."""
+    support_set = supports.train_set
+    sampler = ClassStratifiedSampler(support_set.targets, args.classes_per_batch, args.supports_per_class, steps,
+                                     args.seed, epoch, dist.rank, dist.world_size)
+    if supports.on_device:  # its own stream of random views, apart from the unlabelled images' (salt 1)
+        return common.DeviceLoader(supports.data, supports.specs, args, dist, epoch, batches=list(sampler), salt=1)
+    return torch.utils.data.DataLoader(
+        support_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=dist.device.type == "cuda",
+        generator=torch.Generator().manual_seed((args.seed * 1_000_003 + epoch * 1009 + dist.rank + 1) % 2**31))
 
 
 def train_one_epoch(model, loader, support_loader, optimizer, lr_at, args: Args, dist: common.Dist, epoch: int,
@@ -364,6 +409,48 @@ def train_one_epoch(model, loader, support_loader, optimizer, lr_at, args: Args,
     return common.all_reduce_mean(total_ce / steps).item(), common.all_reduce_mean(total_me_max / steps).item()
 
 
+def finetune(model: nn.Module, supports: common.TrainData, args: Args, dist: common.Dist,
+             run: common.RunDir) -> nn.Module:
+    """The official fine-tuning (snn_fine_tune): a copy of f and g trained with SuNCEt on class-stratified batches
+    of labelled images alone, BatchNorm frozen in eval mode (running statistics), LARS without weight decay, cosine
+    from --finetune-lr to --finetune-final-lr. Epoch e is seeded as epoch --epochs + e would be, so a resumed run
+    repeats it exactly. Returns the fine-tuned copy; logs one metrics line an epoch."""
+    tuned = copy.deepcopy(model)
+    if tuned.classifier is not None:  # the baseline's classifier takes no part in SuNCEt
+        tuned.classifier.requires_grad_(False)
+    net = common.distribute(tuned, args, dist)
+    optimizer = common.LARS(common.param_groups(tuned, 0.0), lr=args.finetune_lr, momentum=args.momentum,
+                            eta=args.lars_eta)
+    steps = max(1, len(supports.train_set) // (args.classes_per_batch * args.supports_per_class))  # a pass
+    total = args.finetune_epochs * steps
+    progress = common.Progress(args.finetune_epochs, steps, 0, args.log_every, dist)
+    for epoch in range(args.finetune_epochs):
+        common.seed_epoch(args.seed, args.epochs + epoch, dist.rank)
+        net.train()
+        for m in net.modules():  # BatchNorm keeps the statistics of training, as the official fine-tuning
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        t0, total_loss = time.perf_counter(), torch.zeros((), device=dist.device)
+        for i, (views, y) in enumerate(support_loader(supports, args, dist, args.epochs + epoch, steps)):
+            lr = common.set_lr(optimizer, common.warmup_cosine(epoch * steps + i, total - 1, 0, args.finetune_lr,
+                                                               args.finetune_final_lr))
+            x = torch.cat(common.to_device(views, dist.device, args.channels_last))  # [V s, C, H, W]
+            with common.autocast(args, dist.device):
+                z = net(x)  # [V s, D]
+            z_S = common.gather_with_grad(z)  # [V s W, D], this process's rows at rank * V s
+            y_S = support_labels(y.to(dist.device), args.support_views, args.classes_per_batch, 0.0)  # one-hot
+            loss = suncet_loss(z, z_S, y_S, args.temperature, offset=dist.rank * len(z))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.detach()
+            progress.update(epoch, i, loss, lr, len(z) * dist.world_size)
+        seconds = time.perf_counter() - t0
+        run.log(epoch=args.epochs + epoch + 1, lr=lr, time_s=seconds, images_per_s=len(z) * dist.world_size * steps
+                / seconds, finetune_loss=common.all_reduce_mean(total_loss / steps).item())
+    return tuned
+
+
 @torch.no_grad()
 def snn_accuracy(model: nn.Module, labelled_set, test_set, num_classes: int, tau: float, dist: common.Dist,
                  args: Args) -> float:
@@ -384,13 +471,15 @@ def main(args: Args):
     info, size = common.dataset_info(args)
     views, support_view = paws_views(info, size, args.multicrop, args.jitter_strength)
     train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
-    support_base, _, _ = common.training_and_eval_sets(args, common.MultiView([support_view] * args.support_views),
-                                                       common.eval_transform(info, size))
+    support_views = common.MultiView([support_view] * args.support_views)
+    support_base = common.training_and_eval_sets(args, support_views, None)[0]
     labelled = labelled_indices(train_set.targets, args)
     support_set, labelled_set = common.Subset(support_base, labelled), common.Subset(memory_set, labelled)
     if args.classes_per_batch > len(set(support_set.targets)):
         common.fail(f"--classes-per-batch {args.classes_per_batch} is more than the {len(set(support_set.targets))} "
                     f"classes of the labelled subset")
+    train_data = common.TrainData(train_set, views, args, dist)  # on the device (--data-path) or the CPU
+    supports = common.TrainData(support_set, support_views, args, dist)
     run = common.RunDir(args, "paws", dist)
 
     model = PAWS(common.build_backbone(args.arch, info.channels, size), args.proj_dim,
@@ -415,14 +504,9 @@ def main(args: Args):
                   f"supports per epoch, {dist.world_size} process(es) on {dist.device}")
     progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
     for epoch in range(state["epoch"], args.epochs):
-        loader = common.train_loader(train_set, args, dist, epoch)
-        sampler = ClassStratifiedSampler(support_set.targets, args.classes_per_batch, args.supports_per_class,
-                                         steps, args.seed, epoch, dist.rank, dist.world_size)
-        support_loader = torch.utils.data.DataLoader(
-            support_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=dist.device.type == "cuda",
-            generator=torch.Generator().manual_seed((args.seed * 1_000_003 + epoch * 1009 + dist.rank + 1) % 2**31))
+        loader = None if args.supervised_only else train_data.loader(epoch)
         t0 = time.perf_counter()
-        ce, me_max = train_one_epoch(net, None if args.supervised_only else loader, support_loader, optimizer,
+        ce, me_max = train_one_epoch(net, loader, support_loader(supports, args, dist, epoch, steps), optimizer,
                                      lr_at, args, dist, epoch, progress)
         run.end_epoch(epoch, steps, args, monitor, seconds=time.perf_counter() - t0,
                       loss=ce + me_max if args.me_max else ce, ce=ce, me_max=me_max,
@@ -431,6 +515,20 @@ def main(args: Args):
     snn_top1 = snn_accuracy(model, labelled_set, test_set, info.num_classes, args.temperature, dist, args)
     common.print0(f"PAWS-NN top-1 ({len(labelled)} labelled images): {snn_top1:.4f}")
     extra = {}
+    if args.finetune_epochs:
+        tuned = copy.deepcopy(model)
+        if "finetuned" in state:  # a resumed run whose fine-tuning had finished
+            tuned.load_state_dict(state["finetuned"])
+        else:
+            finetune_views = common.MultiView([finetune_view(info, size)] * args.support_views)
+            finetune_set = common.Subset(common.training_and_eval_sets(args, finetune_views, None)[0], labelled)
+            tuned = finetune(model, common.TrainData(finetune_set, finetune_views, args, dist), args, dist, run)
+            run.save({"epoch": args.epochs, "step": args.epochs * steps, "args": dataclasses.asdict(args),
+                      "knn_untrained": monitor.untrained, "model": model.state_dict(),
+                      "optimizer": optimizer.state_dict(), "finetuned": tuned.state_dict()})
+        extra["finetune_snn_top1"] = snn_accuracy(tuned, labelled_set, test_set, info.num_classes, args.temperature,
+                                                  dist, args)
+        common.print0(f"PAWS-NN top-1 after fine-tuning: {extra['finetune_snn_top1']:.4f}")
     if args.supervised_only:  # the baseline's own classifier, the other way it can use its labels
         logits, y = common.extract_features(nn.Sequential(model.backbone, model.projector, model.classifier),
                                             test_set, dist, workers=min(args.workers, 4), args=args)

@@ -2,6 +2,7 @@
 functional ops sample by sample, its random parameters, the epoch's batches, simclr.py trained through it, and
 every method that takes its batches through common.TrainData run on it."""
 
+import dataclasses
 import json
 
 import pytest
@@ -10,11 +11,14 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 from hypothesis import given
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageOps
 
 import byol
 import common
+import dpll
 import instdisc
+import jem
+import paws
 import simclr
 from conftest import run_script
 
@@ -100,6 +104,83 @@ def test_gaussian_blur_with_per_sample_sigma_matches_torchvision(seed, batch, c,
         torch.testing.assert_close(out[b], ref, atol=1e-5, rtol=0)
 
 
+@given(seed=seeds, batch=st.integers(1, 5), c=channels, side=st.integers(4, 14), data=st.data())
+def test_padded_crop_and_flip_match_torchvision_pad_and_crop(seed, batch, c, side, data):
+    pad = data.draw(st.integers(0, side - 1))  # reflection needs a padding smaller than the side
+    size = data.draw(st.integers(1, side + 2 * pad))
+    spec = common.ViewSpec(size, crop="padded", pad=pad, flip=0.5)
+    x = images(seed, batch, c, side, side)
+    p = params_for(spec, batch, side, side, seed)
+    out = common.apply_params(x, p)
+    assert out.shape == (batch, c, size, size)
+    for b in range(batch):
+        padded = TF.pad(x[b], [pad], padding_mode="reflect") if pad else x[b]
+        ref = TF.crop(padded, int(p.top[b]), int(p.left[b]), size, size)
+        ref = TF.horizontal_flip(ref) if p.flip[b] else ref
+        torch.testing.assert_close(out[b], ref, atol=1e-6, rtol=0)
+
+
+def test_padded_crop_offsets_are_distributed_as_torchvision_random_crop_draws_them():
+    n, side, pad = 3000, 12, 4
+    p = params_for(common.ViewSpec(side, crop="padded", pad=pad), n, side, side, seed=3)
+    torch.manual_seed(4)
+    padded = torch.zeros(1, side + 2 * pad, side + 2 * pad)
+    theirs = torch.tensor([T.RandomCrop.get_params(padded, (side, side))[:2] for _ in range(n)])
+    for k, ours in enumerate((p.top, p.left)):
+        assert ours.min() == 0 and ours.max() == 2 * pad
+        assert ks_statistic(ours, theirs[:, k]) < 0.05, k
+    with pytest.raises(ValueError, match="padded by"):  # a crop larger than the padded image cannot be drawn
+        params_for(common.ViewSpec(side + 2 * pad + 1, crop="padded", pad=pad), 2, side, side, seed=0)
+
+
+@given(seed=seeds, batch=st.integers(1, 6), c=channels, side=st.integers(1, 9))
+def test_solarize_with_a_threshold_for_each_sample_matches_torchvision(seed, batch, c, side):
+    x = images(seed, batch, c, side, side)
+    spec = common.ViewSpec(side, crop="padded", solarize=0.7, solarize_range=(0.0, 256 / 255))
+    p = params_for(spec, batch, side, side, seed)
+    out = common.solarize(x, p.threshold, p.solarize)
+    for b in range(batch):
+        t = float(p.threshold[b])  # above 1 (PIL's 255 < t < 256) nothing is solarised: torchvision refuses it
+        ref = TF.solarize(x[b], t) if p.solarize[b] and t <= 1 else x[b]
+        torch.testing.assert_close(out[b], ref, atol=0, rtol=0)
+
+
+def test_solarize_thresholds_are_drawn_for_each_sample_in_their_range():
+    n = 4000
+    p = params_for(common.ViewSpec(4, solarize=0.2, solarize_range=(0.0, 256 / 255)), n, 4, 4, seed=0)
+    t = p.threshold
+    assert t.min() >= 0 and t.max() < 256 / 255 and len(t.unique()) == n
+    assert abs(t.mean().item() - 128 / 255) < 0.02  # uniform: the mean of the range
+
+
+@given(seed=seeds, batch=st.integers(1, 5), c=channels, side=st.integers(2, 12))
+def test_equalize_matches_pil_image_by_image(seed, batch, c, side):
+    x = (images(seed, batch, c, side, side) * 255).round().to(torch.uint8)
+    x[0] = x[0] // 4 + 60  # a low-contrast image, which equalisation stretches
+    mask = torch.rand(batch, generator=torch.Generator().manual_seed(seed)) < 0.5
+    mask[0] = True
+    out = common.equalize(x.float() / 255, mask)
+    for b in range(batch):
+        if mask[b]:
+            pil = Image.fromarray(x[b].permute(1, 2, 0).squeeze(2).numpy())
+            ref = T.functional.pil_to_tensor(ImageOps.equalize(pil)).float() / 255
+        else:
+            ref = x[b].float() / 255
+        torch.testing.assert_close(out[b], ref, atol=1e-6, rtol=0)
+
+
+def test_gaussian_noise_is_added_after_standardisation_per_sample_and_seeded():
+    spec = common.ViewSpec(8, crop="padded", mean=(0.5,) * 3, std=(0.5,) * 3, noise=0.03)
+    x = (images(0, 64, 3, 8, 8) * 255).to(torch.uint8)
+    p = params_for(spec, 64, 8, 8, seed=0)
+    noisy = lambda seed: common.apply_params(x, p, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    clean = (common.apply_params(x, p, standardize=False) - 0.5) / 0.5
+    noise = noisy(1) - clean
+    assert abs(noise.std().item() - 0.03) < 0.002 and abs(noise.mean().item()) < 0.002
+    assert torch.equal(noisy(1), noisy(1)) and not torch.equal(noisy(1), noisy(2))
+    assert not torch.allclose(noise[0], noise[1])  # every sample its own noise
+
+
 def reference_view(x, p, b):
     """Sample b's view through torchvision's functional ops, with the parameters that draw_params chose."""
     spec = p.spec
@@ -115,8 +196,8 @@ def reference_view(x, p, b):
         y = TF.rgb_to_grayscale(y, num_output_channels=y.shape[0])
     if p.sigma[b] > 0:
         y = TF.gaussian_blur(y, [spec.blur_kernel] * 2, [float(p.sigma[b])] * 2)
-    if p.solarize[b]:
-        y = TF.solarize(y, spec.solarize_threshold)
+    if p.solarize[b] and p.threshold[b] <= 1:  # a threshold above 1 solarises nothing (torchvision refuses it)
+        y = TF.solarize(y, float(p.threshold[b]))
     return TF.normalize(y, list(spec.mean), list(spec.std))
 
 
@@ -129,6 +210,26 @@ def test_whole_view_matches_torchvision_sample_by_sample(seed, batch, c, side, s
     out = common.apply_params(x, p)
     for b in range(batch):
         torch.testing.assert_close(out[b], reference_view(x[b].float() / 255, p, b), atol=2e-4, rtol=0)
+
+
+@given(seed=seeds, batch=st.integers(1, 6), c=channels, side=st.integers(8, 20), size=st.integers(6, 16))
+def test_paws_like_view_with_random_thresholds_then_equalize_matches_torchvision(seed, batch, c, side, size):
+    spec = common.ViewSpec(size, **{**SIMCLR_LIKE, "scale": (0.3, 0.75), "grayscale": 0.0}, solarize=0.5,
+                           solarize_range=(0.0, 256 / 255), mean=(0.4,) * c, std=(0.25,) * c)
+    x = (images(seed, batch, c, side, side) * 255).round().to(torch.uint8)
+    p = params_for(spec, batch, side, side, seed)
+    out = common.apply_params(x, p)
+    for b in range(batch):
+        torch.testing.assert_close(out[b], reference_view(x[b].float() / 255, p, b), atol=2e-4, rtol=0)
+    # equalisation comes last, on the 8-bit rounding of the view: the same view with equalize on (and the same
+    # draws otherwise) is common.equalize of the view without it, tested against PIL above. (Compared with
+    # torchvision's whole pipeline, a value within 1e-5 of a rounding boundary may land in the next 8-bit level,
+    # which moves the equaliser's look-up table: no tolerance fits that.)
+    equalized = common.ViewParams(**{**vars(p), "spec": dataclasses.replace(spec, equalize=1.0),
+                                     "equalize": torch.rand(batch, generator=torch.Generator().manual_seed(seed)) < 0.5})
+    plain = common.apply_params(x, p, standardize=False)
+    expected = (common.equalize(plain, equalized.equalize) - 0.4) / 0.25
+    torch.testing.assert_close(common.apply_params(x, equalized), expected, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------- parameters
@@ -234,6 +335,35 @@ def test_byol_asymmetric_views_translate_to_two_different_specs():
                          std=info.std)
     assert first == common.ViewSpec(32, blur=1.0, solarize=0.0, **common_fields)
     assert second == common.ViewSpec(32, blur=0.1, solarize=0.2, solarize_threshold=128 / 255, **common_fields)
+
+
+def test_paws_views_translate_with_their_multicrop_sizes_random_thresholds_and_equalize():
+    info = common.DATASETS["cifar10"]
+    views, support_view = paws.paws_views(info, 32, 2, 0.5)
+    specs = common.view_specs(views)
+    colour = dict(flip=0.5, brightness=(0.6, 1.4), contrast=(0.6, 1.4), saturation=(0.6, 1.4), hue=(-0.1, 0.1),
+                  jitter=0.8, solarize=0.2, solarize_range=(0.0, 256 / 255), equalize=0.2, mean=info.mean,
+                  std=info.std)
+    assert specs[:2] == [common.ViewSpec(32, scale=(0.75, 1.0), **colour)] * 2
+    assert specs[2:] == [common.ViewSpec(18, scale=(0.3, 0.75), **colour)] * 2
+    assert common.view_specs(support_view) == specs[:1]
+    flip_only = common.ViewSpec(32, crop="padded", flip=0.5, mean=info.mean, std=info.std)
+    assert common.view_specs(paws.finetune_view(info, 32)) == [flip_only]  # a crop of the whole image
+
+
+def test_jem_view_translates_to_a_padded_crop_with_noise_and_dpll_strong_view_is_refused():
+    info = common.DATASETS["cifar10"]
+    spec = common.ViewSpec.from_torchvision(jem.jem_augment(info, 32, 0.03))
+    assert spec == common.ViewSpec(32, crop="padded", pad=4, flip=0.5, mean=(0.5,) * 3, std=(0.5,) * 3, noise=0.03)
+    weak, strong = dpll.dpll_views(info, 32, dpll.augment_recipe("cifar10", info, 32))
+    assert common.ViewSpec.from_torchvision(weak) == common.ViewSpec(32, crop="padded", pad=4, flip=0.5,
+                                                                     mean=info.mean, std=info.std)
+    with pytest.raises(ValueError, match="no batched version of Cutout"):
+        common.ViewSpec.from_torchvision(strong)
+    for unsupported in (T.RandomCrop(8, padding=2), T.Compose([T.Pad(2), T.RandomCrop(8)]),  # constant padding
+                        T.Compose([T.Pad(2, padding_mode="reflect"), T.RandomResizedCrop(8)])):
+        with pytest.raises(ValueError):
+            common.ViewSpec.from_torchvision(unsupported)
 
 
 def test_instdisc_view_translates_with_its_flip_left_out_or_put_last():
@@ -416,6 +546,8 @@ DEVICE_METHODS = {
     "byol.py": ["--proj-hidden-dim", "64", "--proj-dim", "32"],
     "simsiam.py": ["--proj-dim", "64", "--pred-dim", "16"],
     "instdisc.py": ["--nce-k", "32"],
+    "paws.py": ["--num-labels", "40", "--supports-per-class", "2", "--multicrop", "1", "--finetune-epochs", "1"],
+    "jem.py": ["--sgld-steps", "2", "--buffer-size", "256"],
 }
 
 
@@ -443,8 +575,9 @@ def test_each_method_trains_an_epoch_on_the_device_data_path(method, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "training data on cpu: 128 images" in out.stdout, out.stdout[-2000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1] and rows[-1]["loss"] is not None
-    assert torch.isfinite(torch.tensor(rows[-1]["loss"]))
+    finetuned = [2] if method == "paws.py" else []  # and a line for its epoch of fine-tuning
+    assert [r["epoch"] for r in rows] == [0, 1] + finetuned and rows[1]["loss"] is not None
+    assert torch.isfinite(torch.tensor(rows[1]["loss"]))
     assert json.loads((run / "results.json").read_text())["knn_top1"] is not None
 
 

@@ -443,6 +443,128 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Fine-tuning: the SuNCEt loss, two processes against one, the run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def suncet_reference(z_S, y_S, tau, rows):
+    """SuNCEt written out support by support: p_i = sum_{j != i} w_ij y_j / sum_{j != i} w_ij with
+    w_ij = exp(cos(z_i, z_j) / tau), loss = mean over the anchor rows of -sum_k y_ik log p_ik."""
+    losses = []
+    for i in rows:
+        w = [math.exp(float(torch.dot(z_S[i], z_S[j]) / (z_S[i].norm() * z_S[j].norm())) / tau)
+             for j in range(len(z_S))]
+        total = sum(w[j] for j in range(len(z_S)) if j != i)
+        p = [sum(w[j] * float(y_S[j, c]) for j in range(len(z_S)) if j != i) / total for c in range(y_S.shape[1])]
+        losses.append(-sum(float(y_S[i, c]) * math.log(p[c]) for c in range(y_S.shape[1]) if y_S[i, c] > 0))
+    return sum(losses) / len(losses)
+
+
+@given(k=st.integers(2, 4), data=st.data(), d=st.integers(2, 6), tau=st.floats(0.2, 1.0),
+       smoothing=st.floats(0.0, 0.5), seed=seeds)
+def test_suncet_loss_equals_a_transcription_with_each_support_left_out(k, data, d, tau, smoothing, seed):
+    s = data.draw(st.integers(2 * k, 12))  # every class with two supports at least: no p = 0 without smoothing
+    z_S = embeddings(seed, s, d)
+    y = torch.arange(s)[torch.randperm(s, generator=torch.Generator().manual_seed(seed))] % k
+    y_S = paws.smooth_labels(y, k, smoothing).double()
+    offset = data.draw(st.integers(0, s - 1))
+    local = data.draw(st.integers(1, s - offset))  # this process's rows: offset .. offset + local
+    got = paws.suncet_loss(z_S[offset:offset + local], z_S, y_S, tau, offset=offset)
+    assert got.item() == pytest.approx(suncet_reference(z_S, y_S, tau, range(offset, offset + local)), rel=1e-9)
+
+
+def test_suncet_loss_never_counts_a_support_as_its_own_neighbour():
+    # two supports of two classes: left out, each is predicted from the other alone, which has the wrong class
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    y = torch.eye(2, dtype=torch.float64)
+    assert paws.suncet_loss(z, z, y, 0.1).item() > 700  # -log(p = 0), clamped at the smallest float64
+    y_same = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)  # the same class: predicted for sure
+    assert paws.suncet_loss(z, z, y_same, 0.1).item() == pytest.approx(0.0, abs=1e-12)
+
+
+@given(s=st.integers(3, 6), k=st.integers(2, 3), d=st.integers(2, 4), tau=st.floats(0.2, 1.0), seed=seeds)
+def test_suncet_gradient_matches_finite_differences_in_float64(s, k, d, tau, seed):
+    z_S = embeddings(seed, s, d).requires_grad_()
+    y_S = paws.smooth_labels(random_labels(seed, s, k), k, 0.1).double()
+    assert torch.autograd.gradcheck(lambda z: paws.suncet_loss(z, z, y_S, tau), (z_S,))
+
+
+def test_suncet_loss_is_float32_under_bf16_autocast():
+    z = torch.randn(8, 4, dtype=torch.bfloat16)
+    y = paws.smooth_labels(torch.arange(8) % 4, 4, 0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert paws.suncet_loss(z, z, y, 0.1).dtype == torch.float32
+
+
+def _suncet_step(model, support_views, y, rank=0):
+    """The fine-tuning step as paws.finetune does it (2 support views, 4 classes, one-hot labels)."""
+    z = model(torch.cat(support_views))
+    z_S = common.gather_with_grad(z)
+    loss = paws.suncet_loss(z, z_S, paws.support_labels(y, 2, 4, 0.0), 0.5, offset=rank * len(z))
+    loss.backward()
+    return loss.detach()
+
+
+def _ddp_finetune_worker(rank, store, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(_Encoder())
+    _, support_views, y = _batch()
+    _, share_views, share_y = _halves([], support_views, y, rank)
+    loss = _suncet_step(model, share_views, share_y, rank)
+    torch.save({"loss": loss, "grads": {k: p.grad for k, p in model.module.named_parameters()}}, f"{out}/{rank}.pt")
+    torch_dist.destroy_process_group()
+
+
+def test_finetuning_two_processes_on_halves_equal_one_process_on_all_supports(tmp_path):
+    mp.spawn(_ddp_finetune_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
+    torch.manual_seed(0)
+    model = _Encoder()
+    _, support_views, y = _batch()
+    loss = _suncet_step(model, support_views, y)
+    got = [torch.load(tmp_path / f"{rank}.pt") for rank in range(WORLD)]
+    # each process averages over its own supports: the one-process loss is the mean of the two
+    assert (got[0]["loss"] + got[1]["loss"]).item() / 2 == pytest.approx(loss.item(), rel=1e-6)
+    for rank in range(WORLD):
+        for name, p in model.named_parameters():
+            assert torch.allclose(got[rank]["grads"][name], p.grad, rtol=1e-5, atol=1e-7), name
+
+
+FINETUNE_RUN = ["--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64", "--workers", "0", "--num-labels",
+                "100", "--supports-per-class", "4", "--multicrop", "2", "--epochs", "1", "--probe-epochs", "0",
+                "--eval-every", "0"]
+
+
+def test_finetuning_runs_after_training_keeps_batchnorm_statistics_and_resumes_exactly(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    out = run_script("paws.py", *FINETUNE_RUN, "--finetune-epochs", "3", "--out-dir", whole)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((whole / "results.json").read_text())
+    assert 0 <= r["finetune_snn_top1"] <= 1 and "PAWS-NN top-1 after fine-tuning" in out.stdout
+    rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1, 2, 3, 4]  # the untrained network, training, fine-tuning
+    assert all(math.isfinite(row["finetune_loss"]) for row in rows[2:])
+    state = torch.load(whole / "checkpoint.pt", weights_only=True)
+    trained, tuned = state["model"], state["finetuned"]
+    # BatchNorm is frozen in eval mode: the running statistics are training's; the weights have moved
+    stats = [k for k in trained if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(trained[k], tuned[k]) for k in stats)
+    assert any(not torch.equal(trained[k], tuned[k]) for k in trained if k.endswith("weight"))
+
+    # training alone, then --resume with fine-tuning: the same fine-tuned weights as the run in one go
+    out = run_script("paws.py", *FINETUNE_RUN, "--out-dir", parts)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "finetuned" not in torch.load(parts / "checkpoint.pt", weights_only=True)
+    out = run_script("paws.py", *FINETUNE_RUN, "--finetune-epochs", "3", "--out-dir", parts, "--resume")
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = torch.load(parts / "checkpoint.pt", weights_only=True)["finetuned"]
+    assert all(torch.equal(tuned[k], resumed[k]) for k in tuned)
+    assert json.loads((parts / "results.json").read_text())["finetune_snn_top1"] == r["finetune_snn_top1"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Model, views, arguments
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -485,7 +607,8 @@ def test_supervised_only_baseline_reports_its_classifier(tmp_path):
 
 def test_args_reject_bad_values():
     for bad in (dict(temperature=0.0), dict(sharpen=-1.0), dict(label_smoothing=1.0), dict(classes_per_batch=1),
-                dict(supports_per_class=0), dict(multicrop=-1), dict(support_views=0), dict(start_lr=-1.0)):
+                dict(supports_per_class=0), dict(multicrop=-1), dict(support_views=0), dict(start_lr=-1.0),
+                dict(finetune_epochs=-1), dict(finetune_lr=0.0), dict(finetune_final_lr=-0.1)):
         with pytest.raises(ValueError):
             paws.Args(**bad).check()
     paws.Args().check()
