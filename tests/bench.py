@@ -8,8 +8,10 @@ For each method (--method; entries in METHODS), in images per second, each the m
                     its loader (SimCLR, SupCon, SimSiam: forward and backward over both views; BYOL: the same for
                     the online network plus the target's forward; MoCo: the query encoder's forward and backward
                     over one view plus the key encoder's forward over the other, both ways with its --symmetric;
-                    InstDisc: forward and backward over its one view), the loss and the optimiser step; no data
-                    loading, no augmentation
+                    InstDisc: forward and backward over its one view; PAWS: forward and backward over the two
+                    global views with the supports, and over the multi-crops; JEM: the SGLD chains from its
+                    replay buffer and the forward and backward over data and samples), the loss and the
+                    optimiser step; no data loading, no augmentation
   step, device data the method's own train_one_epoch over --steps batches from the training set held on the
                     device, views made there by batched augmentation (common.TrainData, --data-path device)
   step, CPU data    the same over the CPU DataLoader with the PIL views and --workers processes (--data-path cpu)
@@ -45,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import byol  # noqa: E402
 import common  # noqa: E402
 import instdisc  # noqa: E402
+import jem  # noqa: E402
 import moco  # noqa: E402
+import paws  # noqa: E402
 import simclr  # noqa: E402
 import simsiam  # noqa: E402
 import supcon  # noqa: E402
@@ -241,8 +245,63 @@ def instdisc_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, i
     return Entry(views, step, floor, indexed=True)
 
 
+def paws_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, images: int) -> Entry:
+    """Every training image is labelled here, so the supports (10 classes x 64 x 2 views a step, the default)
+    come from the same images, through the same path as the unlabelled batch: the step's rows time both."""
+    args = method_args(paws.Args, bench)
+    views, support_view = paws.paws_views(info, size, args.multicrop, args.jitter_strength)
+    support_views = common.MultiView([support_view] * args.support_views)
+    model = common.prepare_model(paws.PAWS(common.build_backbone(args.arch, info.channels, size), args.proj_dim),
+                                 args, dist)
+    optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum,
+                            eta=args.lars_eta)
+    net = common.distribute(model, args, dist)
+    progress = common.Progress(1, 0, 0, float("inf"), dist)
+    supports = {}
+    for path in ("device", "cpu"):
+        support_args = dataclasses.replace(args, data_path=path, seed=1)
+        supports[path] = common.TrainData(training_set(bench, bench.data_args, support_views), support_views,
+                                          support_args, dist)
+    fixed_supports = next(iter(paws.support_loader(supports["device"], args, dist, 0, 1)))
+
+    def step(loader):
+        path = "device" if loader.on_device else "cpu"
+        paws.train_one_epoch(net, loader, paws.support_loader(supports[path], args, dist, 0, len(loader)),
+                             optimizer, lambda _: args.lr, args, dist, 0, progress)
+
+    def floor(views):  # the step without its loaders: one fixed unlabelled batch and one fixed batch of supports
+        paws.train_one_epoch(net, [(views, None)], [fixed_supports], optimizer, lambda _: args.lr, args, dist, 0,
+                             progress)
+
+    return Entry(views, step, floor)
+
+
+def jem_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, images: int) -> Entry:
+    """JEM's default objective: each step runs --sgld-steps (20) forward and backward passes for the replay
+    buffer's samples besides the one over the batch, so the data path weighs little here."""
+    args = method_args(jem.Args, bench)
+    views = jem.jem_augment(info, size, args.sigma)
+    backbone = common.build_backbone(args.arch, info.channels, size, norm=args.norm, act="leaky")
+    model = jem.JEM(jem.without_batchnorm(backbone) if args.norm == "none" else backbone, info.num_classes)
+    model = common.prepare_model(model, args, dist)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    buffer = jem.ReplayBuffer(args.buffer_size, (info.channels, size, size), args.reinit_freq, dist.device)
+    net = common.distribute(model, args, dist)
+    progress = common.Progress(1, 0, 0, float("inf"), dist)
+    labels = torch.arange(bench.batch_size, device=dist.device) % info.num_classes  # the floor's fixed labels
+
+    def step(loader):
+        jem.train_one_epoch(net, model, loader, optimizer, lambda _: args.lr, buffer, None, args, dist, 0, progress)
+
+    def floor(x):  # the step without its loader: SGLD from the buffer, forward and backward, one fixed batch
+        jem.train_one_epoch(net, model, [(x, labels[:len(x)])], optimizer, lambda _: args.lr, buffer, None, args,
+                            dist, 0, progress)
+
+    return Entry(views, step, floor)
+
+
 METHODS = {"simclr": simclr_entry, "supcon": supcon_entry, "moco": moco_entry, "byol": byol_entry,
-           "simsiam": simsiam_entry, "instdisc": instdisc_entry}
+           "simsiam": simsiam_entry, "instdisc": instdisc_entry, "paws": paws_entry, "jem": jem_entry}
 
 
 class Batches:
@@ -253,6 +312,7 @@ class Batches:
     each measurement, so no worker runs in the background of another row)."""
 
     def __init__(self, train_data: common.TrainData, epoch: int, k: int, skip: int = 0):
+        self.on_device = train_data.on_device
         self.batches = itertools.chain.from_iterable(train_data.loader(e) for e in itertools.count(epoch))
         for _ in range(skip):
             next(self.batches)
@@ -295,6 +355,7 @@ def run(bench) -> dict:
     results = {"config": {**vars(bench), "device": str(dist.device), "torch": torch.__version__,
                           "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "image_size": size}}
     images = len(training_set(bench, data_args, None))  # InstDisc's memory bank has a row per image
+    bench.data_args = data_args  # for entries with a second training set (PAWS's supports)
     for method in bench.method:
         entry = METHODS[method](bench, info, size, dist, images)
         train_set = training_set(bench, data_args, entry.views)

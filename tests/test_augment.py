@@ -80,6 +80,19 @@ def test_each_jitter_step_matches_torchvision_per_sample_factor(name, seed, batc
     assert torch.equal(out[0], x[0]), "the identity factor leaves the image exactly as it is"
 
 
+@given(seed=seeds, batch=st.integers(1, 12), c=channels, side=st.integers(1, 9), jitter=st.floats(0.0, 1.0))
+def test_jitter_grouped_by_step_equals_every_step_on_the_whole_batch(seed, batch, c, side, jitter):
+    """The CPU's way (each step on the samples it changes) and the GPU's (every step on the whole batch, identity
+    factors elsewhere) give the same views, bit for bit; unjittered samples come out untouched."""
+    spec = common.ViewSpec(side, **{**SIMCLR_LIKE, "jitter": jitter})
+    x = images(seed, batch, c, side, side)
+    p = params_for(spec, batch, side, side, seed)
+    grouped = common.color_jitter(x, p.jitter, p.order, grouped=True)
+    assert torch.equal(grouped, common.color_jitter(x, p.jitter, p.order, grouped=False))
+    untouched = (p.jitter == torch.tensor([1.0, 1.0, 1.0, 0.0])).all(1)
+    assert torch.equal(grouped[untouched], x[untouched])
+
+
 @given(seed=seeds, batch=st.integers(1, 6), c=channels, side=st.integers(1, 9))
 def test_grayscale_and_solarize_match_torchvision(seed, batch, c, side):
     x = images(seed, batch, c, side, side)
