@@ -532,9 +532,9 @@ def test_finetuning_two_processes_on_halves_equal_one_process_on_all_supports(tm
             assert torch.allclose(got[rank]["grads"][name], p.grad, rtol=1e-5, atol=1e-7), name
 
 
-FINETUNE_RUN = ["--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64", "--workers", "0", "--num-labels",
-                "100", "--supports-per-class", "4", "--multicrop", "2", "--epochs", "1", "--probe-epochs", "0",
-                "--eval-every", "0"]
+FINETUNE_RUN = ["--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64", "--workers", "0", "--subset", "256",
+                "--eval-subset", "128", "--knn-k", "10", "--num-labels", "100", "--supports-per-class", "4",
+                "--multicrop", "1", "--epochs", "1", "--probe-epochs", "0", "--eval-every", "0"]
 
 
 def test_finetuning_runs_after_training_keeps_batchnorm_statistics_and_resumes_exactly(tmp_path):
