@@ -306,6 +306,9 @@ class Diverged(Exception):
     pass
 
 
+DIVERGENCE_CHECK = 50  # steps between the reads of the divergence flag from the device
+
+
 def train_one_epoch(net, model, loader, optimizer, lr_at, buffer, queue, args: Args, dist: common.Dist, epoch: int,
                     progress: common.Progress) -> float:
     """One pass over this process's share of the data; returns the epoch's mean loss (global batch). Raises Diverged.
@@ -313,6 +316,8 @@ def train_one_epoch(net, model, loader, optimizer, lr_at, buffer, queue, args: A
     net.train()
     sgld, hdge = buffer is not None, queue is not None
     total = torch.zeros((), device=dist.device)
+    bad_step = torch.full((), -1, device=dist.device)  # the first step of this epoch with a bad loss (-1: none yet)
+    bad_loss = torch.zeros((), device=dist.device)  # its loss
     for i, (x, y) in enumerate(loader):
         step = epoch * len(loader) + i
         lr = common.set_lr(optimizer, lr_at(step))
@@ -333,16 +338,28 @@ def train_one_epoch(net, model, loader, optimizer, lr_at, buffer, queue, args: A
             loss = loss + args.hdge_weight * hdge_loss(logits, y, queue.logits, args.hdge_temperature,
                                                        args.hdge_mask == "official")
             queue.push(common.gather_no_grad(logits.detach().float()))  # the global batch, after its use
-        # divergence: every process stops together, before the update, so no bad weights are ever saved
-        bad = (~torch.isfinite(loss.detach()) | (loss.detach().abs() > args.diverge_at)).float()
-        if common.all_reduce_mean(bad).item() > 0:
-            raise Diverged(f"loss {loss.item():.4g} at epoch {epoch + 1} step {i + 1}")
+        # divergence: the first bad step is noted on the device (no host synchronisation inside the step) ...
+        bad = ~torch.isfinite(loss.detach()) | (loss.detach().abs() > args.diverge_at)
+        first = bad & (bad_step < 0)
+        bad_step, bad_loss = torch.where(first, i, bad_step), torch.where(first, loss.detach(), bad_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += loss.detach()
         progress.update(epoch, i, loss, lr, n * dist.world_size)
+        # ... and read back every DIVERGENCE_CHECK steps and at the end of the epoch, before any checkpoint: every
+        # process stops together, and the weights after a bad step are never saved
+        if (i + 1) % DIVERGENCE_CHECK == 0 or i + 1 == len(loader):
+            check_divergence(bad_step, bad_loss, epoch, dist)
     return common.all_reduce_mean(total / len(loader)).item()
+
+
+def check_divergence(bad_step: torch.Tensor, bad_loss: torch.Tensor, epoch: int, dist: common.Dist):
+    """Raise Diverged on every process when any process has met a bad loss (one host read)."""
+    worst = common.all_reduce_mean((bad_step >= 0).float())
+    if worst.item() > 0:
+        where = f"at epoch {epoch + 1} step {bad_step.item() + 1}" if bad_step >= 0 else f"in epoch {epoch + 1}"
+        raise Diverged(f"loss {bad_loss.item():.4g} {where}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
