@@ -1,4 +1,5 @@
-"""Shared test set-up: the repository root on sys.path, Hypothesis profiles, helpers to run the scripts."""
+"""Shared test set-up: the repository root on sys.path, Hypothesis profiles, helpers to run the scripts, and the
+two-process (gloo) harness of the checks that two processes on halves of a batch equal one on the whole batch."""
 
 import os
 import subprocess
@@ -7,6 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
 from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,3 +50,43 @@ def cifar10():
     if not (CIFAR10 / "train").is_dir():
         pytest.skip(f"CIFAR-10 image folder not found at {CIFAR10}")
     return CIFAR10
+
+
+# ---- two processes on the CPU (gloo) -------------------------------------------------------------------------------
+
+WORLD = 2
+
+
+def init_gloo(rank, store):
+    """Join process `rank` to a WORLD-process gloo group on the file `store`, with the environment variables the
+    scripts read (common.Dist) and one thread, so that the two processes do not compete for the cores."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+
+
+def spawn(worker, tmp_path, *args) -> list:
+    """Run worker(rank, store, out, *args) in WORLD processes; returns what each saved to out/{rank}.pt, by rank.
+    The worker must be a top-level function of its test module: mp.spawn pickles it by reference."""
+    mp.spawn(worker, args=(str(tmp_path / "store"), str(tmp_path), *args), nprocs=WORLD)
+    return [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
+
+
+def shard(x, rank):
+    """Process `rank`'s contiguous share of the rows of x: the shares, in rank order, are x again."""
+    n = x.shape[0] // WORLD
+    return x[rank * n:(rank + 1) * n]
+
+
+class TwoLayerEncoder(nn.Module):
+    """A BatchNorm-free network: BatchNorm would normalise each process's half on its own, so without it one process
+    on the whole batch and two on halves compute the same function."""
+
+    out_dim = 8  # the feature size, as a backbone gives it (moco.MoCo reads it)
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.Tanh(), nn.Linear(16, self.out_dim))
+
+    def forward(self, x):
+        return self.net(x)

@@ -3,19 +3,17 @@ the target, two processes against one, and the learning check."""
 
 import json
 import math
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
 import byol
 import common
-from conftest import run_script
+from conftest import init_gloo, run_script, shard, spawn
 
 seeds = st.integers(0, 2**31 - 1)
 
@@ -273,8 +271,6 @@ def test_args_reject_bad_values():
 
 # ---------------------------------------------------------------------------------------------------- distributed
 
-WORLD = 2
-
 
 def toy_byol():
     """BYOL on a BatchNorm-free toy encoder, its heads' BatchNorm removed too, so that the two-process check is about
@@ -310,12 +306,10 @@ def byol_step(net, model, x1, x2, tau):
 
 
 def _ddp_worker(rank, store, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    init_gloo(rank, store)
     model = toy_byol()
     net = nn.parallel.DistributedDataParallel(model)
-    x1, x2 = (x[rank * 4:(rank + 1) * 4] for x in toy_batch())
+    x1, x2 = (shard(x, rank) for x in toy_batch())
     loss, grads = byol_step(net, model, x1, x2, 0.9)
     torch.save({"loss": common.all_reduce_mean(loss), "grads": grads, "state": model.state_dict()},
                f"{out}/{rank}.pt")
@@ -323,11 +317,10 @@ def _ddp_worker(rank, store, out):
 
 
 def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
+    results = spawn(_ddp_worker, tmp_path)
     model = toy_byol()
     loss, grads = byol_step(model, model, *toy_batch(), 0.9)
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"{rank}.pt")
+    for got in results:
         assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-6)  # mean of the halves' means
         for name, g in grads.items():
             assert torch.allclose(got["grads"][name], g, rtol=1e-5, atol=1e-7), name

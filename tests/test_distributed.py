@@ -1,31 +1,13 @@
 """Two gloo processes on the CPU against one process on the whole batch (gather_with_grad, NT-Xent under DDP)."""
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import common  # noqa: E402
-import simclr  # noqa: E402
-
-WORLD = 2
-
-
-def _init(rank, store):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-
-
-def _rows(x, rank):
-    n = x.shape[0] // WORLD
-    return x[rank * n:(rank + 1) * n]
+import common
+import simclr
+from conftest import TwoLayerEncoder, init_gloo, shard, spawn
 
 
 def _full_x():
@@ -37,8 +19,8 @@ def _f(x):  # a loss that couples every row with every other
 
 
 def _gather_worker(rank, store, out):
-    _init(rank, store)
-    x = _rows(_full_x(), rank).clone().requires_grad_(True)
+    init_gloo(rank, store)
+    x = shard(_full_x(), rank).clone().requires_grad_(True)
     # process r weighs its loss by (r + 1): the gradient of the global loss (sum over processes) for x's rows
     # is (1 + 2) * df/dx; returning only this process's slice of its own gradient would give (r + 1) * df/dx
     loss = (rank + 1) * _f(common.gather_with_grad(x))
@@ -49,25 +31,13 @@ def _gather_worker(rank, store, out):
 
 
 def test_gather_with_grad_returns_the_global_gradient(tmp_path):
-    mp.spawn(_gather_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
+    results = spawn(_gather_worker, tmp_path)
     full = _full_x().requires_grad_(True)
     _f(full).backward()
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"{rank}.pt")
+    for rank, got in enumerate(results):
         assert torch.equal(got["gathered"], _full_x())
-        assert torch.allclose(got["grad"], 3 * _rows(full.grad, rank), rtol=1e-12)
+        assert torch.allclose(got["grad"], 3 * shard(full.grad, rank), rtol=1e-12)
         assert got["mean"].item() == 0.5
-
-
-class _Encoder(nn.Module):
-    """A BatchNorm-free network, so that one process on 2n images and two on n each compute the same function."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.Tanh(), nn.Linear(16, 8))
-
-    def forward(self, x):
-        return self.net(x)
 
 
 def _batch():
@@ -84,24 +54,23 @@ def _simclr_step(model, x1, x2, tau):
 
 
 def _ddp_worker(rank, store, out):
-    _init(rank, store)
+    init_gloo(rank, store)
     torch.manual_seed(0)
-    model = nn.parallel.DistributedDataParallel(_Encoder())
+    model = nn.parallel.DistributedDataParallel(TwoLayerEncoder())
     x1, x2 = _batch()
-    loss = _simclr_step(model, _rows(x1, rank), _rows(x2, rank), 0.5)
+    loss = _simclr_step(model, shard(x1, rank), shard(x2, rank), 0.5)
     grads = {k: p.grad for k, p in model.module.named_parameters()}
     torch.save({"loss": loss.detach(), "grads": grads}, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
+    results = spawn(_ddp_worker, tmp_path)
     torch.manual_seed(0)
-    model = _Encoder()
+    model = TwoLayerEncoder()
     x1, x2 = _batch()
     loss = _simclr_step(model, x1, x2, 0.5)
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"{rank}.pt")
+    for got in results:
         assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
         for name, p in model.named_parameters():
             assert torch.allclose(got["grads"][name], p.grad, rtol=1e-5, atol=1e-7), name

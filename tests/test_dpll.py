@@ -3,12 +3,10 @@ weight ramp, the views, two processes against one, and (slow) learning from cand
 
 import json
 import math
-import os
 
 import pytest
 import torch
 import torch.distributed as torch_dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torchvision.transforms as T
 from hypothesis import given
@@ -16,7 +14,7 @@ from hypothesis import strategies as st
 
 import common
 import dpll
-from conftest import run_script
+from conftest import WORLD, init_gloo, run_script, shard, spawn
 
 seeds = st.integers(0, 2**31 - 1)
 
@@ -348,7 +346,6 @@ def test_args_reject_bad_values():
 # two processes against one
 # ---------------------------------------------------------------------------------------------------------------
 
-WORLD = 2
 N, K = 8, 5
 
 
@@ -382,22 +379,18 @@ def _step(model, views, index, S, targets):
 
 
 def _worker(rank, store, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    torch_dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    init_gloo(rank, store)
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(dpll.Classifier(_Backbone(), K))
     views, index, S, targets = _problem()
-    n = N // WORLD
-    mine = slice(rank * n, (rank + 1) * n)
-    loss = _step(model, [v[mine] for v in views], index[mine], S, targets)
+    loss = _step(model, [shard(v, rank) for v in views], shard(index, rank), S, targets)
     torch.save({"loss": loss.detach(), "targets": targets,
                 "grads": {k: p.grad for k, p in model.module.named_parameters()}}, f"{out}/{rank}.pt")
     torch_dist.destroy_process_group()
 
 
 def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
+    got = spawn(_worker, tmp_path)
     torch.manual_seed(0)
     model = dpll.Classifier(_Backbone(), K)
     views, index, S, targets = _problem()
@@ -405,7 +398,6 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
     loss = _step(model, views, index, S, targets)
     changed = (targets != before).any(1)
     assert changed[index].all() and not changed[~torch.isin(torch.arange(2 * N), index)].any()
-    got = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
     # the mean over the whole batch is the mean of the halves' means; DDP averages the gradients
     assert (got[0]["loss"] + got[1]["loss"]).item() / 2 == pytest.approx(loss.item(), rel=1e-6)
     for r in range(WORLD):

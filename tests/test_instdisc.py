@@ -4,12 +4,10 @@ hand-written backward, the alias sampler, the memory bank, two processes against
 import copy
 import json
 import math
-import os
 
 import pytest
 import torch
 import torch.distributed as torch_dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given
@@ -17,7 +15,7 @@ from hypothesis import strategies as st
 
 import common
 import instdisc
-from conftest import run_script
+from conftest import WORLD, init_gloo, run_script, shard, spawn
 
 INFO = common.DATASETS["synthetic"]  # the channel mean and std the adversarial view is made with
 temperatures = st.floats(0.05, 1.0)
@@ -314,8 +312,6 @@ def test_bank_state_round_trips():
 
 # ---------------------------------------------------------------------------------------------------- two processes
 
-WORLD = 2
-
 
 # (nce_k, proximal, adv_eps): the full softmax, NCE with the proximal term, and each with CLAE's adversarial view
 # (each image's view depends on its own loss only, without BatchNorm, so the split of the batch does not matter)
@@ -323,24 +319,23 @@ CONFIGS = [(0, 0.0, 0.0), (6, 3.0, 0.0), (0, 0.0, 0.05), (6, 0.0, 0.05)]
 
 
 def _worker(rank, store, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    torch_dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    init_gloo(rank, store)
+    saved = {}
     for nce_k, proximal, adv_eps in CONFIGS:
         model, bank, sampler, rng, args = _setup(nce_k, proximal, adv_eps)
         net = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         x, i = _batch()
-        half = slice(rank * 4, (rank + 1) * 4)
-        losses = [instdisc.train_step(net, model, bank, sampler, rng, opt, x[half], i[half], args,
+        losses = [instdisc.train_step(net, model, bank, sampler, rng, opt, shard(x, rank), shard(i, rank), args,
                                       common.Dist(rank, WORLD), INFO) for _ in range(2)]  # step 2 reads step 1's bank
-        torch.save({"losses": torch.stack(losses), "bank": bank.memory, "Z": bank.Z,
-                    "params": model.state_dict()}, f"{out}/{nce_k}-{adv_eps}-{rank}.pt")
+        saved[f"{nce_k}-{adv_eps}"] = {"losses": torch.stack(losses), "bank": bank.memory, "Z": bank.Z,
+                                       "params": model.state_dict()}
+    torch.save(saved, f"{out}/{rank}.pt")
     torch_dist.destroy_process_group()
 
 
 def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
+    results = spawn(_worker, tmp_path)
     for nce_k, proximal, adv_eps in CONFIGS:
         model, bank, sampler, rng, args = _setup(nce_k, proximal, adv_eps)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -348,8 +343,8 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
         losses = torch.stack([instdisc.train_step(model, model, bank, sampler, rng, opt, x, i, args, common.Dist(),
                                                   INFO)
                               for _ in range(2)])
-        for rank in range(WORLD):
-            got = torch.load(tmp_path / f"{nce_k}-{adv_eps}-{rank}.pt")
+        for saved in results:
+            got = saved[f"{nce_k}-{adv_eps}"]
             assert torch.allclose(got["bank"], bank.memory, atol=1e-6)  # the same global bank on every process
             assert got["Z"] == pytest.approx(bank.Z, rel=1e-6)
             assert torch.allclose(got["losses"], losses, rtol=1e-5)

@@ -3,12 +3,10 @@ and the global batch over two processes."""
 
 import json
 import math
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given
@@ -16,7 +14,7 @@ from hypothesis import strategies as st
 
 import common
 import moco
-from conftest import run_script
+from conftest import WORLD, TwoLayerEncoder, init_gloo, run_script, shard, spawn
 
 temperatures = st.floats(0.05, 2.0)
 seeds = st.integers(0, 2**31 - 1)
@@ -108,22 +106,9 @@ def test_float32_under_bf16_autocast(n, d, k, tau, seed):
 # ---- model: queue, momentum encoder, split BN ---------------------------------------------------------------------
 
 
-class _Encoder(nn.Module):
-    """BatchNorm-free, so one process on 2n images and two on n each compute the same function."""
-
-    out_dim = 8
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.Tanh(), nn.Linear(16, 8))
-
-    def forward(self, x):
-        return self.net(x)
-
-
 @given(n=st.integers(1, 4), ratio=st.integers(1, 4), steps=st.integers(1, 12), d=st.integers(1, 4), seed=seeds)
 def test_queue_holds_exactly_the_newest_keys_in_order(n, ratio, steps, d, seed):
-    model = moco.MoCo(_Encoder(), proj_dim=d, queue_size=n * ratio)
+    model = moco.MoCo(TwoLayerEncoder(), proj_dim=d, queue_size=n * ratio)
     g = torch.Generator().manual_seed(seed)
     batches = [torch.randn(n, d, generator=g) for _ in range(steps)]
     for keys in batches:
@@ -139,13 +124,13 @@ def test_queue_holds_exactly_the_newest_keys_in_order(n, ratio, steps, d, seed):
 
 
 def test_initial_queue_is_unit_keys_and_lives_in_the_state_dict():
-    model = moco.MoCo(_Encoder(), proj_dim=5, queue_size=12)
+    model = moco.MoCo(TwoLayerEncoder(), proj_dim=5, queue_size=12)
     assert model.queue.shape == (5, 12)
     assert torch.allclose(model.queue.norm(dim=0), torch.ones(12))
     state = model.state_dict()
     assert {"queue", "queue_ptr"} <= set(state) and any(key.startswith("encoder_k.") for key in state)
     model.dequeue_and_enqueue(torch.ones(4, 5))
-    other = moco.MoCo(_Encoder(), proj_dim=5, queue_size=12)
+    other = moco.MoCo(TwoLayerEncoder(), proj_dim=5, queue_size=12)
     other.load_state_dict(model.state_dict())  # what a resumed run does
     assert torch.equal(other.queue, model.queue) and int(other.queue_ptr) == 4
 
@@ -153,7 +138,7 @@ def test_initial_queue_is_unit_keys_and_lives_in_the_state_dict():
 @given(m=st.floats(0.0, 1.0), seed=seeds)
 def test_momentum_update_is_a_convex_combination_without_gradient(m, seed):
     torch.manual_seed(seed)
-    online, target = _Encoder(), _Encoder()
+    online, target = TwoLayerEncoder(), TwoLayerEncoder()
     target.requires_grad_(False)
     online(torch.randn(2, 3, 4, 4)).sum().backward()  # the online network holds gradients
     grads = [p.grad.clone() for p in online.parameters()]
@@ -169,7 +154,7 @@ def test_momentum_update_is_a_convex_combination_without_gradient(m, seed):
 
 def test_key_encoder_gets_no_gradient_and_starts_as_the_query_encoder():
     torch.manual_seed(0)
-    model = moco.MoCo(_Encoder(), proj_dim=8, queue_size=16)
+    model = moco.MoCo(TwoLayerEncoder(), proj_dim=8, queue_size=16)
     for p_q, p_k in zip(model.encoder_q.parameters(), model.encoder_k.parameters()):
         assert torch.equal(p_q, p_k) and not p_k.requires_grad
     x1, x2 = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)
@@ -249,8 +234,6 @@ def test_queue_not_divisible_by_the_batch_is_refused_from_the_command_line(tmp_p
 
 # ---- two processes on halves of the batch equal one process on the whole batch -------------------------------
 
-WORLD = 2
-
 
 def _data():
     g = torch.Generator().manual_seed(1)
@@ -268,22 +251,19 @@ def _train(model, net, batches, symmetric, dist_info):
 
 
 def _worker(rank, store, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    half = slice(rank * 4, (rank + 1) * 4)
+    init_gloo(rank, store)
     # shuffle BN: each process gets a share of one permutation of the global batch; un-shuffling restores it
     torch.manual_seed(rank)  # different seeds per process, as in training: the permutation is rank 0's
     x = torch.arange(8.0)[:, None].expand(8, 2).contiguous()
-    shuffled, idx_unshuffle = moco.batch_shuffle(x[half])
+    shuffled, idx_unshuffle = moco.batch_shuffle(shard(x, rank))
     restored = moco.batch_unshuffle(shuffled, idx_unshuffle)
     saved = {"shuffled": shuffled, "restored": restored, "idx_unshuffle": idx_unshuffle}
     # the training epoch on halves of each batch, asymmetric and symmetric loss
     for symmetric in (False, True):
         torch.manual_seed(0)
-        model = moco.MoCo(_Encoder(), proj_dim=8, queue_size=32)
+        model = moco.MoCo(TwoLayerEncoder(), proj_dim=8, queue_size=32)
         net = nn.parallel.DistributedDataParallel(model)
-        batches = [((x1[half], x2[half]), y[half]) for (x1, x2), y in _data()]
+        batches = [((shard(x1, rank), shard(x2, rank)), shard(y, rank)) for (x1, x2), y in _data()]
         loss = _train(model, net, batches, symmetric, common.Dist(rank, WORLD, rank, torch.device("cpu")))
         saved[symmetric] = {"loss": loss, "state": model.state_dict()}
     torch.save(saved, f"{out}/{rank}.pt")
@@ -291,8 +271,7 @@ def _worker(rank, store, out):
 
 
 def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
-    got = [torch.load(tmp_path / f"{rank}.pt") for rank in range(WORLD)]
+    got = spawn(_worker, tmp_path)
     x = torch.arange(8.0)[:, None].expand(8, 2)
     # shuffle then un-shuffle is the identity, and the shares together are a permutation of the global batch
     assert torch.equal(got[0]["idx_unshuffle"], got[1]["idx_unshuffle"])
@@ -300,11 +279,11 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
     assert torch.equal(together.sort(dim=0).values, x)
     assert torch.equal(together[got[0]["idx_unshuffle"]], x)
     for rank in range(WORLD):
-        assert torch.equal(got[rank]["restored"], x[rank * 4:(rank + 1) * 4])
+        assert torch.equal(got[rank]["restored"], shard(x, rank))
     # three training steps: the same loss, weights, key encoder, and queue of gathered keys (enqueued in order)
     for symmetric in (False, True):
         torch.manual_seed(0)
-        model = moco.MoCo(_Encoder(), proj_dim=8, queue_size=32)
+        model = moco.MoCo(TwoLayerEncoder(), proj_dim=8, queue_size=32)
         loss = _train(model, model, _data(), symmetric, common.Dist())
         assert int(model.queue_ptr) == (3 * 8 * (2 if symmetric else 1)) % 32
         for g in got:

@@ -4,20 +4,18 @@ and the learning check against a supervised-only baseline."""
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as torch_dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
 import common
 import paws
-from conftest import run_script
+from conftest import WORLD, TwoLayerEncoder, init_gloo, run_script, shard, spawn
 
 seeds = st.integers(0, 2**31 - 1)
 taus = st.floats(0.05, 1.0)
@@ -374,19 +372,6 @@ def test_labelled_split_is_class_balanced_or_read_from_a_file(tmp_path):
 # Two processes against one
 # ---------------------------------------------------------------------------------------------------------------
 
-WORLD = 2
-
-
-class _Encoder(nn.Module):
-    """BatchNorm-free, so that one process on the whole batch and two on halves compute the same function."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.Tanh(), nn.Linear(16, 8))
-
-    def forward(self, x):
-        return self.net(x)
-
 
 def _batch():
     """Views of 8 unlabelled images (2 global, 2 multi-crop) and 2 views of 8 supports of 4 classes."""
@@ -399,7 +384,7 @@ def _batch():
 
 def _halves(views, support_views, y, rank):
     """Process `rank`'s share: half the unlabelled images, and half of each class's supports (the sampler's split)."""
-    u = [v[rank * 4:(rank + 1) * 4] for v in views]
+    u = [shard(v, rank) for v in views]
     keep = torch.arange(rank, 8, 2)  # one support of each class
     return u, [s[keep] for s in support_views], y[keep]
 
@@ -417,11 +402,9 @@ def _paws_step(model, views, support_views, y):
 
 
 def _ddp_worker(rank, store, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    torch_dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    init_gloo(rank, store)
     torch.manual_seed(0)
-    model = nn.parallel.DistributedDataParallel(_Encoder())
+    model = nn.parallel.DistributedDataParallel(TwoLayerEncoder())
     ce, me_max = _paws_step(model, *_halves(*_batch(), rank))
     grads = {k: p.grad for k, p in model.module.named_parameters()}
     torch.save({"ce": ce, "me_max": me_max, "grads": grads}, f"{out}/{rank}.pt")
@@ -429,11 +412,10 @@ def _ddp_worker(rank, store, out):
 
 
 def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
+    got = spawn(_ddp_worker, tmp_path)
     torch.manual_seed(0)
-    model = _Encoder()
+    model = TwoLayerEncoder()
     ce, me_max = _paws_step(model, *_batch())
-    got = [torch.load(tmp_path / f"{rank}.pt") for rank in range(WORLD)]
     # CE: each process averages over its own anchors, the global CE is their mean; ME-MAX is all-reduced
     assert (got[0]["ce"] + got[1]["ce"]).item() / 2 == pytest.approx(ce.item(), rel=1e-6)
     for rank in range(WORLD):
@@ -506,11 +488,9 @@ def _suncet_step(model, support_views, y, rank=0):
 
 
 def _ddp_finetune_worker(rank, store, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    torch_dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    init_gloo(rank, store)
     torch.manual_seed(0)
-    model = nn.parallel.DistributedDataParallel(_Encoder())
+    model = nn.parallel.DistributedDataParallel(TwoLayerEncoder())
     _, support_views, y = _batch()
     _, share_views, share_y = _halves([], support_views, y, rank)
     loss = _suncet_step(model, share_views, share_y, rank)
@@ -519,12 +499,11 @@ def _ddp_finetune_worker(rank, store, out):
 
 
 def test_finetuning_two_processes_on_halves_equal_one_process_on_all_supports(tmp_path):
-    mp.spawn(_ddp_finetune_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
+    got = spawn(_ddp_finetune_worker, tmp_path)
     torch.manual_seed(0)
-    model = _Encoder()
+    model = TwoLayerEncoder()
     _, support_views, y = _batch()
     loss = _suncet_step(model, support_views, y)
-    got = [torch.load(tmp_path / f"{rank}.pt") for rank in range(WORLD)]
     # each process averages over its own supports: the one-process loss is the mean of the two
     assert (got[0]["loss"] + got[1]["loss"]).item() / 2 == pytest.approx(loss.item(), rel=1e-6)
     for rank in range(WORLD):

@@ -3,19 +3,17 @@ without it (collapse), the predictor's fixed learning rate, two processes agains
 
 import json
 import math
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
 import common
 import simsiam
-from conftest import run_script
+from conftest import WORLD, init_gloo, run_script, shard, spawn
 
 seeds = st.integers(0, 2**31 - 1)
 
@@ -159,8 +157,6 @@ def test_args_reject_bad_values():
 
 # ---------------------------------------------------------------------------------------------------- distributed
 
-WORLD = 2
-
 
 def toy_simsiam(batchnorm=False):
     """SimSiam on a toy encoder. Without BatchNorm (the heads' removed) two processes on halves compute the same
@@ -193,16 +189,15 @@ def simsiam_step(net, model, x1, x2):
 
 
 def _ddp_worker(rank, store, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    x1, x2 = (x[rank * 4:(rank + 1) * 4] for x in toy_batch())
+    init_gloo(rank, store)
+    x1, x2 = (shard(x, rank) for x in toy_batch())
+    saved = {}
     for name, batchnorm, sync_bn in CASES:
         model = toy_simsiam(batchnorm)
         net = common.distribute(model, simsiam.Args(sync_bn=sync_bn), common.Dist(rank, WORLD))
         loss, grads = simsiam_step(net, model, x1, x2)
-        torch.save({"loss": common.all_reduce_mean(loss), "grads": grads, "bn": bn_statistics(model)},
-                   f"{out}/{name}-{rank}.pt")
+        saved[name] = {"loss": common.all_reduce_mean(loss), "grads": grads, "bn": bn_statistics(model)}
+    torch.save(saved, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -211,12 +206,12 @@ CASES = [("no-bn", False, False), ("sync-bn", True, True), ("local-bn", True, Fa
 
 
 def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
+    results = spawn(_ddp_worker, tmp_path)
     for name, batchnorm, _ in CASES:
         model = toy_simsiam(batchnorm)
         loss, grads = simsiam_step(model, model, *toy_batch())
-        for rank in range(WORLD):
-            got = torch.load(tmp_path / f"{name}-{rank}.pt")
+        for saved in results:
+            got = saved[name]
             same = got["loss"].item() == pytest.approx(loss.item(), rel=1e-5) and all(
                 torch.allclose(got["grads"][k], g, rtol=1e-4, atol=1e-6) for k, g in grads.items())
             same_bn = all(torch.allclose(got["bn"][k], v, rtol=1e-5, atol=1e-6)

@@ -3,13 +3,11 @@ no NaN without positives, and the global batch over two processes."""
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,7 +15,7 @@ from hypothesis import strategies as st
 import common
 import simclr
 import supcon
-from conftest import run_script
+from conftest import TwoLayerEncoder, init_gloo, run_script, shard, spawn
 
 temperatures = st.floats(0.05, 2.0)
 seeds = st.integers(0, 2**31 - 1)
@@ -198,19 +196,6 @@ def test_args_reject_bad_values():
 
 # ---- two processes on halves of the batch equal one process on the whole batch -------------------------------
 
-WORLD = 2
-
-
-class _Encoder(nn.Module):
-    """BatchNorm-free, so one process on 2n images and two on n each compute the same function."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.Tanh(), nn.Linear(16, 8))
-
-    def forward(self, x):
-        return self.net(x)
-
 
 def _batch():
     g = torch.Generator().manual_seed(1)
@@ -228,29 +213,26 @@ def _step(model, x1, x2, y, mode):
 
 
 def _worker(rank, store, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    init_gloo(rank, store)
     saved = {}
     for mode in ("all", "one"):
         torch.manual_seed(0)
-        model = nn.parallel.DistributedDataParallel(_Encoder())
+        model = nn.parallel.DistributedDataParallel(TwoLayerEncoder())
         x1, x2, y = _batch()
-        half = slice(rank * 4, (rank + 1) * 4)
-        loss = _step(model, x1[half], x2[half], y[half], mode)
+        loss = _step(model, shard(x1, rank), shard(x2, rank), shard(y, rank), mode)
         saved[mode] = {"loss": loss.detach(), "grads": {k: p.grad for k, p in model.module.named_parameters()}}
     torch.save(saved, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
+    results = spawn(_worker, tmp_path)
     for mode in ("all", "one"):
         torch.manual_seed(0)
-        model = _Encoder()
+        model = TwoLayerEncoder()
         loss = _step(model, *_batch(), mode)
-        for rank in range(WORLD):
-            got = torch.load(tmp_path / f"{rank}.pt")[mode]
+        for saved in results:
+            got = saved[mode]
             assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
             for name, p in model.named_parameters():
                 assert torch.allclose(got["grads"][name], p.grad, rtol=1e-5, atol=1e-7), (mode, name)
