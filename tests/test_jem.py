@@ -10,6 +10,7 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
+import common
 import jem
 from conftest import run_script, torchrun
 
@@ -289,6 +290,13 @@ def test_resume_restores_the_replay_buffer_and_queue_exactly(launcher, tmp_path)
     out = launch(*argv, "--epochs", "2", "--out-dir", cut, "--resume")
     assert out.returncode == 0, out.stderr[-3000:]
     assert_same_state(whole, cut)
+
+
+def test_divergence_check_names_the_first_bad_step_and_passes_a_clean_epoch():
+    dist = common.Dist()
+    jem.check_divergence(torch.tensor(-1), torch.tensor(0.0), 0, dist)  # no bad step: nothing happens
+    with pytest.raises(jem.Diverged, match=r"loss inf at epoch 3 step 8"):
+        jem.check_divergence(torch.tensor(7), torch.tensor(float("inf")), 2, dist)
 
 
 def test_divergence_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
