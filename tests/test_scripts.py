@@ -62,10 +62,42 @@ def test_help(method, capsys):
     assert module.__doc__.strip().splitlines()[0] in out, "the module docstring is the description"
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_torchrun_two_processes_on_the_cpu(method, tmp_path):
-    run = tmp_path / "run"
-    out = torchrun(*tiny(method, "--epochs", "2", "--eval-every", "1", "--out-dir", run, "--seed", "3"))
+def grouped(cases):
+    """Parameters marked with their method file: pytest-xdist (--dist loadgroup, pytest.ini) runs all of a method's
+    script tests on one worker, which makes the method's finished run once."""
+    cases = [c if isinstance(c, tuple) else (c,) for c in cases]
+    return [pytest.param(*c, marks=pytest.mark.xdist_group(c[0][:-3])) for c in cases]
+
+
+class FinishedRuns(dict):
+    """method -> (run directory, output) of a finished two-process run (torchrun, 2 epochs), made when a test
+    first asks for it: the torchrun test checks it, the bad-input tests aim at it."""
+
+    def __init__(self, tmp_path_factory):
+        super().__init__()
+        self.tmp_path_factory = tmp_path_factory
+
+    def __missing__(self, method):
+        run = self.tmp_path_factory.mktemp(method[:-3]) / "run"
+        self[method] = run, torchrun(*tiny(method, "--epochs", "2", "--eval-every", "1", "--out-dir", run,
+                                           "--seed", "3"))
+        return self[method]
+
+    def run(self, method):
+        """The directory of the method's finished run (which must have succeeded)."""
+        run, out = self[method]
+        assert out.returncode == 0, out.stderr[-3000:]
+        return run
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    return FinishedRuns(tmp_path_factory)
+
+
+@pytest.mark.parametrize("method", grouped(METHODS))
+def test_torchrun_two_processes_on_the_cpu(method, finished_runs):
+    run, out = finished_runs[method]
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 process(es)" in out.stdout
     assert out.stdout.count("k-NN top-1 of the untrained network") == 1  # rank 0 speaks, once
@@ -73,7 +105,7 @@ def test_torchrun_two_processes_on_the_cpu(method, tmp_path):
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 2
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", grouped(METHODS))
 def test_run_writes_its_run_directory_and_a_killed_run_resumes_to_the_same_weights(method, tmp_path):
     argv = tiny(method, "--epochs", "3", "--eval-every", "1")
     whole = tmp_path / "whole"  # the run from start to end
@@ -118,27 +150,6 @@ def test_run_writes_its_run_directory_and_a_killed_run_resumes_to_the_same_weigh
     assert [r["epoch"] for r in rows(cut)] == [0, 1, 2, 3]  # no epoch logged twice, none missing
 
 
-class FinishedRuns(dict):
-    """method -> the directory of a finished one-epoch run, made when a test first asks for it."""
-
-    def __init__(self, tmp_path_factory):
-        super().__init__()
-        self.tmp_path_factory = tmp_path_factory
-
-    def __missing__(self, method):
-        run = self.tmp_path_factory.mktemp(method[:-3]) / "run"
-        out = run_script(*tiny(method, "--epochs", "1", "--probe-epochs", "0", "--out-dir", run))
-        assert out.returncode == 0, out.stderr[-3000:]
-        self[method] = run
-        return run
-
-
-@pytest.fixture(scope="module")
-def finished_runs(tmp_path_factory):
-    """One finished one-epoch run per method, to aim bad input at (each test worker makes only those it needs)."""
-    return FinishedRuns(tmp_path_factory)
-
-
 def assert_refused(out, message):
     assert out.returncode == 2, out.stderr[-3000:]
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
@@ -152,9 +163,9 @@ BAD_FLAGS = [
 ] + [(m, [], "already holds a run") for m in METHODS]
 
 
-@pytest.mark.parametrize("method, extra, message", BAD_FLAGS)
+@pytest.mark.parametrize("method, extra, message", grouped(BAD_FLAGS))
 def test_bad_flags_leave_the_previous_run_intact(finished_runs, method, extra, message):
-    run = finished_runs[method]
+    run = finished_runs.run(method)
     before = snapshot(run)
     assert_refused(run_script(*tiny(method, "--epochs", "1", "--out-dir", run, *extra)), message)
     assert snapshot(run) == before
@@ -182,11 +193,11 @@ BAD_CHECKPOINTS = [("simclr.py", "corrupt"), ("simclr.py", "foreign_arch")] + [(
                                                                                for m in METHODS]
 
 
-@pytest.mark.parametrize("method, damage", BAD_CHECKPOINTS)
+@pytest.mark.parametrize("method, damage", grouped(BAD_CHECKPOINTS))
 def test_bad_checkpoint_is_refused_and_kept(tmp_path, finished_runs, method, damage):
     run = tmp_path / "run"
     run.mkdir()
-    good = finished_runs[method] / "checkpoint.pt"
+    good = finished_runs.run(method) / "checkpoint.pt"
     state = torch.load(good, weights_only=True)
     if damage == "corrupt":
         (run / "checkpoint.pt").write_bytes(good.read_bytes()[:5000])
