@@ -350,14 +350,13 @@ def train_one_epoch(net, model, loader, optimizer, lr_at, buffer, queue, args: A
         # ... and read back every DIVERGENCE_CHECK steps and at the end of the epoch, before any checkpoint: every
         # process stops together, and the weights after a bad step are never saved
         if (i + 1) % DIVERGENCE_CHECK == 0 or i + 1 == len(loader):
-            check_divergence(bad_step, bad_loss, epoch, dist)
+            check_divergence(bad_step, bad_loss, epoch)
     return common.all_reduce_mean(total / len(loader)).item()
 
 
-def check_divergence(bad_step: torch.Tensor, bad_loss: torch.Tensor, epoch: int, dist: common.Dist):
+def check_divergence(bad_step: torch.Tensor, bad_loss: torch.Tensor, epoch: int):
     """Raise Diverged on every process when any process has met a bad loss (one host read)."""
-    worst = common.all_reduce_mean((bad_step >= 0).float())
-    if worst.item() > 0:
+    if common.all_reduce_mean((bad_step >= 0).float()).item() > 0:
         where = f"at epoch {epoch + 1} step {bad_step.item() + 1}" if bad_step >= 0 else f"in epoch {epoch + 1}"
         raise Diverged(f"loss {bad_loss.item():.4g} {where}")
 

@@ -10,7 +10,6 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
-import common
 import jem
 from conftest import run_script, torchrun
 
@@ -293,10 +292,9 @@ def test_resume_restores_the_replay_buffer_and_queue_exactly(launcher, tmp_path)
 
 
 def test_divergence_check_names_the_first_bad_step_and_passes_a_clean_epoch():
-    dist = common.Dist()
-    jem.check_divergence(torch.tensor(-1), torch.tensor(0.0), 0, dist)  # no bad step: nothing happens
+    jem.check_divergence(torch.tensor(-1), torch.tensor(0.0), 0)  # no bad step: nothing happens
     with pytest.raises(jem.Diverged, match=r"loss inf at epoch 3 step 8"):
-        jem.check_divergence(torch.tensor(7), torch.tensor(float("inf")), 2, dist)
+        jem.check_divergence(torch.tensor(7), torch.tensor(float("inf")), 2)
 
 
 def test_divergence_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
