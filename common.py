@@ -1154,16 +1154,15 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x
     r, g, b = x.unbind(1)  # [B, H, W] each
-    v, _ = x.max(1)
-    delta = v - x.min(1).values
-    s = torch.where(v > 0, delta / torch.where(v > 0, v, 1.0), 0.0)
-    d = torch.where(delta > 0, delta, 1.0)  # grey pixels: any hue, 0 here, and s = 0 makes it irrelevant
-    h = torch.where(v == r, (g - b) / d, torch.where(v == g, (b - r) / d + 2, (r - g) / d + 4))  # sextants
-    h = (h / 6 + factor.view(-1, 1, 1)) % 1.0  # [B, H, W] in turns
-    # back to RGB: channel n = 5, 3, 1 (R, G, B) is v - v s clamp(min(k, 4 - k), 0, 1), with k = (n + 6h) mod 6
+    v, low = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)  # v: the HSV value
+    delta = v - low  # the chroma, v s
+    d = torch.where(delta > 0, delta, 1.0)  # grey pixels: any hue, 0 here, and delta = 0 makes it irrelevant
+    h6 = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * d, r - g + 4 * d)) / d  # sextants, [-1, 5)
+    h6 = (h6 + 6 * factor.view(-1, 1, 1)) % 6  # [B, H, W], the rotated hue in sixths of a turn
+    # back to RGB: channel n = 5, 3, 1 (R, G, B) is v - delta clamp(min(k, 4 - k), 0, 1), with k = (n + 6h) mod 6
     n = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)  # 5, 3, 1 (made on the device, not copied)
-    k = (n + 6 * h[:, None]) % 6  # [B, 3, H, W]
-    out = v[:, None] - (v * s)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+    k = (n + h6[:, None]) % 6  # [B, 3, H, W]
+    out = v[:, None] - delta[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
     return torch.where((factor == 0).view(-1, 1, 1, 1), x, out)  # exactly x when not rotated
 
 
@@ -1181,6 +1180,8 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, ac
     steps = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
     identity = (1.0, 1.0, 1.0, 0.0)
     grouped = x.device.type == "cpu" if grouped is None else grouped
+    if grouped:
+        x = x.clone()  # changed in place below, one sample group at a time
     for place in range(4):
         for j, step in enumerate(steps):
             if not active[j]:
@@ -1189,7 +1190,7 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, ac
             if grouped:
                 idx = (here & (factors[:, j] != identity[j])).nonzero().squeeze(1)  # and that it changes
                 if len(idx):
-                    x = x.index_copy(0, idx, step(x[idx], factors[idx, j]))
+                    x.index_copy_(0, idx, step(x[idx], factors[idx, j]))
             else:
                 x = step(x, torch.where(here, factors[:, j], identity[j]))
     return x
