@@ -17,7 +17,8 @@ For each method (--method; entries in METHODS), in images per second, each the m
   step, CPU data    the same over the CPU DataLoader with the PIL views and --workers processes (--data-path cpu)
   augment, device / CPU   the views of --steps batches alone (both views of every image), made on the device,
                     or by the DataLoader and moved to the device
-The ratio step / floor says how much of the network's speed survives the data path (1.0: the data costs nothing).
+The ratio step / floor says how much of the network's speed survives the data path (1.0: the data costs nothing);
+each ratio is the median of the ratios measured within a round.
 Every quantity is measured once per round, in the same round as the others, so that a change in the machine's
 load (this CPU may be shared) touches every row alike; one round of warm-up is discarded.
 The numbers and every round go to --json (bench.json). Not a test: pytest collects only test_*.py files.
@@ -395,9 +396,12 @@ def run(bench) -> dict:
                     rounds[name].append(n / seconds)
         median = {name: statistics.median(v) for name, v in rounds.items()}
         results[method] = {name: {"images_per_s": median[name], "rounds": rounds[name]} for name in measures}
+        def ratio(a, b):  # the median of the rounds' own ratios: a change of load between rounds cancels out
+            return statistics.median(x / y for x, y in zip(rounds[a], rounds[b]))
+
         for name in ("step_device_data", "step_cpu_data"):
-            results[method][name]["vs_floor"] = median[name] / median["floor"]
-        results[method]["augment_device"]["vs_cpu"] = median["augment_device"] / median["augment_cpu"]
+            results[method][name]["vs_floor"] = ratio(name, "floor")
+        results[method]["augment_device"]["vs_cpu"] = ratio("augment_device", "augment_cpu")
     return results
 
 
