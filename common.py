@@ -1157,9 +1157,9 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     v, low = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)  # v: the HSV value
     delta = v - low  # the chroma, v s
     d = torch.where(delta > 0, delta, 1.0)  # grey pixels: any hue, 0 here, and delta = 0 makes it irrelevant
-    h6 = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * d, r - g + 4 * d)) / d  # sextants, [-1, 5)
+    h6 = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * d, r - g + 4 * d)) / d  # sextants, in [-1, 5]
     h6 = (h6 + 6 * factor.view(-1, 1, 1)) % 6  # [B, H, W], the rotated hue in sixths of a turn
-    # back to RGB: channel n = 5, 3, 1 (R, G, B) is v - delta clamp(min(k, 4 - k), 0, 1), with k = (n + 6h) mod 6
+    # back to RGB: channel n = 5, 3, 1 (R, G, B) is v - delta clamp(min(k, 4 - k), 0, 1), with k = (n + h6) mod 6
     n = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)  # 5, 3, 1 (made on the device, not copied)
     k = (n + h6[:, None]) % 6  # [B, 3, H, W]
     out = v[:, None] - delta[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)

@@ -396,6 +396,7 @@ def run(bench) -> dict:
                     rounds[name].append(n / seconds)
         median = {name: statistics.median(v) for name, v in rounds.items()}
         results[method] = {name: {"images_per_s": median[name], "rounds": rounds[name]} for name in measures}
+
         def ratio(a, b):  # the median of the rounds' own ratios: a change of load between rounds cancels out
             return statistics.median(x / y for x, y in zip(rounds[a], rounds[b]))
 
