@@ -37,6 +37,8 @@ Defaults: the official configs/paws/cifar10_train.yaml: WRN-28-2, 3-layer projec
        without weight decay, learning rate 0.1 cosine-decayed to 0.01, no warm-up.
 
 Expect: PAWS-NN 96.0 +- 0.2% top-1 on CIFAR-10 with 4,000 labels (paper, CIFAR-10 results, WRN-28-2, 600 epochs).
+        On a 5,000-image CIFAR-10 subset with 100 labels, tiny network, 60 epochs (CPU, README): PAWS-NN 0.397
+        against 0.358 for --supervised-only on the same labels and steps.
 
 Where this file differs from the official code, and why:
   - --batch-size and --supports-per-class are global (split over the processes), so that a run's meaning does not
