@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -161,9 +160,8 @@ class BYOL(nn.Module):
 
     @torch.no_grad()
     def update_target(self, tau: float):
-        """xi <- tau xi + (1 - tau) theta, in place; no gradient is involved."""
-        for xi, theta in zip(self.target_parameters(), self.online_parameters()):
-            xi.mul_(tau).add_(theta.detach(), alpha=1 - tau)
+        """xi <- tau xi + (1 - tau) theta, in place (all parameters in a few multi-tensor kernels); no gradient."""
+        torch._foreach_lerp_(self.target_parameters(), self.online_parameters(), 1 - tau)
 
 
 def target_momentum(step: int, total_steps: int, base: float) -> float:
@@ -198,28 +196,27 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_one_epoch(net, model, loader, optimizer, lr_at, args: Args, dist: common.Dist, epoch: int,
-                    progress: common.Progress) -> float:
+def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common.Progress, args: Args) -> float:
     """One pass over this process's share of the data; returns the epoch's mean loss (global batch).
-    `net` is the network to train (DDP and compile wrappers), `model` the plain module inside it."""
-    net.train()  # the target too: batch statistics in both networks, as the official code
+    `model` is the network as trained (DDP on several processes)."""
+    model.train()  # the target too: batch statistics in both networks, as the official code
     total_steps = args.epochs * len(loader)
-    total = torch.zeros((), device=dist.device)
-    for i, ((x1, x2), _) in enumerate(loader):
-        step = epoch * len(loader) + i
-        lr = common.set_lr(optimizer, lr_at(step))
-        x1, x2 = common.to_device([x1, x2], dist.device, args.channels_last)  # [n, C, H, W] each
-        with common.autocast(args, dist.device):
-            p1, p2, z1, z2 = net(x1, x2)  # [n, proj_dim] each; z1, z2 without gradient
+    total = torch.zeros((), device=args.device)
+    for (x1, x2), _ in progress(loader):
+        lr = common.set_lr(optimizer, lr_at(progress.step))
+        x1, x2 = common.to_device([x1, x2], args)  # [n, C, H, W] each
+        with common.autocast(args):
+            p1, p2, z1, z2 = model(x1, x2)  # [n, proj_dim] each; z1, z2 without gradient
         # symmetrised: view 1's prediction regresses view 2's target projection and the other way round. The loss
         # is a per-pair mean, so DDP's average of the processes' gradients is the gradient of the global batch.
         loss = byol_loss(p1, z2) + byol_loss(p2, z1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        model.update_target(target_momentum(step, total_steps, args.tau_base))  # tau of this step, after theta's
+        tau = target_momentum(progress.step, total_steps, args.tau_base)  # this step's, after theta's update
+        common.unwrap(model).update_target(tau)
         total += loss.detach()
-        progress.update(epoch, i, loss, lr, len(x1) * dist.world_size)
+        progress.update(loss, lr, len(x1))
     return common.all_reduce_mean(total / len(loader)).item()
 
 
@@ -229,38 +226,37 @@ def train_one_epoch(net, model, loader, optimizer, lr_at, args: Args, dist: comm
 
 
 def main(args: Args):
-    dist = common.setup_distributed(args)
+    common.setup_distributed(args)
     info, size = common.dataset_info(args)
     blur = args.blur == 1 or (args.blur == -1 and size > 64)
     views = common.MultiView([byol_augment(info, size, 1.0 if blur else 0.0, 0.0, args.crop_min_scale),
                               byol_augment(info, size, 0.1 if blur else 0.0, args.solarize, args.crop_min_scale)])
     train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
-    train_data = common.TrainData(train_set, views, args, dist)  # on the device (--data-path) or the CPU
-    run = common.RunDir(args, "byol", dist)
+    train_data = common.TrainData(train_set, views, args)  # on the device (--data-path) or the CPU DataLoader
+    run = common.RunDir(args, "byol")
 
     model = BYOL(common.build_backbone(args.arch, info.channels, size), args.proj_hidden_dim, args.proj_dim)
-    model = common.prepare_model(model, args, dist)
+    model = common.prepare_model(model, args)
     base_lr = args.lr * args.batch_size / 256  # the official linear scaling rule
     optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=args.momentum,
                             eta=args.lars_eta, clip=args.lars_clip)  # param_groups takes only theta: xi has no grad
-    state = run.resume(args, model, optimizer)  # the target network is part of the model's state_dict
-    net = common.distribute(model, args, dist)
+    start = run.resume(model, optimizer)["epoch"]  # the target network is part of the model's state_dict
+    ddp_model = common.distribute(model, args)  # the model as trained: DDP on several processes
 
-    steps = len(train_set) // args.batch_size
-    lr_at = common.lr_schedule(args, steps, base_lr)
-    monitor = common.Monitor(model.backbone, memory_set, test_set, info.num_classes, args, dist, run, state)
-    common.print0(f"BYOL {args.arch} on {args.dataset}: {len(train_set)} images, {steps} steps of "
-                  f"{args.batch_size} per epoch, {dist.world_size} process(es) on {dist.device}")
-    progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
-    for epoch in range(state["epoch"], args.epochs):
-        loader = train_data.loader(epoch)
-        t0 = time.perf_counter()
-        loss = train_one_epoch(net, model, loader, optimizer, lr_at, args, dist, epoch, progress)
-        run.end_epoch(epoch, steps, args, monitor, seconds=time.perf_counter() - t0, loss=loss,
-                      lr=lr_at((epoch + 1) * steps - 1),
-                      tau=target_momentum((epoch + 1) * steps - 1, args.epochs * steps, args.tau_base),
-                      state=lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
-    monitor.finish()
+    lr_at = common.lr_schedule(args, train_data.steps, base_lr)
+    evaluation = common.Evaluation(memory_set, test_set, info.num_classes, args)
+    progress = common.Progress(args)
+    common.print0(f"BYOL {args.arch} on {args.dataset}: {len(train_set)} images, {train_data.steps} steps of "
+                  f"{args.batch_size} per epoch, {common.world()[1]} process(es) on {args.device}")
+    if start == 0:
+        run.log(epoch=0, step=0, knn_top1=evaluation.knn(model.backbone))
+    for epoch in range(start, args.epochs):
+        loss = train_one_epoch(ddp_model, train_data.loader(epoch), optimizer, lr_at, progress, args)
+        knn_top1 = evaluation.knn(model.backbone, epoch + 1) if evaluation.due(epoch) else None
+        tau = target_momentum(progress.step, args.epochs * train_data.steps, args.tau_base)
+        run.log(epoch=epoch + 1, loss=loss, knn_top1=knn_top1, tau=tau, **progress.summary())
+        run.save(epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict())
+    evaluation.report(model.backbone, run)
     common.cleanup_distributed()
 
 

@@ -54,7 +54,6 @@ Where this file differs from the official code, and why:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -266,12 +265,12 @@ def consistency_weight(epoch: float, lam: float, ramp_epochs: float) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def dpll_step(net, views: list[torch.Tensor], index: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor,
-              lam: float, args: Args, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpll_step(model: nn.Module, views: list[torch.Tensor], index: torch.Tensor, candidates: torch.Tensor,
+              targets: torch.Tensor, lam: float, args: Args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward and losses of one batch; updates the global `targets` in place (every process, same rows).
     views: 3 x [n, C, H, W]; index: [n] rows of this process's images. Returns (L, L_sup, L_cont)."""
-    with common.autocast(args, device):
-        logits = net(*views)  # [3, n, K]
+    with common.autocast(args):
+        logits = model(*views)  # [3, n, K]
     logits = logits.float()
     probs = logits.softmax(dim=-1)  # [3, n, K]
     S = candidates[index]  # [n, K]
@@ -280,42 +279,39 @@ def dpll_step(net, views: list[torch.Tensor], index: torch.Tensor, candidates: t
     # t_i <- normalised geometric mean of the views' predictions on S_i; without gradient, and on every process
     # for the images of the whole global batch, so the table stays identical everywhere
     new = update_targets(probs.detach(), S)  # [n, K]
-    targets[common.gather_no_grad(index)] = common.gather_no_grad(new)
+    targets.index_copy_(0, common.gather_no_grad(index), common.gather_no_grad(new))
     return loss_sup + lam * loss_cont, loss_sup.detach(), loss_cont.detach()
 
 
-def train_one_epoch(model, loader, optimizer, lr_at, args: Args, dist: common.Dist, epoch: int,
-                    progress: common.Progress, candidates: torch.Tensor, targets: torch.Tensor) -> dict:
-    """One pass over this process's share of the data; returns the epoch's mean losses (global batch)."""
+def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common.Progress, args: Args,
+                    candidates: torch.Tensor, targets: torch.Tensor) -> dict:
+    """One pass over this process's share of the data; returns the epoch's mean losses (global batch).
+    `model` is the network as trained (DDP on several processes)."""
     model.train()
-    lam = consistency_weight(epoch, args.lam, args.ramp_epochs)
-    totals = torch.zeros(3, device=dist.device)  # L, L_sup, L_cont
-    for i, (views, _, index) in enumerate(loader):
-        step = epoch * len(loader) + i
-        lr = common.set_lr(optimizer, lr_at(step))
-        views = common.to_device(views, dist.device, args.channels_last)
-        index = index.to(dist.device)
+    lam = consistency_weight(loader.epoch, args.lam, args.ramp_epochs)
+    totals = torch.zeros(3, device=args.device)  # L, L_sup, L_cont
+    for views, _, index in progress(loader):
+        lr = common.set_lr(optimizer, lr_at(progress.step))
+        views, index = common.to_device(views, args), common.to_device(index, args)
         if args.naive:
-            with common.autocast(args, dist.device):
+            with common.autocast(args):
                 logits = model(views[0])  # [n, K]
             loss = naive_loss(logits, candidates[index])
-            loss_sup = loss_cont = torch.zeros((), device=dist.device)
+            loss_sup = loss_cont = torch.zeros((), device=args.device)
         else:
-            loss, loss_sup, loss_cont = dpll_step(model, views, index, candidates, targets, lam, args, dist.device)
+            loss, loss_sup, loss_cont = dpll_step(model, views, index, candidates, targets, lam, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         totals += torch.stack([loss.detach(), loss_sup, loss_cont])
-        progress.update(epoch, i, loss, lr, len(index) * dist.world_size)
+        progress.update(loss, lr, len(index))
     loss, loss_sup, loss_cont = (common.all_reduce_mean(totals) / len(loader)).tolist()
-    if args.naive:
-        return {"loss": loss}
-    return {"loss": loss, "sup_loss": loss_sup, "cont_loss": loss_cont}
+    return {"loss": loss} if args.naive else {"loss": loss, "sup_loss": loss_sup, "cont_loss": loss_cont}
 
 
-def test_accuracy(model: nn.Module, test_set, dist: common.Dist, args: Args) -> float:
+def test_accuracy(model: nn.Module, test_set, args: Args) -> float:
     """Top-1 accuracy of the classifier on the test images' true labels (eval mode)."""
-    logits, y = common.extract_features(model, test_set, dist, workers=min(args.workers, 4), args=args)
+    logits, y = common.extract_features(model, test_set, args)
     return common.topk_accuracy(logits, y, (1,))[0]
 
 
@@ -325,7 +321,7 @@ def test_accuracy(model: nn.Module, test_set, dist: common.Dist, args: Args) -> 
 
 
 def main(args: Args):
-    dist = common.setup_distributed(args)
+    common.setup_distributed(args)
     info, size = common.dataset_info(args)
     weak, strong = dpll_views(info, size, augment_recipe(args.dataset, info, size))
     views = common.MultiView([weak] if args.naive else [weak, strong, strong])
@@ -333,13 +329,14 @@ def main(args: Args):
     train_set = common.WithIndex(train_set)  # per-sample targets are rows of a table indexed by the image
     if info.num_classes < 2:
         common.fail("partial-label learning needs at least two classes")
-    run = common.RunDir(args, "dpll", dist)
+    train_data = common.TrainData(train_set, views, args)  # the CPU DataLoader: no batched Cutout, AutoAugment
+    run = common.RunDir(args, "dpll")
 
-    model = Classifier(common.build_backbone(args.arch, info.channels, size), info.num_classes)
-    model = common.prepare_model(model, args, dist)
+    model = common.prepare_model(Classifier(common.build_backbone(args.arch, info.channels, size),
+                                            info.num_classes), args)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    state = run.resume(args, model, optimizer)
+    state = run.resume(model, optimizer)
     # candidate sets S (drawn once, seeded, identical on every process) and targets t, uniform over S at first
     y_true = torch.as_tensor(train_set.targets)
     candidates = partial_labels(y_true, info.num_classes, args.q, torch.Generator().manual_seed(args.seed))
@@ -349,40 +346,38 @@ def main(args: Args):
             common.fail(f"the checkpoint's candidate sets are {tuple(state['candidates'].shape)}, this training set "
                         f"needs {tuple(candidates.shape)} (was --subset changed?)")
         candidates, targets = state["candidates"], state["targets"]
-    candidates, targets, y_true = candidates.to(dist.device), targets.to(dist.device), y_true.to(dist.device)
-    net = common.distribute(model, args, dist)
+    candidates, targets, y_true = candidates.to(args.device), targets.to(args.device), y_true.to(args.device)
+    ddp_model = common.distribute(model, args)  # the model as trained: DDP on several processes
 
-    steps = len(train_set) // args.batch_size
-    warmup, milestones = round(args.warmup_epochs * steps), [m * steps for m in args.milestone_epochs()]
+    warmup, milestones = round(args.warmup_epochs * train_data.steps), args.milestone_epochs()
 
     def lr_at(step: int) -> float:  # linear warm-up, then the official steps: x lr_decay at each milestone
         warm = min(1.0, step / warmup) if warmup else 1.0
-        return args.lr * warm * args.lr_decay ** sum(step >= m for m in milestones)
+        return args.lr * warm * args.lr_decay ** sum(step >= m * train_data.steps for m in milestones)
 
-    monitor = common.Monitor(model.backbone, memory_set, test_set, info.num_classes, args, dist, run, state)
+    evaluation = common.Evaluation(memory_set, test_set, info.num_classes, args)
+    progress = common.Progress(args)
     common.print0(f"DPLL{' (naive baseline)' if args.naive else ''} {args.arch} on {args.dataset}: "
                   f"{len(train_set)} images, {candidates.sum(1).float().mean():.2f} candidate labels on average "
-                  f"(q {args.q}), {steps} steps of {args.batch_size} per epoch, {dist.world_size} process(es) on "
-                  f"{dist.device}")
-    progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
-    test_top1 = None
+                  f"(q {args.q}), {train_data.steps} steps of {args.batch_size} per epoch, {common.world()[1]} "
+                  f"process(es) on {args.device}")
+    if state["epoch"] == 0:
+        run.log(epoch=0, step=0, knn_top1=evaluation.knn(model.backbone))
+    test_top1 = test_accuracy(model, test_set, args) if state["epoch"] == args.epochs else None
     for epoch in range(state["epoch"], args.epochs):
-        loader = common.train_loader(train_set, args, dist, epoch)
-        t0 = time.perf_counter()
-        losses = train_one_epoch(net, loader, optimizer, lr_at, args, dist, epoch, progress, candidates, targets)
-        seconds = time.perf_counter() - t0
-        test_top1 = test_accuracy(model, test_set, dist, args)
+        losses = train_one_epoch(ddp_model, train_data.loader(epoch), optimizer, lr_at, progress, args, candidates,
+                                 targets)
+        test_top1 = test_accuracy(model, test_set, args)
         # how often the target's most likely candidate is the true label (the disambiguation of the training set)
         target_top1 = (targets.argmax(1) == y_true).float().mean().item()
         common.print0(f"epoch {epoch + 1}: test top-1 {test_top1:.4f}  targets' top-1 on the training set "
                       f"{target_top1:.4f}")
-        run.end_epoch(epoch, steps, args, monitor, seconds=seconds, lr=lr_at((epoch + 1) * steps - 1),
-                      test_top1=test_top1, target_top1=target_top1, **losses,
-                      state=lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "candidates": candidates.cpu(), "targets": targets.cpu()})
-    if test_top1 is None:
-        test_top1 = test_accuracy(model, test_set, dist, args)
-    monitor.finish(test_top1=test_top1)
+        knn_top1 = evaluation.knn(model.backbone, epoch + 1) if evaluation.due(epoch) else None
+        run.log(epoch=epoch + 1, knn_top1=knn_top1, test_top1=test_top1, target_top1=target_top1, **losses,
+                **progress.summary())
+        run.save(epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(), candidates=candidates.cpu(),
+                 targets=targets.cpu())
+    evaluation.report(model.backbone, run, test_top1=test_top1)
     common.cleanup_distributed()
 
 

@@ -47,7 +47,7 @@ Where this file differs from the official code, and why:
     and the linear probe on the encoder's features (before the 128-d layer) recomputed for the training images.
     The official script ends with the k-NN on recomputed v; the figure under Expect is the paper's k-NN on v.
 
-Options from two later papers, off by default:
+Options from two later papers, off by default (they need adversarial.py beside this file):
   --adv-eps EPS [--adv-steps S --adv-weight ALPHA]   CLAE (Ho & Vasconcelos, "Contrastive Learning with
        Adversarial Examples", NeurIPS 2020, github.com/chihhuiho/CLAE): J += ALPHA * J(x_adv), the method's own
        loss of an adversarial view of x found by FGSM (or PGD) against that loss within EPS pixels (CLAE: 0.03,
@@ -61,7 +61,6 @@ Options from two later papers, off by default:
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -152,19 +151,26 @@ class InstDisc(nn.Module):
 
 
 class MemoryBank:
-    """V = {v_1 .. v_N}: one L2-normalised feature per training image, and NCE's normalisation constant Z.
+    """V = {v_1 .. v_N}: one L2-normalised feature per training image, NCE's normalisation constant Z, and NCE's
+    noise distribution P_n = 1/N (drawn by the alias method, as the official code) with the generator of its draws.
 
     A plain tensor, never a parameter: no gradient reaches it (the losses read it detached) and only `update`
-    writes it, under torch.no_grad. Every process holds the whole bank; `update` is given the global batch."""
+    writes it, under torch.no_grad. Every process holds the whole bank; `update` is given the global batch. The
+    noise generator is seeded alike on every process at each epoch, so it needs no saving to resume."""
 
     def __init__(self, n: int, dim: int, generator: torch.Generator | None = None, dtype=torch.float32):
         # random unit vectors (the paper), drawn from `generator` so that every process starts from the same bank
         self.memory = F.normalize(torch.randn(n, dim, generator=generator, dtype=dtype), dim=1)  # [N, D]
         self.Z = -1.0  # NCE's Z; negative until estimated from the first batch
+        self.noise, self.rng = AliasSampler(torch.ones(n)), torch.Generator()
 
-    def to(self, device) -> "MemoryBank":
-        self.memory = self.memory.to(device)
+    def to(self, device) -> MemoryBank:
+        self.memory, self.noise, self.rng = self.memory.to(device), self.noise.to(device), torch.Generator(device)
         return self
+
+    def draw_noise(self, rows: int, m: int) -> torch.Tensor:
+        """[rows, m] bank rows drawn from P_n with the bank's generator."""
+        return self.noise.draw(rows * m, self.rng).view(rows, m)
 
     @torch.no_grad()
     def update(self, i: torch.Tensor, f: torch.Tensor, momentum: float):
@@ -302,40 +308,41 @@ def proximal_term(v: torch.Tensor, v_prev: torch.Tensor, lam: float) -> torch.Te
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def clae_loss(model: nn.Module, net: nn.Module, x: torch.Tensor, instance_loss, args: Args,
-              info: common.DataInfo) -> torch.Tensor:
+def clae_loss(model: nn.Module, x: torch.Tensor, instance_loss, args: Args) -> torch.Tensor:
     """CLAE's extra term (Ho & Vasconcelos, NeurIPS 2020) for InstDisc: instance_loss(f(x_adv)), the method's loss
     of an adversarial view of x made by FGSM/PGD against that same loss (the bank rows and noise rows fixed).
     With --adv-bn both the generation and the term run through the encoder's auxiliary BatchNorms (AdvProp).
 
-    x: [n, C, H, W] this process's images; instance_loss: v [n, D] -> loss of the rows i of this step.
-    The generation goes through `model` (not the DDP wrapper) and differentiates the input only, so it adds
-    no gradient to the parameters; its cost is one forward and backward per step.
+    model: the network as trained (DDP on several processes); x: [n, C, H, W] this process's images;
+    instance_loss: v [n, D] -> loss of the rows i of this step. The search goes through the plain module and
+    differentiates the input only, so it adds no gradient to the parameters; it costs one forward and backward.
     """
+    import adversarial  # the optional module of --adv-eps and --adv-bn
+
+    plain = common.unwrap(model)
 
     def loss_of(view):
-        with common.autocast(args, view.device):
-            return instance_loss(model(view))
+        with common.autocast(args):
+            return instance_loss(plain(view))
 
-    with common.adversarial_bn(model.backbone, args.adv_bn):
-        x_adv = common.adversarial_view(loss_of, x, args.adv_eps, args.adv_steps, info.mean, info.std)
-        x_adv = x_adv.contiguous(memory_format=torch.channels_last) if args.channels_last else x_adv
-        with common.autocast(args, x.device):
-            v_adv = net(x_adv)  # [n, D], through DDP: its gradient is averaged like the main loss's
+    stats = common.DATASETS[args.dataset]  # the inputs' standardisation, to bound the view in pixels
+    with adversarial.adversarial_bn(plain.backbone, args.adv_bn):
+        x_adv = adversarial.adversarial_view(loss_of, x, args.adv_eps, args.adv_steps, stats.mean, stats.std)
+        with common.autocast(args):
+            v_adv = model(common.to_device(x_adv, args))  # [n, D], through DDP like the main loss
     return instance_loss(v_adv)
 
 
-def train_step(net, model, bank: MemoryBank, sampler: AliasSampler, noise_rng: torch.Generator, optimizer, x, i,
-               args: Args, dist: common.Dist, info: common.DataInfo) -> torch.Tensor:
+def train_step(model: nn.Module, bank: MemoryBank, optimizer, x: torch.Tensor, i: torch.Tensor,
+               args: Args) -> torch.Tensor:
     """One step on this process's n images x (bank rows i); returns the global batch's mean loss (detached).
-    `net` is the network to train (DDP and compile wrappers), `model` the plain module inside it."""
-    with common.autocast(args, x.device):
-        v = net(x)  # [n, D] f(x), L2-normalised
-    n = len(bank.memory)
+    `model` is the network as trained (DDP on several processes)."""
+    with common.autocast(args):
+        v = model(x)  # [n, D] f(x), L2-normalised
+    n, (rank, world) = len(bank.memory), common.world()
     if args.nce_k:
         # the global batch's noise rows, drawn alike on every process; this process keeps its own rows
-        noise = sampler.draw(len(i) * dist.world_size * args.nce_k, noise_rng).view(-1, args.nce_k)
-        noise = noise[dist.rank * len(i):(dist.rank + 1) * len(i)]  # [n, m]
+        noise = bank.draw_noise(len(i) * world, args.nce_k)[rank * len(i):(rank + 1) * len(i)]  # [n, m]
         weight = bank.memory[torch.cat([i[:, None], noise], dim=1)]  # [n, m+1, D] own row first; a copy, no grad
         if bank.Z < 0:  # estimated once, from the first global batch, then fixed (the official code)
             bank.Z = common.all_reduce_mean(normalisation_constant(v, weight, args.temperature, n)).item()
@@ -350,7 +357,7 @@ def train_step(net, model, bank: MemoryBank, sampler: AliasSampler, noise_rng: t
     if args.proximal:
         loss = loss + proximal_term(v, bank.memory[i], args.proximal)
     if args.adv_eps > 0:
-        loss = loss + args.adv_weight * clae_loss(model, net, x, instance_loss, args, info)
+        loss = loss + args.adv_weight * clae_loss(model, x, instance_loss, args)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -359,19 +366,17 @@ def train_step(net, model, bank: MemoryBank, sampler: AliasSampler, noise_rng: t
     return common.all_reduce_mean(loss.detach())
 
 
-def train_one_epoch(net, model, bank, sampler, noise_rng, loader, optimizer, lr_at, args: Args, dist: common.Dist,
-                    epoch: int, progress: common.Progress, info: common.DataInfo) -> float:
+def train_one_epoch(model: nn.Module, bank: MemoryBank, loader, optimizer, lr_at, progress: common.Progress,
+                    args: Args) -> float:
     """One pass over this process's share of the data; returns the epoch's mean loss (global batch).
-    `net` is the network to train (DDP and compile wrappers), `model` the plain module inside it."""
-    net.train()
-    total = torch.zeros((), device=dist.device)
-    for s, (x, _, i) in enumerate(loader):
-        step = epoch * len(loader) + s
-        lr = common.set_lr(optimizer, lr_at(step))
-        x, i = common.to_device(x, dist.device, args.channels_last), i.to(dist.device)
-        loss = train_step(net, model, bank, sampler, noise_rng, optimizer, x, i, args, dist, info)
+    `model` is the network as trained (DDP on several processes)."""
+    model.train()
+    total = torch.zeros((), device=args.device)
+    for x, _, i in progress(loader):
+        lr = common.set_lr(optimizer, lr_at(progress.step))
+        loss = train_step(model, bank, optimizer, common.to_device(x, args), common.to_device(i, args), args)
         total += loss
-        progress.update(epoch, s, loss, lr, len(x) * dist.world_size)
+        progress.update(loss, lr, len(x))
     return (total / len(loader)).item()
 
 
@@ -391,11 +396,11 @@ def step_schedule(args: Args, steps_per_epoch: int):
 
 
 @torch.no_grad()
-def bank_knn_accuracy(model, bank: MemoryBank, labels: torch.Tensor, test_set, num_classes: int, args: Args,
-                      dist: common.Dist) -> float:
+def bank_knn_accuracy(model, bank: MemoryBank, labels: torch.Tensor, test_set, num_classes: int,
+                      args: Args) -> float:
     """The official per-epoch check: weighted k-NN of the test images' features against the memory bank itself
     (no recomputation of the training features, so it costs one pass over the test set)."""
-    test_v, test_y = common.extract_features(model, test_set, dist, workers=min(args.workers, 4), args=args)
+    test_v, test_y = common.extract_features(model, test_set, args)
     scores = common.knn_scores(bank.memory, labels, test_v, num_classes, args.knn_k, args.knn_t)
     return common.topk_accuracy(scores, test_y, (1,))[0]
 
@@ -406,50 +411,45 @@ def bank_knn_accuracy(model, bank: MemoryBank, labels: torch.Tensor, test_set, n
 
 
 def main(args: Args):
-    dist = common.setup_distributed(args)
+    common.setup_distributed(args)
     info, size = common.dataset_info(args)
     views = instdisc_augment(info, size, args.crop_min_scale, args.flip)
     train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
     train_set = common.WithIndex(train_set)  # (x, y, i): i is the image's row in the memory bank
-    train_data = common.TrainData(train_set, views, args, dist)  # on the device (--data-path) or the CPU
-    run = common.RunDir(args, "instdisc", dist)
+    train_data = common.TrainData(train_set, views, args)  # on the device (--data-path) or the CPU DataLoader
+    run = common.RunDir(args, "instdisc")
 
     backbone = common.build_backbone(args.arch, info.channels, size)
     if args.adv_bn:
-        backbone = common.dual_batchnorm(backbone)
-    model = InstDisc(backbone, args.low_dim)
-    model = common.prepare_model(model, args, dist)
-    # the same bank and the same noise draws on every process: generators seeded alike, not per rank
-    bank = MemoryBank(len(train_set), args.low_dim, torch.Generator().manual_seed(args.seed)).to(dist.device)
-    sampler = AliasSampler(torch.ones(len(train_set))).to(dist.device)  # P_n = 1/N, as the official code
-    noise_rng = torch.Generator(dist.device).manual_seed(args.seed + 7919)  # its own stream, apart from the data's
+        import adversarial  # the optional module of --adv-eps and --adv-bn
+
+        backbone = adversarial.dual_batchnorm(backbone)
+    model = common.prepare_model(InstDisc(backbone, args.low_dim), args)
+    # the same bank on every process: drawn from a generator seeded alike, not per rank
+    bank = MemoryBank(len(train_set), args.low_dim, torch.Generator().manual_seed(args.seed)).to(args.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    state = run.resume(args, model, optimizer)
+    state = run.resume(model, optimizer)
     if "bank" in state:
         bank.load_state_dict(state["bank"])
-        noise_rng.set_state(state["noise_rng"])
-    net = common.distribute(model, args, dist)
+    ddp_model = common.distribute(model, args)  # the model as trained: DDP on several processes
 
-    steps = len(train_set) // args.batch_size
-    lr_at = step_schedule(args, steps)
-    monitor = common.Monitor(model.backbone, memory_set, test_set, info.num_classes, args, dist, run, state)
-    labels = torch.tensor(train_set.targets, device=dist.device)  # [N] classes of the bank rows, for the bank k-NN
-    common.print0(f"InstDisc {args.arch} on {args.dataset}: {len(train_set)} images, {steps} steps of "
-                  f"{args.batch_size} per epoch, {dist.world_size} process(es) on {dist.device}")
-    progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
+    lr_at = step_schedule(args, train_data.steps)
+    evaluation = common.Evaluation(memory_set, test_set, info.num_classes, args)
+    progress = common.Progress(args)
+    labels = torch.tensor(train_set.targets, device=args.device)  # [N] classes of the bank rows, for the bank k-NN
+    common.print0(f"InstDisc {args.arch} on {args.dataset}: {len(train_set)} images, {train_data.steps} steps of "
+                  f"{args.batch_size} per epoch, {common.world()[1]} process(es) on {args.device}")
+    if state["epoch"] == 0:
+        run.log(epoch=0, step=0, knn_top1=evaluation.knn(model.backbone))
     for epoch in range(state["epoch"], args.epochs):
-        loader = train_data.loader(epoch)
-        t0 = time.perf_counter()
-        loss = train_one_epoch(net, model, bank, sampler, noise_rng, loader, optimizer, lr_at, args, dist, epoch,
-                               progress, info)
-        seconds = time.perf_counter() - t0
-        bank_knn = bank_knn_accuracy(model, bank, labels, test_set, info.num_classes, args, dist)
-        run.end_epoch(epoch, steps, args, monitor, seconds=seconds, loss=loss, lr=lr_at((epoch + 1) * steps - 1),
-                      bank_knn_top1=bank_knn,
-                      state=lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "bank": bank.state_dict(), "noise_rng": noise_rng.get_state()})
-    monitor.finish()
+        bank.rng.manual_seed(common.epoch_seed(args.seed + 7919, epoch, 0))  # the epoch's noise rows, on every rank
+        loss = train_one_epoch(ddp_model, bank, train_data.loader(epoch), optimizer, lr_at, progress, args)
+        bank_knn = bank_knn_accuracy(model, bank, labels, test_set, info.num_classes, args)
+        knn_top1 = evaluation.knn(model.backbone, epoch + 1) if evaluation.due(epoch) else None
+        run.log(epoch=epoch + 1, loss=loss, knn_top1=knn_top1, bank_knn_top1=bank_knn, **progress.summary())
+        run.save(epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(), bank=bank.state_dict())
+    evaluation.report(model.backbone, run)
     common.cleanup_distributed()
 
 

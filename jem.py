@@ -54,7 +54,11 @@ Where this file differs from the official code, and why:
     biases and Xavier initialisation). The validation split of 5,000 images is not held out; evaluation uses
     noise-free test images (the official test transform adds the 0.03 noise too).
   - Under torchrun every process keeps its own share of the replay buffer (buffer-size / processes chains) and
-    samples its share of the batch; the HDGE queue receives the logits of the global batch, as MoCo's does.
+    samples its share of the batch; the HDGE queue receives the logits of the global batch, as MoCo's does, and
+    starts from the same draw on every process.
+  - A step's chains are distinct (drawn without replacement; the official code draws with replacement, and a
+    chain drawn twice is written back by whichever write lands last): the same distribution up to those rare
+    repeats, and a write that does not depend on the device's scheduling.
   - ECE uses 15 equal-width confidence bins (Guo et al., 2017); OOD detection scores by -E(x) = logsumexp f(x).
 """
 
@@ -63,7 +67,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +74,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
+from einops import rearrange
 
 import common
 
@@ -121,9 +125,9 @@ class Args(common.Args):
             raise ValueError(f"--reinit-freq must be a probability in [0, 1], got {self.reinit_freq}")
         if self.sgld_steps < 1 or self.sgld_step_size <= 0 or self.sgld_noise < 0:
             raise ValueError("--sgld-steps and --sgld-step-size must be positive and --sgld-noise >= 0")
-        if self.buffer_size < 1 or self.buffer_size % world_size:
-            raise ValueError(f"--buffer-size {self.buffer_size} must be positive and divide over {world_size} "
-                             f"processes")
+        if self.buffer_size < self.batch_size or self.buffer_size % world_size:
+            raise ValueError(f"--buffer-size {self.buffer_size} must hold a batch of chains (--batch-size) and "
+                             f"divide over {world_size} processes")
         if not self.hdge_temperature > 0:
             raise ValueError(f"--hdge-temperature must be positive, got {self.hdge_temperature}")
         if self.queue_size < 1 or self.queue_size % self.batch_size:
@@ -154,14 +158,14 @@ def to_unit_range(channels: int) -> T.Compose:
     return T.Compose([T.ToTensor(), T.Normalize((0.5,) * channels, (0.5,) * channels)])
 
 
-def jem_augment(info: common.DataInfo, size: int, sigma: float, flip: bool = True) -> T.Compose:
+def jem_augment(info: common.DataInfo, size: int, flip: bool = True) -> T.Compose:
     """The official training view: reflect-pad 4 and crop back (for 32 px; an eighth of the side in general),
-    horizontal flip (not for SVHN's digits), scale to [-1, 1], add Gaussian noise of std sigma."""
+    horizontal flip (not for SVHN's digits), scale to [-1, 1]. The step adds the Gaussian noise of --sigma."""
     ops = [T.Resize(size), T.CenterCrop(size)] if size != info.size else []
     ops += [T.Pad(max(1, size // 8), padding_mode="reflect"), T.RandomCrop(size)]
     if flip:
         ops.append(T.RandomHorizontalFlip())
-    return T.Compose(ops + [to_unit_range(info.channels), common.GaussianNoise(sigma)])
+    return T.Compose(ops + [to_unit_range(info.channels)])
 
 
 def eval_view(info: common.DataInfo, size: int) -> T.Compose:
@@ -199,9 +203,10 @@ def without_batchnorm(net: nn.Module) -> nn.Module:
 class ReplayBuffer:
     """SGLD chains persisted across training steps (persistent contrastive divergence with restarts).
 
-    x: [size, C, H, W], initialised uniform in [-1, 1]. sample(n) draws n chains uniformly with replacement and
-    restarts each from fresh uniform noise with probability reinit_freq; write(idx, x) stores the chains back.
-    Draws use the global (CPU) generator, so the run's seeding makes them reproducible. Never receives gradient."""
+    x: [size, C, H, W], initialised uniform in [-1, 1]. sample(n) draws n distinct chains and restarts each from
+    fresh uniform noise with probability reinit_freq; write(idx, x) stores the chains back. Draws are made on the
+    buffer's device from the global generator (seeded every epoch), so nothing waits for the host and a resumed
+    run draws the same. Never receives gradient."""
 
     def __init__(self, size: int, shape: tuple, reinit_freq: float = 0.05, device="cpu"):
         self.reinit_freq = reinit_freq
@@ -211,12 +216,10 @@ class ReplayBuffer:
         return len(self.x)
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(self.x), (n,))  # [n]
-        restart = torch.rand(n) < self.reinit_freq  # [n]
-        noise = torch.rand(n, *self.x.shape[1:]).mul_(2).sub_(1)  # [n, C, H, W]
-        idx, restart = idx.to(self.x.device), restart.to(self.x.device)
-        x0 = torch.where(restart[:, None, None, None], noise.to(self.x.device), self.x[idx])
-        return x0, idx
+        idx = torch.randperm(len(self.x), device=self.x.device)[:n]  # [n] distinct chains
+        restart = torch.rand(n, device=self.x.device) < self.reinit_freq  # [n]
+        noise = torch.rand(n, *self.x.shape[1:], device=self.x.device).mul_(2).sub_(1)  # [n, C, H, W]
+        return torch.where(restart[:, None, None, None], noise, self.x[idx]), idx
 
     @torch.no_grad()
     def write(self, idx: torch.Tensor, x: torch.Tensor):
@@ -225,10 +228,10 @@ class ReplayBuffer:
 
 class LogitQueue:
     """HDGE's queue of logit vectors from earlier (global) batches: logits [C, K], initialised N(0, 1) as the
-    official code; the oldest batch is replaced first. Never receives gradient."""
+    official code, from `seed` alike on every process; the oldest batch is replaced first. Never receives gradient."""
 
-    def __init__(self, num_classes: int, size: int, device="cpu"):
-        self.logits = torch.randn(num_classes, size, device=device)  # [C, K]
+    def __init__(self, num_classes: int, size: int, device="cpu", seed: int = 0):
+        self.logits = torch.randn(num_classes, size, generator=torch.Generator().manual_seed(seed)).to(device)  # [C, K]
         self.ptr = 0
 
     @torch.no_grad()
@@ -309,48 +312,48 @@ class Diverged(Exception):
 DIVERGENCE_CHECK = 50  # steps between the reads of the divergence flag from the device
 
 
-def train_one_epoch(net, model, loader, optimizer, lr_at, buffer, queue, args: Args, dist: common.Dist, epoch: int,
-                    progress: common.Progress) -> float:
+def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common.Progress, args: Args,
+                    buffer: ReplayBuffer | None, queue: LogitQueue | None) -> float:
     """One pass over this process's share of the data; returns the epoch's mean loss (global batch). Raises Diverged.
-    `net` is the network to train (DDP and compile wrappers), `model` the plain module inside it (for SGLD)."""
-    net.train()
-    sgld, hdge = buffer is not None, queue is not None
-    total = torch.zeros((), device=dist.device)
-    bad_step = torch.full((), -1, device=dist.device)  # the first step of this epoch with a bad loss (-1: none yet)
-    bad_loss = torch.zeros((), device=dist.device)  # its loss
-    for i, (x, y) in enumerate(loader):
-        step = epoch * len(loader) + i
-        lr = common.set_lr(optimizer, lr_at(step))
-        x, y = common.to_device([x, y], dist.device, args.channels_last)  # [n, C, H, W], [n]
+    `model` is the network as trained (DDP on several processes); `buffer` feeds SGLD, `queue` HDGE (or None)."""
+    model.train()
+    total = torch.zeros((), device=args.device)
+    bad_step = torch.full((), -1, device=args.device)  # the first step of this epoch with a bad loss (-1: none yet)
+    bad_loss = torch.zeros((), device=args.device)  # its loss
+    for x, y in progress(loader):
+        lr = common.set_lr(optimizer, lr_at(progress.step))
+        x, y = common.to_device([x, y], args)  # [n, C, H, W], [n]
+        x = x + args.sigma * torch.randn_like(x)  # the official inputs: in [-1, 1] plus Gaussian noise
         n = len(x)
-        if sgld:  # x_q: samples of p(x) from the replay buffer, without gradient
+        if buffer is not None:  # x_q: samples of p(x) from the replay buffer, without gradient
             x0, idx = buffer.sample(n)
-            x_q = sgld_sample(model, x0, args.sgld_steps, args.sgld_step_size, args.sgld_noise)
+            x_q = sgld_sample(common.unwrap(model), x0, args.sgld_steps, args.sgld_step_size, args.sgld_noise)
             buffer.write(idx, x_q)
             x = torch.cat([x, x_q])  # [2n, C, H, W]: one forward pass
-        with common.autocast(args, dist.device):
-            logits = net(x)  # [n or 2n, C]
+        with common.autocast(args):
+            logits = model(x)  # [n or 2n, C]
         logits, logits_q = logits[:n], logits[n:]
         loss = args.p_y_x_weight * F.cross_entropy(logits.float(), y)  # -log p(y|x)
-        if sgld:
+        if buffer is not None:
             loss = loss + args.p_x_weight * px_loss(logits, logits_q)  # -log p(x), by contrastive divergence
-        if hdge:
+        if queue is not None:
             loss = loss + args.hdge_weight * hdge_loss(logits, y, queue.logits, args.hdge_temperature,
                                                        args.hdge_mask == "official")
             queue.push(common.gather_no_grad(logits.detach().float()))  # the global batch, after its use
         # divergence: the first bad step is noted on the device (no host synchronisation inside the step) ...
         bad = ~torch.isfinite(loss.detach()) | (loss.detach().abs() > args.diverge_at)
         first = bad & (bad_step < 0)
-        bad_step, bad_loss = torch.where(first, i, bad_step), torch.where(first, loss.detach(), bad_loss)
+        bad_step, bad_loss = torch.where(first, progress.i, bad_step), torch.where(first, loss.detach(), bad_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += loss.detach()
-        progress.update(epoch, i, loss, lr, n * dist.world_size)
+        progress.update(loss, lr, n)
         # ... and read back every DIVERGENCE_CHECK steps and at the end of the epoch, before any checkpoint: every
-        # process stops together, and the weights after a bad step are never saved
-        if (i + 1) % DIVERGENCE_CHECK == 0 or i + 1 == len(loader):
-            check_divergence(bad_step, bad_loss, epoch)
+        # process stops together, and the weights after a bad step are never saved. The read waits for the device,
+        # once every DIVERGENCE_CHECK steps, outside the step.
+        if (progress.i + 1) % DIVERGENCE_CHECK == 0 or progress.i + 1 == len(loader):
+            check_divergence(bad_step, bad_loss, loader.epoch)
     return common.all_reduce_mean(total / len(loader)).item()
 
 
@@ -366,10 +369,44 @@ def check_divergence(bad_step: torch.Tensor, bad_loss: torch.Tensor, epoch: int)
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15):
+    """Per confidence bin [lo, hi) of equal width (the last one closed): (count, mean confidence, accuracy).
+    probs: [N, C] predicted probabilities; labels: [N]."""
+    probs, labels = probs.detach().cpu().double(), labels.cpu()
+    confidence, prediction = probs.max(dim=1)  # [N], [N]
+    correct = (prediction == labels).double()  # [N]
+    which = (confidence * bins).long().clamp(0, bins - 1)  # [N] bin index; confidence 1 joins the last bin
+    count = torch.bincount(which, minlength=bins).double()  # [bins]
+    conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, confidence)
+    acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, correct)
+    return count, conf_sum / count.clamp_min(1), acc_sum / count.clamp_min(1)
+
+
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     """ECE = sum_b |B_b| / N * |accuracy(B_b) - confidence(B_b)| over equal-width confidence bins (Guo et al.)."""
-    count, confidence, accuracy = common.calibration_bins(probs, labels, bins)
+    count, confidence, accuracy = calibration_bins(probs, labels, bins)
     return float((count / count.sum() * (accuracy - confidence).abs()).sum())
+
+
+def reliability_diagram(probs: torch.Tensor, labels: torch.Tensor, path, title: str, bins: int = 15):
+    """Accuracy against confidence per bin, with the diagonal of perfect calibration (when matplotlib is here)."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    count, confidence, accuracy = calibration_bins(probs, labels, bins)
+    keep = count > 0  # empty bins are left blank
+    centres, confidence, accuracy = ((torch.arange(bins) + 0.5) / bins)[keep], confidence[keep], accuracy[keep]
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.bar(centres, accuracy, width=1 / bins, edgecolor="black", label="accuracy")
+    ax.bar(centres, (confidence - accuracy).abs(), bottom=torch.minimum(confidence, accuracy), width=1 / bins,
+           facecolor="none", edgecolor="red", hatch="//", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set(xlabel="confidence", ylabel="accuracy", title=title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def ood_test_set(args: Args, info: common.DataInfo, size: int):
@@ -386,14 +423,14 @@ def ood_test_set(args: Args, info: common.DataInfo, size: int):
     return ood_set
 
 
-def evaluate(model, test_set, ood_set, buffer, args: Args, dist: common.Dist, run) -> dict:
+def evaluate(model, test_set, ood_set, buffer, args: Args, run: common.RunDir) -> dict:
     """Test accuracy, ECE with reliability.png, samples.png from the buffer, OOD AUROC of the energy."""
-    logits, labels = common.extract_features(model, test_set, dist, args=args)  # [N, C], [N] on every process
+    logits, labels = common.extract_features(model, test_set, args)  # [N, C], [N] on every process
     probs = logits.softmax(dim=1)
     results = {"test_top1": common.topk_accuracy(logits, labels, (1,))[0],
                "ece": expected_calibration_error(probs, labels)}
-    if dist.is_main:
-        common.reliability_diagram(probs, labels, run.path / "reliability.png",
+    if common.world()[0] == 0:
+        reliability_diagram(probs, labels, run.path / "reliability.png",
                             f"{args.objective}: ECE {results['ece']:.4f}, accuracy {results['test_top1']:.4f}")
         if buffer is not None:
             grid = buffer.x[:64].clamp(-1, 1).cpu()
@@ -401,10 +438,9 @@ def evaluate(model, test_set, ood_set, buffer, args: Args, dist: common.Dist, ru
     if ood_set is not None:
         from sklearn.metrics import roc_auc_score
 
-        ood_logits, _ = common.extract_features(model, ood_set, dist, args=args)
+        ood_logits, _ = common.extract_features(model, ood_set, args)
         scores = torch.cat([-energy(logits), -energy(ood_logits)]).cpu().numpy()  # high: in distribution
-        is_in = [1] * len(logits) + [0] * len(ood_logits)
-        results["ood_auroc"] = float(roc_auc_score(is_in, scores))
+        results["ood_auroc"] = float(roc_auc_score([1] * len(logits) + [0] * len(ood_logits), scores))
     common.print0("  ".join(f"{k} {v:.4f}" for k, v in results.items()))
     return results
 
@@ -414,11 +450,11 @@ def evaluate(model, test_set, ood_set, buffer, args: Args, dist: common.Dist, ru
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def sync_buffers(model: nn.Module, dist: common.Dist):
+def sync_buffers(model: nn.Module):
     """BatchNorm statistics of rank 0 on every process, as a resume would restore them from the checkpoint. Between
     DDP's broadcasts at each forward the other processes sample SGLD with their own; without this a resumed run
     would drift from an uninterrupted one. (The official normalisation-free Wide-ResNet has no such buffers.)"""
-    if dist.world_size > 1:
+    if common.world()[1] > 1:
         for b in model.buffers():
             torch.distributed.broadcast(b, src=0)
 
@@ -434,12 +470,13 @@ def method_state(buffer: ReplayBuffer | None, queue: LogitQueue | None) -> dict:
     return state
 
 
-def restore(state: dict, buffer: ReplayBuffer | None, queue: LogitQueue | None, args: Args, dist: common.Dist):
+def restore(state: dict, buffer: ReplayBuffer | None, queue: LogitQueue | None, args: Args):
     """This process's share of the chains and the queue, as they were when the checkpoint was written."""
+    rank, world = common.world()
     if buffer is not None:
         if "buffer" not in state or len(state["buffer"]) != args.buffer_size:
             common.fail(f"the checkpoint holds no replay buffer of --buffer-size {args.buffer_size} to continue with")
-        buffer.x.copy_(state["buffer"].view(dist.world_size, -1, *buffer.x.shape[1:])[dist.rank])
+        buffer.x.copy_(rearrange(state["buffer"], "(w n) ... -> w n ...", w=world)[rank])
     if queue is not None:
         if "queue" not in state or state["queue"].shape != queue.logits.shape:
             common.fail(f"the checkpoint holds no HDGE queue of --queue-size {args.queue_size} to continue with")
@@ -448,56 +485,54 @@ def restore(state: dict, buffer: ReplayBuffer | None, queue: LogitQueue | None, 
 
 
 def main(args: Args):
-    dist = common.setup_distributed(args)
+    common.setup_distributed(args)
     info, size = common.dataset_info(args)
-    views = jem_augment(info, size, args.sigma, flip=args.dataset != "svhn")
+    views = jem_augment(info, size, flip=args.dataset != "svhn")
     train_set, memory_set, test_set = common.training_and_eval_sets(args, views, eval_view(info, size))
-    train_data = common.TrainData(train_set, views, args, dist)  # on the device (--data-path) or the CPU
+    train_data = common.TrainData(train_set, views, args)  # on the device (--data-path) or the CPU DataLoader
     ood_set = ood_test_set(args, info, size)
-    run = common.RunDir(args, "jem", dist)
+    run = common.RunDir(args, "jem")
 
     backbone = common.build_backbone(args.arch, info.channels, size, norm=args.norm, act="leaky")
     model = JEM(without_batchnorm(backbone) if args.norm == "none" else backbone, info.num_classes)
-    model = common.prepare_model(model, args, dist)
+    model = common.prepare_model(model, args)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    state = run.resume(args, model, optimizer)
+    state = run.resume(model, optimizer)
     sgld, hdge = args.objective in ("jem", "hdge+sgld"), args.objective.startswith("hdge")
-    buffer = ReplayBuffer(args.buffer_size // dist.world_size, (info.channels, size, size), args.reinit_freq,
-                          dist.device) if sgld else None
-    queue = LogitQueue(info.num_classes, args.queue_size, dist.device) if hdge else None
-    if args.resume:
-        restore(state, buffer, queue, args, dist)
-    net = common.distribute(model, args, dist)
+    buffer = ReplayBuffer(args.buffer_size // common.world()[1], (info.channels, size, size), args.reinit_freq,
+                          args.device) if sgld else None
+    queue = LogitQueue(info.num_classes, args.queue_size, args.device, args.seed) if hdge else None
+    if state["epoch"]:
+        restore(state, buffer, queue, args)
+    ddp_model = common.distribute(model, args)  # the model as trained: DDP on several processes
 
-    steps = len(train_set) // args.batch_size
-    warmup, decay_at = round(args.warmup_epochs * steps), args.decay_at()
+    warmup, decay_at = round(args.warmup_epochs * train_data.steps), args.decay_at()
 
     def lr_at(step: int) -> float:  # linear warm-up, then steps of x decay_rate at the decay epochs (official)
-        decays = sum(step >= e * steps for e in decay_at)
+        decays = sum(step >= e * train_data.steps for e in decay_at)
         return args.lr * min(1.0, step / warmup if warmup else 1.0) * args.decay_rate ** decays
 
-    monitor = common.Monitor(model.backbone, memory_set, test_set, info.num_classes, args, dist, run, state)
-    common.print0(f"JEM ({args.objective}) {args.arch} on {args.dataset}: {len(train_set)} images, {steps} steps of "
-                  f"{args.batch_size} per epoch, {dist.world_size} process(es) on {dist.device}")
-    progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
+    evaluation = common.Evaluation(memory_set, test_set, info.num_classes, args)
+    progress = common.Progress(args)
+    common.print0(f"JEM ({args.objective}) {args.arch} on {args.dataset}: {len(train_set)} images, {train_data.steps} "
+                  f"steps of {args.batch_size} per epoch, {common.world()[1]} process(es) on {args.device}")
+    if state["epoch"] == 0:
+        run.log(epoch=0, step=0, knn_top1=evaluation.knn(model.backbone))
     for epoch in range(state["epoch"], args.epochs):
-        loader = train_data.loader(epoch)
-        t0 = time.perf_counter()
         try:
-            loss = train_one_epoch(net, model, loader, optimizer, lr_at, buffer, queue, args, dist, epoch, progress)
+            loss = train_one_epoch(ddp_model, train_data.loader(epoch), optimizer, lr_at, progress, args, buffer,
+                                   queue)
         except Diverged as err:  # the last checkpoint is untouched: continue from it with gentler settings
-            kept = f"the last good checkpoint in {run.path} is kept" if run.checkpoint_path.exists() else \
+            kept = f"the last good checkpoint in {run.path} is kept" if run.saved_epoch else \
                 "no checkpoint was written yet"
             common.print0(f"error: training diverged ({err}); {kept}: continue with --resume (or start again) "
                           f"and a lower --lr or more --sgld-steps", file=sys.stderr)
             raise SystemExit(3) from None
-        sync_buffers(model, dist)
-        run.end_epoch(epoch, steps, args, monitor, seconds=time.perf_counter() - t0, loss=loss,
-                      lr=lr_at((epoch + 1) * steps - 1),
-                      state=lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     **method_state(buffer, queue)})
-    results = evaluate(model, test_set, ood_set, buffer, args, dist, run)
-    monitor.finish(**results)
+        sync_buffers(model)
+        knn_top1 = evaluation.knn(model.backbone, epoch + 1) if evaluation.due(epoch) else None
+        run.log(epoch=epoch + 1, loss=loss, knn_top1=knn_top1, **progress.summary())
+        run.save(epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(), **method_state(buffer, queue))
+    evaluation.report(model.backbone, run, **evaluate(model, test_set, ood_set, buffer, args, run))
     common.cleanup_distributed()
 
 

@@ -41,7 +41,6 @@ Where this file differs from the official code, and why:
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +48,7 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
+from einops import rearrange
 
 import common
 
@@ -183,17 +183,12 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def dequeue_and_enqueue(self, k: torch.Tensor):
         """Put the keys of the global batch (gathered from every process, in rank order) in place of the oldest
-        ones, so every process holds the same queue. K is a multiple of the batch (Args.check)."""
+        ones, so every process holds the same queue. K is a multiple of the batch (Args.check). The columns are
+        computed on the device from the pointer: reading the pointer would make the host wait every step."""
         k = common.gather_no_grad(k)  # [N, D]
-        n, ptr = k.shape[0], int(self.queue_ptr)
-        self.queue[:, ptr:ptr + n] = k.T.to(self.queue.dtype)
-        self.queue_ptr.fill_((ptr + n) % self.queue.shape[1])
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        return torch_dist.get_rank(), torch_dist.get_world_size()
-    return 0, 1
+        columns = (self.queue_ptr + torch.arange(len(k), device=k.device)) % self.queue.shape[1]  # [N]
+        self.queue.index_copy_(1, columns, k.T.to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + len(k)) % self.queue.shape[1])
 
 
 @torch.no_grad()
@@ -201,30 +196,29 @@ def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffle BN, step 1 (official _batch_shuffle_ddp; on one process the demo's in-batch shuffle): gather the
     global batch [W*n, ...], draw one permutation (rank 0's, broadcast), return this process's n rows of the
     permuted batch and the inverse permutation."""
-    rank, world = _rank_and_world()
+    rank, world = common.world()
     x_all = common.gather_no_grad(x)  # [W*n, ...]
     idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
     if world > 1:
         torch_dist.broadcast(idx_shuffle, src=0)  # the same permutation on every process
     idx_unshuffle = torch.argsort(idx_shuffle)
-    return x_all[idx_shuffle.view(world, -1)[rank]], idx_unshuffle
+    return x_all[rearrange(idx_shuffle, "(w n) -> w n", w=world)[rank]], idx_unshuffle
 
 
 @torch.no_grad()
 def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
     """Shuffle BN, step 2 (official _batch_unshuffle_ddp): gather the outputs and give each process back the rows
     of its own inputs, in their order."""
-    rank, world = _rank_and_world()
+    rank, world = common.world()
     x_all = common.gather_no_grad(x)  # [W*n, ...]
-    return x_all[idx_unshuffle.view(world, -1)[rank]]
+    return x_all[rearrange(idx_unshuffle, "(w n) -> w n", w=world)[rank]]
 
 
 @torch.no_grad()
 def momentum_update(online: nn.Module, target: nn.Module, m: float):
     """theta_k <- m theta_k + (1 - m) theta_q for every parameter, without gradient. Buffers (BatchNorm
     statistics) are the target's own, as in the official code."""
-    for theta_q, theta_k in zip(online.parameters(), target.parameters()):
-        theta_k.mul_(m).add_(theta_q.detach(), alpha=1 - m)
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)  # a few multi-tensor kernels
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,23 +248,21 @@ def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_one_epoch(net, model, loader, optimizer, lr_at, args: Args, dist: common.Dist, epoch: int,
-                    progress: common.Progress) -> float:
+def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common.Progress, args: Args) -> float:
     """One pass over this process's share of the data; returns the epoch's mean loss (global batch).
-    `net` is the network to train (DDP and compile wrappers), `model` the plain module inside it."""
-    net.train()
-    total = torch.zeros((), device=dist.device)
-    for i, ((x1, x2), _) in enumerate(loader):
-        step = epoch * len(loader) + i
-        lr = common.set_lr(optimizer, lr_at(step))
-        x1, x2 = common.to_device([x1, x2], dist.device, args.channels_last)  # [n, C, H, W] each
-        # the key encoder and the queue are used directly, outside the wrappers' gradient synchronisation
-        momentum_update(model.encoder_q, model.encoder_k, args.momentum)  # first, as the official code
-        with common.autocast(args, dist.device):
-            q1, k2 = net(x1), model.keys(x2)  # [n, D] each; keys without gradient
+    `model` is the query encoder as trained (DDP on several processes)."""
+    model.train()
+    moco = common.unwrap(model)  # the key encoder and the queue, used outside DDP's gradient synchronisation
+    total = torch.zeros((), device=args.device)
+    for (x1, x2), _ in progress(loader):
+        lr = common.set_lr(optimizer, lr_at(progress.step))
+        x1, x2 = common.to_device([x1, x2], args)  # [n, C, H, W] each
+        momentum_update(moco.encoder_q, moco.encoder_k, args.momentum)  # first, as the official code
+        with common.autocast(args):
+            q1, k2 = model(x1), moco.keys(x2)  # [n, D] each; keys without gradient
             if args.symmetric:
-                q2, k1 = net(x2), model.keys(x1)
-        queue = model.queue.clone()  # this step's negatives, kept apart from the enqueue below
+                q2, k1 = model(x2), moco.keys(x1)
+        queue = moco.queue.clone()  # this step's negatives, kept apart from the enqueue below
         loss = moco_loss(q1, k2, queue, args.temperature)
         if args.symmetric:
             loss = loss + moco_loss(q2, k1, queue, args.temperature)  # the demo sums the two directions
@@ -278,9 +270,9 @@ def train_one_epoch(net, model, loader, optimizer, lr_at, args: Args, dist: comm
         loss.backward()
         optimizer.step()
         for k in ([k1, k2] if args.symmetric else [k2]):  # the demo enqueues k1's keys, then k2's
-            model.dequeue_and_enqueue(k)  # each gathered over the processes, so in the global batch's order
+            moco.dequeue_and_enqueue(k)  # each gathered over the processes, so in the global batch's order
         total += loss.detach()
-        progress.update(epoch, i, loss, lr, len(x1) * dist.world_size)
+        progress.update(loss, lr, len(x1))
     return common.all_reduce_mean(total / len(loader)).item()  # each process averaged its own queries
 
 
@@ -290,37 +282,36 @@ def train_one_epoch(net, model, loader, optimizer, lr_at, args: Args, dist: comm
 
 
 def main(args: Args):
-    dist = common.setup_distributed(args)
+    common.setup_distributed(args)
     info, size = common.dataset_info(args)
     views = common.MultiView([moco_augment(info, size, args.crop_min_scale) for _ in range(2)])
     train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
-    train_data = common.TrainData(train_set, views, args, dist)  # on the device (--data-path) or the CPU
-    run = common.RunDir(args, "moco", dist)
+    train_data = common.TrainData(train_set, views, args)  # on the device (--data-path) or the CPU DataLoader
+    run = common.RunDir(args, "moco")
 
     # split BatchNorm stands in for several GPUs on one process; with several, each process is one BN group
     backbone = split_batchnorm(common.build_backbone(args.arch, info.channels, size),
-                               args.bn_splits if dist.world_size == 1 else 1)
-    model = common.prepare_model(MoCo(backbone, args.proj_dim, args.mlp, args.queue_size), args, dist)
+                               args.bn_splits if common.world()[1] == 1 else 1)
+    model = common.prepare_model(MoCo(backbone, args.proj_dim, args.mlp, args.queue_size), args)
     base_lr = args.lr * args.batch_size / 512  # the demo's linear rule: 0.06 at 512, 0.03 at 256
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=base_lr,
                                 momentum=args.sgd_momentum, weight_decay=args.weight_decay)
-    state = run.resume(args, model, optimizer)
-    net = common.distribute(model, args, dist)
+    start = run.resume(model, optimizer)["epoch"]  # the key encoder and the queue are in the model's state
+    ddp_model = common.distribute(model, args)  # the model as trained: DDP on several processes
 
-    steps = len(train_set) // args.batch_size
-    lr_at = common.lr_schedule(args, steps, base_lr)
-    monitor = common.Monitor(model.backbone, memory_set, test_set, info.num_classes, args, dist, run, state)
-    common.print0(f"MoCo {args.arch} on {args.dataset}: {len(train_set)} images, {steps} steps of "
-                  f"{args.batch_size} per epoch, {dist.world_size} process(es) on {dist.device}")
-    progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
-    for epoch in range(state["epoch"], args.epochs):
-        loader = train_data.loader(epoch)
-        t0 = time.perf_counter()
-        loss = train_one_epoch(net, model, loader, optimizer, lr_at, args, dist, epoch, progress)
-        run.end_epoch(epoch, steps, args, monitor, seconds=time.perf_counter() - t0, loss=loss,
-                      lr=lr_at((epoch + 1) * steps - 1),
-                      state=lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
-    monitor.finish()
+    lr_at = common.lr_schedule(args, train_data.steps, base_lr)
+    evaluation = common.Evaluation(memory_set, test_set, info.num_classes, args)
+    progress = common.Progress(args)
+    common.print0(f"MoCo {args.arch} on {args.dataset}: {len(train_set)} images, {train_data.steps} steps of "
+                  f"{args.batch_size} per epoch, {common.world()[1]} process(es) on {args.device}")
+    if start == 0:
+        run.log(epoch=0, step=0, knn_top1=evaluation.knn(model.backbone))
+    for epoch in range(start, args.epochs):
+        loss = train_one_epoch(ddp_model, train_data.loader(epoch), optimizer, lr_at, progress, args)
+        knn_top1 = evaluation.knn(model.backbone, epoch + 1) if evaluation.due(epoch) else None
+        run.log(epoch=epoch + 1, loss=loss, knn_top1=knn_top1, **progress.summary())
+        run.save(epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict())
+    evaluation.report(model.backbone, run)
     common.cleanup_distributed()
 
 

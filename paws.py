@@ -23,8 +23,9 @@ Official code: github.com/facebookresearch/suncet
   images alone with SuNCEt, each support classified by the soft nearest neighbours among the other supports:
   L_ft = mean_i H(y_i, sum_{j != i} softmax_j(norm(z_i) . norm(z_j) / tau) y_j), BatchNorm frozen, flips only.
 
-Run:   python paws.py --dataset digits --arch tiny --num-labels 100 --classes-per-batch 10 --supports-per-class 5
-              --multicrop 2 --epochs 30 --batch-size 128 --warmup-epochs 2 --workers 0   (CPU, offline)
+Run:   python paws.py --dataset digits --arch tiny --num-labels 100 --classes-per-batch 10 --supports-per-class 4
+              --multicrop 2 --epochs 30 --batch-size 128 --warmup-epochs 2 --workers 0   (CPU, offline; the same
+              under torchrun --nproc_per_node=2, as the supports per class divide over the processes)
        torchrun --nproc_per_node=8 paws.py --data-dir data --download   (the official CIFAR-10 recipe below)
        torchrun --nproc_per_node=8 paws.py --data-dir data --download --finetune-epochs 30   (and its fine-tuning)
        torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 paws.py ...
@@ -37,8 +38,6 @@ Defaults: the official configs/paws/cifar10_train.yaml: WRN-28-2, 3-layer projec
        without weight decay, learning rate 0.1 cosine-decayed to 0.01, no warm-up.
 
 Expect: PAWS-NN 96.0 +- 0.2% top-1 on CIFAR-10 with 4,000 labels (paper, CIFAR-10 results, WRN-28-2, 600 epochs).
-        On a 5,000-image CIFAR-10 subset with 100 labels, tiny network, 60 epochs (CPU, README): PAWS-NN 0.397
-        against 0.358 for --supervised-only on the same labels and steps.
 
 Where this file differs from the official code, and why:
   - --batch-size and --supports-per-class are global (split over the processes), so that a run's meaning does not
@@ -64,8 +63,7 @@ Where this file differs from the official code, and why:
 from __future__ import annotations
 
 import copy
-import dataclasses
-import time
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,11 +149,26 @@ def paws_augment(info: common.DataInfo, size: int, scale: tuple, strength: float
     ops = [T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8)]
     if small:
-        ops += [common.SolarizeRandomThreshold(p=0.2), T.RandomEqualize(p=0.2)]  # threshold in [0, 256)
+        ops += [RandomSolarizeThreshold(p=0.2), T.RandomEqualize(p=0.2)]
     else:
         ops += [T.RandomGrayscale(p=0.2),
                 T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5)]
     return T.Compose(ops + [common.normalize(info)])
+
+
+class RandomSolarizeThreshold(T.RandomSolarize):
+    """With probability p, solarise with a threshold drawn uniformly in [0, 256) for each image: the official
+    Solarize of PAWS (torchvision's RandomSolarize has a fixed threshold). device_data.py reads threshold_range."""
+
+    threshold_range = (0.0, 256.0)
+
+    def __init__(self, p: float = 0.2):
+        super().__init__(threshold=128.0, p=p)
+
+    def forward(self, img):
+        if torch.rand(()) < self.p:
+            return T.functional.solarize(img, float(256 * torch.rand(())))
+        return img
 
 
 def paws_views(info: common.DataInfo, size: int, multicrop: int, strength: float) -> tuple:
@@ -274,7 +287,8 @@ class PAWS(nn.Module):
 
 def smooth_labels(y: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
     """Label smoothing: y [S] integer classes -> [S, K] rows (1 - smoothing) onehot(y) + smoothing / K."""
-    return F.one_hot(y, num_classes).float() * (1 - smoothing) + smoothing / num_classes
+    onehot = (y[:, None] == torch.arange(num_classes, device=y.device)).float()  # [S, K]
+    return onehot * (1 - smoothing) + smoothing / num_classes
 
 
 def sharpen(p: torch.Tensor, T: float) -> torch.Tensor:
@@ -349,49 +363,50 @@ def suncet_loss(z: torch.Tensor, z_S: torch.Tensor, y_S: torch.Tensor, tau: floa
 
 
 def support_labels(y: torch.Tensor, views: int, num_classes: int, smoothing: float) -> torch.Tensor:
-    """Labels of the gathered supports: this process's class indices y [s] repeated for each view, gathered from
-    all processes (rows in the order of common.gather_with_grad), mapped to the step's classes 0..K-1 and
-    smoothed. [views * s * world_size, K]."""
-    y = common.gather_no_grad(y.repeat(views))
-    _, slot = torch.unique(y, return_inverse=True)  # the step's classes, in sorted order
+    """Labels of the gathered supports: this process's class indices y [s] repeated for each view, gathered from all
+    processes (rows in the order of common.gather_with_grad), mapped to the step's classes 0..K-1 in sorted order
+    and smoothed: [views * s * world_size, K]. The map is made by sorting, with shapes fixed in advance
+    (torch.unique's result has a size only the device knows, so the host would wait for it)."""
+    y = common.gather_no_grad(y.repeat(views))  # [S]
+    s = y.sort().values
+    first = torch.cat([torch.ones_like(s[:1], dtype=torch.bool), s[1:] != s[:-1]])  # [S] a class's first row
+    slot = first.cumsum(0)[torch.searchsorted(s, y)] - 1  # [S] the label's place among the step's classes
     return smooth_labels(slot, num_classes, smoothing)
 
 
-def support_loader(supports: common.TrainData, args: Args, dist: common.Dist, epoch: int, steps: int):
-    """This process's class-stratified support batches of one epoch of `steps` steps: (views, labels), made on
-    the device when the training data is there, else by a DataLoader."""
-    support_set = supports.train_set
-    sampler = ClassStratifiedSampler(support_set.targets, args.classes_per_batch, args.supports_per_class, steps,
-                                     args.seed, epoch, dist.rank, dist.world_size)
-    if supports.on_device:  # its own stream of random views, apart from the unlabelled images' (salt 1)
-        return common.DeviceLoader(supports.data, supports.specs, args, dist, epoch, batches=list(sampler), salt=1)
-    return torch.utils.data.DataLoader(
-        support_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=dist.device.type == "cuda",
-        generator=torch.Generator().manual_seed((args.seed * 1_000_003 + epoch * 1009 + dist.rank + 1) % 2**31))
+def support_batches(supports: common.TrainData, args: Args, epoch: int, steps: int):
+    """This process's class-stratified support batches of one epoch of `steps` steps, (views, labels): made on the
+    device when the training data is there, else by a DataLoader; either way with random views of their own."""
+    rank, world = common.world()
+    sampler = ClassStratifiedSampler(supports.train_set.targets, args.classes_per_batch, args.supports_per_class,
+                                     steps, args.seed, epoch, rank, world)
+    if supports.on_device:
+        return supports.device.loader(epoch, args, batches=list(sampler), salt=1)
+    generator = torch.Generator().manual_seed(common.epoch_seed(args.seed, epoch, rank) + 1)
+    return common.data_loader(supports.train_set, args, epoch, batch_sampler=sampler, generator=generator)
 
 
-def train_one_epoch(model, loader, support_loader, optimizer, lr_at, args: Args, dist: common.Dist, epoch: int,
-                    progress: common.Progress) -> tuple[float, float]:
-    """One pass over this process's share of the unlabelled data (or, with --supervised-only, as many steps over
-    the supports alone); returns the epoch's mean (CE, ME-MAX) over all processes."""
+def train_one_epoch(model: nn.Module, loader, supports, optimizer, lr_at, progress: common.Progress,
+                    args: Args) -> tuple[float, float]:
+    """One pass over this process's share of the unlabelled data (`loader`; None with --supervised-only: as many
+    steps over the supports alone); returns the epoch's mean (CE, ME-MAX) over all processes. `model` is the
+    network as trained (DDP on several processes); `supports`: the epoch's support batches."""
     model.train()
-    total_ce, total_me_max = torch.zeros((), device=dist.device), torch.zeros((), device=dist.device)
-    batches = zip(loader, support_loader) if loader is not None else (((None, None), s) for s in support_loader)
-    for i, ((views, _), (support_views, y)) in enumerate(batches):
-        step = epoch * len(support_loader) + i
-        lr = common.set_lr(optimizer, lr_at(step))
-        x_S = torch.cat(common.to_device(support_views, dist.device, args.channels_last))  # [V s, C, H, W]
-        y = y.to(dist.device)
+    total_ce, total_me_max = torch.zeros((), device=args.device), torch.zeros((), device=args.device)
+    unlabelled = loader if loader is not None else itertools.repeat((None, None))
+    for (support_views, y), (views, _) in zip(progress(supports), unlabelled):
+        lr = common.set_lr(optimizer, lr_at(progress.step))
+        x_S, y = torch.cat(common.to_device(support_views, args)), common.to_device(y, args)  # [V s, C, H, W], [s]
         if args.supervised_only:
-            with common.autocast(args, dist.device):
+            with common.autocast(args):
                 logits = model(x_S, logits=True)  # [V s, num_classes]
             ce = F.cross_entropy(logits.float(), y.repeat(args.support_views), label_smoothing=args.label_smoothing)
-            me_max = torch.zeros((), device=dist.device)
+            me_max = torch.zeros((), device=args.device)
             loss, n = ce, 0
         else:
-            x = common.to_device(views, dist.device, args.channels_last)  # 2 + M tensors [n, C, H, W]
+            x = common.to_device(views, args)  # 2 + M tensors [n, C, H, W]
             n = len(x[0])
-            with common.autocast(args, dist.device):
+            with common.autocast(args):
                 # global views and supports in one forward pass (BatchNorm over both), the smaller multi-crop
                 # views in a second, as the official code
                 z = model(torch.cat(x[:2] + [x_S]))  # [2n + V s, D]
@@ -406,13 +421,12 @@ def train_one_epoch(model, loader, support_loader, optimizer, lr_at, args: Args,
         optimizer.step()
         total_ce += ce.detach()
         total_me_max += me_max.detach()
-        progress.update(epoch, i, loss, lr, (n + len(y)) * dist.world_size)
-    steps = len(support_loader)
+        progress.update(loss, lr, n + len(y))
+    steps = len(supports)
     return common.all_reduce_mean(total_ce / steps).item(), common.all_reduce_mean(total_me_max / steps).item()
 
 
-def finetune(model: nn.Module, supports: common.TrainData, args: Args, dist: common.Dist,
-             run: common.RunDir) -> nn.Module:
+def finetune(model: nn.Module, supports: common.TrainData, args: Args, run: common.RunDir) -> nn.Module:
     """The official fine-tuning (snn_fine_tune): a copy of f and g trained with SuNCEt on class-stratified batches
     of labelled images alone, BatchNorm frozen in eval mode (running statistics), LARS without weight decay, cosine
     from --finetune-lr to --finetune-final-lr. Epoch e is seeded as epoch --epochs + e would be, so a resumed run
@@ -420,46 +434,43 @@ def finetune(model: nn.Module, supports: common.TrainData, args: Args, dist: com
     tuned = copy.deepcopy(model)
     if tuned.classifier is not None:  # the baseline's classifier takes no part in SuNCEt
         tuned.classifier.requires_grad_(False)
-    net = common.distribute(tuned, args, dist)
+    ddp_tuned = common.distribute(tuned, args)
     optimizer = common.LARS(common.param_groups(tuned, 0.0), lr=args.finetune_lr, momentum=args.momentum,
                             eta=args.lars_eta)
     steps = max(1, len(supports.train_set) // (args.classes_per_batch * args.supports_per_class))  # a pass
-    total = args.finetune_epochs * steps
-    progress = common.Progress(args.finetune_epochs, steps, 0, args.log_every, dist)
-    for epoch in range(args.finetune_epochs):
-        common.seed_epoch(args.seed, args.epochs + epoch, dist.rank)
-        net.train()
-        for m in net.modules():  # BatchNorm keeps the statistics of training, as the official fine-tuning
+    total, rank = args.finetune_epochs * steps, common.world()[0]
+    progress = common.Progress(args, epochs=args.epochs + args.finetune_epochs)
+    for epoch in range(args.epochs, args.epochs + args.finetune_epochs):
+        ddp_tuned.train()
+        for m in ddp_tuned.modules():  # BatchNorm keeps the statistics of training, as the official fine-tuning
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
-        t0, total_loss = time.perf_counter(), torch.zeros((), device=dist.device)
-        for i, (views, y) in enumerate(support_loader(supports, args, dist, args.epochs + epoch, steps)):
-            lr = common.set_lr(optimizer, common.warmup_cosine(epoch * steps + i, total - 1, 0, args.finetune_lr,
+        total_loss = torch.zeros((), device=args.device)
+        for views, y in progress(support_batches(supports, args, epoch, steps)):
+            step = progress.step - args.epochs * steps  # of the fine-tuning
+            lr = common.set_lr(optimizer, common.warmup_cosine(step, total - 1, 0, args.finetune_lr,
                                                                args.finetune_final_lr))
-            x = torch.cat(common.to_device(views, dist.device, args.channels_last))  # [V s, C, H, W]
-            with common.autocast(args, dist.device):
-                z = net(x)  # [V s, D]
+            x = torch.cat(common.to_device(views, args))  # [V s, C, H, W]
+            with common.autocast(args):
+                z = ddp_tuned(x)  # [V s, D]
             z_S = common.gather_with_grad(z)  # [V s W, D], this process's rows at rank * V s
-            y_S = support_labels(y.to(dist.device), args.support_views, args.classes_per_batch, 0.0)  # one-hot
-            loss = suncet_loss(z, z_S, y_S, args.temperature, offset=dist.rank * len(z))
+            y_S = support_labels(common.to_device(y, args), args.support_views, args.classes_per_batch, 0.0)
+            loss = suncet_loss(z, z_S, y_S, args.temperature, offset=rank * len(z))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total_loss += loss.detach()
-            progress.update(epoch, i, loss, lr, len(z) * dist.world_size)
-        seconds = time.perf_counter() - t0
-        run.log(epoch=args.epochs + epoch + 1, lr=lr, time_s=seconds, images_per_s=len(z) * dist.world_size * steps
-                / seconds, finetune_loss=common.all_reduce_mean(total_loss / steps).item())
+            progress.update(loss, lr, len(z))
+        run.log(epoch=epoch + 1, finetune_loss=common.all_reduce_mean(total_loss / steps).item(),
+                **progress.summary())
     return tuned
 
 
 @torch.no_grad()
-def snn_accuracy(model: nn.Module, labelled_set, test_set, num_classes: int, tau: float, dist: common.Dist,
-                 args: Args) -> float:
+def snn_accuracy(model: nn.Module, labelled_set, test_set, num_classes: int, args: Args) -> float:
     """PAWS-NN top-1: the SNN classifier over the embeddings z of every labelled image (one-hot labels)."""
-    z_L, y_L = common.extract_features(model, labelled_set, dist, workers=min(args.workers, 4), args=args)
-    z, y = common.extract_features(model, test_set, dist, workers=min(args.workers, 4), args=args)
-    probs = torch.cat([snn(q, z_L, F.one_hot(y_L, num_classes).float(), tau) for q in z.split(1024)])
+    (z_L, y_L), (z, y) = (common.extract_features(model, s, args) for s in (labelled_set, test_set))
+    probs = torch.cat([snn(q, z_L, F.one_hot(y_L, num_classes).float(), args.temperature) for q in z.split(1024)])
     return common.topk_accuracy(probs, y, (1,))[0]
 
 
@@ -469,30 +480,30 @@ def snn_accuracy(model: nn.Module, labelled_set, test_set, num_classes: int, tau
 
 
 def main(args: Args):
-    dist = common.setup_distributed(args)
+    common.setup_distributed(args)
     info, size = common.dataset_info(args)
     views, support_view = paws_views(info, size, args.multicrop, args.jitter_strength)
     train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
     support_views = common.MultiView([support_view] * args.support_views)
-    support_base = common.training_and_eval_sets(args, support_views, None)[0]
     labelled = labelled_indices(train_set.targets, args)
-    support_set, labelled_set = common.Subset(support_base, labelled), common.Subset(memory_set, labelled)
+    support_set = common.Subset(common.training_and_eval_sets(args, support_views, None)[0], labelled)
+    labelled_set = common.Subset(memory_set, labelled)
     if args.classes_per_batch > len(set(support_set.targets)):
         common.fail(f"--classes-per-batch {args.classes_per_batch} is more than the {len(set(support_set.targets))} "
                     f"classes of the labelled subset")
-    train_data = common.TrainData(train_set, views, args, dist)  # on the device (--data-path) or the CPU
-    supports = common.TrainData(support_set, support_views, args, dist)
-    run = common.RunDir(args, "paws", dist)
+    train_data = common.TrainData(train_set, views, args)  # on the device (--data-path) or the CPU DataLoader
+    supports = common.TrainData(support_set, support_views, args)
+    run = common.RunDir(args, "paws")
 
     model = PAWS(common.build_backbone(args.arch, info.channels, size), args.proj_dim,
                  info.num_classes if args.supervised_only else 0)
-    model = common.prepare_model(model, args, dist)
+    model = common.prepare_model(model, args)
     optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum,
                             eta=args.lars_eta)
-    state = run.resume(args, model, optimizer)
-    net = common.distribute(model, args, dist)
+    state = run.resume(model, optimizer)
+    ddp_model = common.distribute(model, args)  # the model as trained: DDP on several processes
 
-    steps = len(train_set) // args.batch_size
+    steps = train_data.steps
     total, warmup = args.epochs * steps, round(args.warmup_epochs * steps)
 
     def lr_at(step):  # the official WarmupCosineSchedule: start_lr -> lr linearly, then cosine down to final_lr
@@ -500,21 +511,22 @@ def main(args: Args):
             return args.start_lr + (args.lr - args.start_lr) * step / warmup
         return common.warmup_cosine(step, total, warmup, args.lr, args.final_lr)
 
-    monitor = common.Monitor(model.backbone, memory_set, test_set, info.num_classes, args, dist, run, state)
+    evaluation = common.Evaluation(memory_set, test_set, info.num_classes, args)
+    progress = common.Progress(args)
     common.print0(f"PAWS {args.arch} on {args.dataset}: {len(train_set)} images ({len(labelled)} labelled), "
                   f"{steps} steps of {args.batch_size} + {args.classes_per_batch} x {args.supports_per_class} "
-                  f"supports per epoch, {dist.world_size} process(es) on {dist.device}")
-    progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
+                  f"supports per epoch, {common.world()[1]} process(es) on {args.device}")
+    if state["epoch"] == 0:
+        run.log(epoch=0, step=0, knn_top1=evaluation.knn(model.backbone))
     for epoch in range(state["epoch"], args.epochs):
         loader = None if args.supervised_only else train_data.loader(epoch)
-        t0 = time.perf_counter()
-        ce, me_max = train_one_epoch(net, loader, support_loader(supports, args, dist, epoch, steps), optimizer,
-                                     lr_at, args, dist, epoch, progress)
-        run.end_epoch(epoch, steps, args, monitor, seconds=time.perf_counter() - t0,
-                      loss=ce + me_max if args.me_max else ce, ce=ce, me_max=me_max,
-                      lr=lr_at((epoch + 1) * steps - 1),
-                      state=lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
-    snn_top1 = snn_accuracy(model, labelled_set, test_set, info.num_classes, args.temperature, dist, args)
+        ce, me_max = train_one_epoch(ddp_model, loader, support_batches(supports, args, epoch, steps), optimizer,
+                                     lr_at, progress, args)
+        knn_top1 = evaluation.knn(model.backbone, epoch + 1) if evaluation.due(epoch) else None
+        run.log(epoch=epoch + 1, loss=ce + me_max if args.me_max else ce, knn_top1=knn_top1, ce=ce, me_max=me_max,
+                **progress.summary())
+        run.save(epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict())
+    snn_top1 = snn_accuracy(model, labelled_set, test_set, info.num_classes, args)
     common.print0(f"PAWS-NN top-1 ({len(labelled)} labelled images): {snn_top1:.4f}")
     extra = {}
     if args.finetune_epochs:
@@ -524,19 +536,17 @@ def main(args: Args):
         else:
             finetune_views = common.MultiView([finetune_view(info, size)] * args.support_views)
             finetune_set = common.Subset(common.training_and_eval_sets(args, finetune_views, None)[0], labelled)
-            tuned = finetune(model, common.TrainData(finetune_set, finetune_views, args, dist), args, dist, run)
-            run.save({"epoch": args.epochs, "step": args.epochs * steps, "args": dataclasses.asdict(args),
-                      "knn_untrained": monitor.untrained, "model": model.state_dict(),
-                      "optimizer": optimizer.state_dict(), "finetuned": tuned.state_dict()})
-        extra["finetune_snn_top1"] = snn_accuracy(tuned, labelled_set, test_set, info.num_classes, args.temperature,
-                                                  dist, args)
+            tuned = finetune(model, common.TrainData(finetune_set, finetune_views, args), args, run)
+            run.save(args.epochs, force=True, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                     finetuned=tuned.state_dict())
+        extra["finetune_snn_top1"] = snn_accuracy(tuned, labelled_set, test_set, info.num_classes, args)
         common.print0(f"PAWS-NN top-1 after fine-tuning: {extra['finetune_snn_top1']:.4f}")
     if args.supervised_only:  # the baseline's own classifier, the other way it can use its labels
         logits, y = common.extract_features(nn.Sequential(model.backbone, model.projector, model.classifier),
-                                            test_set, dist, workers=min(args.workers, 4), args=args)
+                                            test_set, args)
         extra["classifier_top1"] = common.topk_accuracy(logits, y, (1,))[0]
         common.print0(f"classifier top-1: {extra['classifier_top1']:.4f}")
-    monitor.finish(snn_top1=snn_top1, **extra)
+    evaluation.report(model.backbone, run, snn_top1=snn_top1, **extra)
     common.cleanup_distributed()
 
 

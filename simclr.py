@@ -12,7 +12,7 @@ Chen, Kornblith, Norouzi & Hinton, ICML 2020. arXiv:2002.05709. Official code: g
   linear warm-up for 10 epochs, then cosine decay to 0.
 
 Run:   python simclr.py --dataset digits --arch tiny --epochs 100 --batch-size 256 --workers 0
-                                                   (offline, CPU: under two minutes; k-NN untrained vs trained)
+                                                   (offline, CPU: about two minutes; k-NN untrained vs trained)
        torchrun --nproc_per_node=8 simclr.py --data-dir data --download   (the official CIFAR-10 recipe below)
        torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 simclr.py ...
 Defaults: the official CIFAR-10 command (README of google-research/simclr): ResNet-18 with the CIFAR stem,
@@ -32,7 +32,7 @@ Where this file differs from the official code, and why:
   - Evaluation: the weighted k-NN monitor during training (InstDisc's, k=200, T=0.1) and a linear probe on
     frozen, precomputed features at the end (the official linear evaluation fine-tunes on augmented crops).
 
-Options from two later papers, off by default:
+Options from two later papers, off by default (they need adversarial.py beside this file):
   --adv-eps EPS [--adv-steps S --adv-weight ALPHA]   CLAE (Ho & Vasconcelos, "Contrastive Learning with
        Adversarial Examples", NeurIPS 2020, github.com/chihhuiho/CLAE): L += ALPHA * NT-Xent(view 1, its
        adversarial view), the view found by FGSM (or PGD) against that loss within EPS pixels (CLAE: 0.03, 1.0).
@@ -42,13 +42,13 @@ Options from two later papers, off by default:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
+from einops import rearrange
 
 import common
 
@@ -158,7 +158,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
     z1, z2: [N, D], two views of the same N images (row k of z1 and row k of z2 are a positive pair).
     Each of the 2N embeddings is an anchor; its positive is the other view of its image and its negatives are
-    the other 2N - 2 embeddings. Returns the mean over the 2N anchors, computed in float32 (float64 for float64 inputs), also under autocast.
+    the other 2N - 2 embeddings. Returns the mean over the 2N anchors, computed in float32 (float64 for float64
+    inputs), also under autocast.
     """
     with torch.autocast(z1.device.type, enabled=False):
         n = z1.shape[0]
@@ -167,32 +168,33 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
         logits = z @ z.T / temperature  # [2N, 2N]
         self_pair = torch.eye(2 * n, dtype=torch.bool, device=z.device)
         logits = logits.masked_fill(self_pair, float("-inf"))  # k != i: an anchor is never its own candidate
-        positive = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)  # [2N] other view
+        positive = torch.arange(2 * n, device=z.device).roll(n)  # [2N] the other view: N..2N-1, then 0..N-1
         return F.cross_entropy(logits, positive)  # mean of l(i, j) over the 2N anchors
 
 
-def clae_loss(model: nn.Module, net: nn.Module, x1: torch.Tensor, z1: torch.Tensor, args: Args,
-              info: common.DataInfo, device: torch.device) -> torch.Tensor:
+def clae_loss(model: nn.Module, x1: torch.Tensor, z1: torch.Tensor, args: Args) -> torch.Tensor:
     """CLAE's extra term (Ho & Vasconcelos, NeurIPS 2020): NT-Xent between view 1 and an adversarial view made
     from it, by FGSM/PGD against that same loss (view 1's embeddings held fixed). With --adv-bn both the
     generation and the term run through the encoder's auxiliary BatchNorms (AdvProp).
 
-    x1: [n, C, H, W] view 1 of this process's images; z1: [n, proj_dim] their embeddings (with gradient).
-    The generation goes through `model` (not the DDP wrapper) and differentiates the input only, so it adds
-    no gradient to the parameters; its cost is one forward and backward per step.
+    model: the network as trained (DDP on several processes); x1: [n, C, H, W] view 1 of this process's images;
+    z1: [n, proj_dim] their embeddings (with gradient). The search goes through the plain module and differentiates
+    the input only, so it adds no gradient to the parameters; its cost is one forward and backward per step.
     """
-    anchors = common.gather_no_grad(z1.detach())  # [N, proj_dim], fixed while the view is searched
+    import adversarial  # the optional module of --adv-eps and --adv-bn
+
+    plain = common.unwrap(model)
+    anchors = common.gather_no_grad(z1)  # [N, proj_dim], fixed while the view is searched
 
     def loss_of(view):
-        with common.autocast(args, device):
-            z_view = model(view)
-        return nt_xent(anchors, common.gather_with_grad(z_view), args.temperature)
+        with common.autocast(args):
+            return nt_xent(anchors, common.gather_with_grad(plain(view)), args.temperature)
 
-    with common.adversarial_bn(model.backbone, args.adv_bn):
-        x_adv = common.adversarial_view(loss_of, x1, args.adv_eps, args.adv_steps, info.mean, info.std)
-        x_adv = common.to_device(x_adv, device, args.channels_last)
-        with common.autocast(args, device):
-            z_adv = net(x_adv)  # [n, proj_dim], through DDP: its gradient is averaged like the main loss's
+    stats = common.DATASETS[args.dataset]  # the inputs' standardisation, to bound the view in pixels
+    with adversarial.adversarial_bn(plain.backbone, args.adv_bn):
+        x_adv = adversarial.adversarial_view(loss_of, x1, args.adv_eps, args.adv_steps, stats.mean, stats.std)
+        with common.autocast(args):
+            z_adv = model(common.to_device(x_adv, args))  # [n, proj_dim], through DDP like the main loss
     return nt_xent(common.gather_with_grad(z1), common.gather_with_grad(z_adv), args.temperature)
 
 
@@ -201,29 +203,26 @@ def clae_loss(model: nn.Module, net: nn.Module, x1: torch.Tensor, z1: torch.Tens
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_one_epoch(net, model, loader, optimizer, lr_at, args: Args, dist: common.Dist, epoch: int,
-                    progress: common.Progress, info: common.DataInfo) -> float:
+def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common.Progress, args: Args) -> float:
     """One pass over this process's share of the data; returns the epoch's mean loss (global batch).
-    `net` is the network to train (DDP and compile wrappers), `model` the plain module inside it."""
-    net.train()
-    total = torch.zeros((), device=dist.device)
-    for i, ((x1, x2), _) in enumerate(loader):
-        step = epoch * len(loader) + i
-        lr = common.set_lr(optimizer, lr_at(step))
+    `model` is the network as trained (DDP on several processes)."""
+    model.train()
+    total = torch.zeros((), device=args.device)
+    for (x1, x2), _ in progress(loader):
+        lr = common.set_lr(optimizer, lr_at(progress.step))
         # both views in one forward pass, so BatchNorm normalises them together as in the official code
-        x = torch.cat(common.to_device([x1, x2], dist.device, args.channels_last))  # [2n, C, H, W]
-        with common.autocast(args, dist.device):
-            z = net(x)  # [2n, proj_dim]
-        z1, z2 = z.chunk(2)  # [n, proj_dim] each
+        x = torch.cat(common.to_device([x1, x2], args))  # [2n, C, H, W]
+        with common.autocast(args):
+            z1, z2 = rearrange(model(x), "(v n) d -> v n d", v=2)  # [n, proj_dim] each
         # the global batch: all processes' embeddings, with gradient, so each anchor has 2N - 2 negatives
         loss = nt_xent(common.gather_with_grad(z1), common.gather_with_grad(z2), args.temperature)
         if args.adv_eps > 0:
-            loss = loss + args.adv_weight * clae_loss(model, net, x[:len(x1)], z1, args, info, dist.device)
+            loss = loss + args.adv_weight * clae_loss(model, x[:len(x1)], z1, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += loss.detach()
-        progress.update(epoch, i, loss, lr, len(x1) * dist.world_size)
+        progress.update(loss, lr, len(x1))
     return (total / len(loader)).item()
 
 
@@ -233,39 +232,40 @@ def train_one_epoch(net, model, loader, optimizer, lr_at, args: Args, dist: comm
 
 
 def main(args: Args):
-    dist = common.setup_distributed(args)
+    common.setup_distributed(args)
     info, size = common.dataset_info(args)
     blur = args.blur if args.blur >= 0 else (0.5 if size > 64 else 0.0)
     views = common.MultiView([simclr_augment(info, size, args.jitter_strength, blur, args.crop_min_scale)
                               for _ in range(2)])
     train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
-    train_data = common.TrainData(train_set, views, args, dist)  # on the device (--data-path) or the CPU
-    run = common.RunDir(args, "simclr", dist)
+    train_data = common.TrainData(train_set, views, args)  # on the device (--data-path) or the CPU DataLoader
+    run = common.RunDir(args, "simclr")
 
     backbone = common.build_backbone(args.arch, info.channels, size)
     if args.adv_bn:
-        backbone = common.dual_batchnorm(backbone)
-    model = common.prepare_model(SimCLR(backbone, args.proj_dim, args.proj_layers), args, dist)
+        import adversarial  # the optional module of --adv-eps and --adv-bn
+
+        backbone = adversarial.dual_batchnorm(backbone)
+    model = common.prepare_model(SimCLR(backbone, args.proj_dim, args.proj_layers), args)
     base_lr = args.lr * args.batch_size / 256  # the official linear scaling rule
     optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=args.momentum,
                             eta=args.lars_eta)
-    state = run.resume(args, model, optimizer)
-    net = common.distribute(model, args, dist)
+    start = run.resume(model, optimizer)["epoch"]
+    ddp_model = common.distribute(model, args)  # the model as trained: DDP on several processes
 
-    steps = len(train_set) // args.batch_size
-    lr_at = common.lr_schedule(args, steps, base_lr)
-    monitor = common.Monitor(model.backbone, memory_set, test_set, info.num_classes, args, dist, run, state)
-    common.print0(f"SimCLR {args.arch} on {args.dataset}: {len(train_set)} images, {steps} steps of "
-                  f"{args.batch_size} per epoch, {dist.world_size} process(es) on {dist.device}")
-    progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
-    for epoch in range(state["epoch"], args.epochs):
-        loader = train_data.loader(epoch)
-        t0 = time.perf_counter()
-        loss = train_one_epoch(net, model, loader, optimizer, lr_at, args, dist, epoch, progress, info)
-        run.end_epoch(epoch, steps, args, monitor, seconds=time.perf_counter() - t0, loss=loss,
-                      lr=lr_at((epoch + 1) * steps - 1),
-                      state=lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
-    monitor.finish()
+    lr_at = common.lr_schedule(args, train_data.steps, base_lr)
+    evaluation = common.Evaluation(memory_set, test_set, info.num_classes, args)
+    progress = common.Progress(args)
+    common.print0(f"SimCLR {args.arch} on {args.dataset}: {len(train_set)} images, {train_data.steps} steps of "
+                  f"{args.batch_size} per epoch, {common.world()[1]} process(es) on {args.device}")
+    if start == 0:
+        run.log(epoch=0, step=0, knn_top1=evaluation.knn(model.backbone))
+    for epoch in range(start, args.epochs):
+        loss = train_one_epoch(ddp_model, train_data.loader(epoch), optimizer, lr_at, progress, args)
+        knn_top1 = evaluation.knn(model.backbone, epoch + 1) if evaluation.due(epoch) else None
+        run.log(epoch=epoch + 1, loss=loss, knn_top1=knn_top1, **progress.summary())
+        run.save(epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict())
+    evaluation.report(model.backbone, run)
     common.cleanup_distributed()
 
 

@@ -37,7 +37,6 @@ Where this file differs from the official code, and why:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -166,19 +165,17 @@ def output_std(z: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_one_epoch(net, loader, optimizer, lr_at, args: Args, dist: common.Dist, epoch: int,
-                    progress: common.Progress) -> tuple[float, float]:
+def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common.Progress,
+                    args: Args) -> tuple[float, float]:
     """One pass over this process's share of the data; returns the epoch's mean loss (global batch) and the mean
-    std of z/|z| (the collapse monitor). `net` is the network to train (DDP and compile wrappers)."""
-    net.train()
-    total = torch.zeros((), device=dist.device)
-    total_std = torch.zeros((), device=dist.device)
-    for i, ((x1, x2), _) in enumerate(loader):
-        step = epoch * len(loader) + i
-        lr = common.set_lr(optimizer, lr_at(step))  # the predictor keeps its fixed_lr
-        x1, x2 = common.to_device([x1, x2], dist.device, args.channels_last)  # [n, C, H, W] each
-        with common.autocast(args, dist.device):
-            p1, p2, z1, z2 = net(x1, x2)  # [n, proj_dim] each
+    std of z/|z| (the collapse monitor). `model` is the network as trained (DDP on several processes)."""
+    model.train()
+    total, total_std = torch.zeros((), device=args.device), torch.zeros((), device=args.device)
+    for (x1, x2), _ in progress(loader):
+        lr = common.set_lr(optimizer, lr_at(progress.step))  # the predictor keeps its fixed_lr
+        x1, x2 = common.to_device([x1, x2], args)  # [n, C, H, W] each
+        with common.autocast(args):
+            p1, p2, z1, z2 = model(x1, x2)  # [n, proj_dim] each
         # a per-pair mean: DDP's average of the processes' gradients is the gradient of the global batch's loss
         loss = simsiam_loss(p1, p2, z1, z2, stop_grad=args.stop_grad)
         optimizer.zero_grad(set_to_none=True)
@@ -186,7 +183,7 @@ def train_one_epoch(net, loader, optimizer, lr_at, args: Args, dist: common.Dist
         optimizer.step()
         total += loss.detach()
         total_std += output_std(z1)
-        progress.update(epoch, i, loss, lr, len(x1) * dist.world_size)
+        progress.update(loss, lr, len(x1))
     return (common.all_reduce_mean(total / len(loader)).item(),
             common.all_reduce_mean(total_std / len(loader)).item())
 
@@ -197,17 +194,16 @@ def train_one_epoch(net, loader, optimizer, lr_at, args: Args, dist: common.Dist
 
 
 def main(args: Args):
-    dist = common.setup_distributed(args)
+    common.setup_distributed(args)
     info, size = common.dataset_info(args)
     blur = args.blur if args.blur >= 0 else (0.5 if size > 64 else 0.0)
     views = common.MultiView([simsiam_augment(info, size, blur, args.crop_min_scale) for _ in range(2)])
     train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
-    train_data = common.TrainData(train_set, views, args, dist)  # on the device (--data-path) or the CPU
-    run = common.RunDir(args, "simsiam", dist)
+    train_data = common.TrainData(train_set, views, args)  # on the device (--data-path) or the CPU DataLoader
+    run = common.RunDir(args, "simsiam")
 
     backbone = common.build_backbone(args.arch, info.channels, size, zero_init_residual=True)
-    model = SimSiam(backbone, args.proj_dim, args.pred_dim, args.proj_layers)
-    model = common.prepare_model(model, args, dist)
+    model = common.prepare_model(SimSiam(backbone, args.proj_dim, args.pred_dim, args.proj_layers), args)
     base_lr = args.lr * args.batch_size / 256  # the paper's linear scaling rule
     encoder = [*model.backbone.parameters(), *model.projector.parameters()]
     predictor = {"params": list(model.predictor.parameters())}
@@ -215,23 +211,22 @@ def main(args: Args):
         predictor["fixed_lr"] = base_lr  # the official fix_lr group: the predictor's lr is never decayed
     optimizer = torch.optim.SGD([{"params": encoder}, predictor], lr=base_lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    state = run.resume(args, model, optimizer)
-    net = common.distribute(model, args, dist)
+    start = run.resume(model, optimizer)["epoch"]
+    ddp_model = common.distribute(model, args)  # the model as trained: DDP on several processes
 
-    steps = len(train_set) // args.batch_size
-    lr_at = common.lr_schedule(args, steps, base_lr)
-    monitor = common.Monitor(model.backbone, memory_set, test_set, info.num_classes, args, dist, run, state)
-    common.print0(f"SimSiam {args.arch} on {args.dataset}: {len(train_set)} images, {steps} steps of "
-                  f"{args.batch_size} per epoch, {dist.world_size} process(es) on {dist.device}")
-    progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
-    for epoch in range(state["epoch"], args.epochs):
-        loader = train_data.loader(epoch)
-        t0 = time.perf_counter()
-        loss, z_std = train_one_epoch(net, loader, optimizer, lr_at, args, dist, epoch, progress)
-        run.end_epoch(epoch, steps, args, monitor, seconds=time.perf_counter() - t0, loss=loss,
-                      lr=lr_at((epoch + 1) * steps - 1), z_std=z_std,
-                      state=lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
-    monitor.finish()
+    lr_at = common.lr_schedule(args, train_data.steps, base_lr)
+    evaluation = common.Evaluation(memory_set, test_set, info.num_classes, args)
+    progress = common.Progress(args)
+    common.print0(f"SimSiam {args.arch} on {args.dataset}: {len(train_set)} images, {train_data.steps} steps of "
+                  f"{args.batch_size} per epoch, {common.world()[1]} process(es) on {args.device}")
+    if start == 0:
+        run.log(epoch=0, step=0, knn_top1=evaluation.knn(model.backbone))
+    for epoch in range(start, args.epochs):
+        loss, z_std = train_one_epoch(ddp_model, train_data.loader(epoch), optimizer, lr_at, progress, args)
+        knn_top1 = evaluation.knn(model.backbone, epoch + 1) if evaluation.due(epoch) else None
+        run.log(epoch=epoch + 1, loss=loss, knn_top1=knn_top1, z_std=z_std, **progress.summary())
+        run.save(epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict())
+    evaluation.report(model.backbone, run)
     common.cleanup_distributed()
 
 

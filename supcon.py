@@ -43,13 +43,13 @@ Where this file differs from the official code, and why:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
+from einops import rearrange
 
 import common
 
@@ -141,7 +141,7 @@ def supcon_masks(labels: torch.Tensor | None, batch_size: int, n_views: int, n_a
     if labels is None:
         same = torch.eye(batch_size, dtype=torch.bool, device=device)  # [B, B] same image
     else:
-        labels = labels.reshape(-1).to(device)
+        labels = labels.reshape(-1).to(device, non_blocking=True)
         if len(labels) != batch_size:
             raise ValueError(f"{len(labels)} labels for {batch_size} images")
         same = labels[:, None] == labels[None, :]  # [B, B] same class
@@ -192,29 +192,26 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor | None = None, temp
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_one_epoch(net, loader, optimizer, lr_at, args: Args, dist: common.Dist, epoch: int,
-                    progress: common.Progress) -> float:
+def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common.Progress, args: Args) -> float:
     """One pass over this process's share of the data; returns the epoch's mean loss (global batch).
-    `net` is the network to train (DDP and compile wrappers)."""
-    net.train()
-    total = torch.zeros((), device=dist.device)
-    for i, ((x1, x2), y) in enumerate(loader):
-        step = epoch * len(loader) + i
-        lr = common.set_lr(optimizer, lr_at(step))
+    `model` is the network as trained (DDP on several processes)."""
+    model.train()
+    total = torch.zeros((), device=args.device)
+    for (x1, x2), y in progress(loader):
+        lr = common.set_lr(optimizer, lr_at(progress.step))
         # both views in one forward pass, so BatchNorm normalises them together as in the official code
-        x = torch.cat(common.to_device([x1, x2], dist.device, args.channels_last))  # [2n, C, H, W]
-        with common.autocast(args, dist.device):
-            z = net(x)  # [2n, proj_dim]
-        z1, z2 = z.chunk(2)  # [n, proj_dim] each
+        x = torch.cat(common.to_device([x1, x2], args))  # [2n, C, H, W]
+        with common.autocast(args):
+            z1, z2 = rearrange(model(x), "(v n) d -> v n d", v=2)  # [n, proj_dim] each
         # the global batch: all processes' embeddings (with gradient) and labels (without)
         features = torch.stack([common.gather_with_grad(z1), common.gather_with_grad(z2)], dim=1)  # [N, 2, D]
-        labels = common.gather_no_grad(y.to(dist.device)) if args.method == "supcon" else None  # [N]
+        labels = common.gather_no_grad(common.to_device(y, args)) if args.method == "supcon" else None  # [N]
         loss = supcon_loss(features, labels, args.temperature, args.base_temperature, args.contrast_mode)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += loss.detach()
-        progress.update(epoch, i, loss, lr, len(x1) * dist.world_size)
+        progress.update(loss, lr, len(x1))
     return (total / len(loader)).item()
 
 
@@ -224,35 +221,34 @@ def train_one_epoch(net, loader, optimizer, lr_at, args: Args, dist: common.Dist
 
 
 def main(args: Args):
-    dist = common.setup_distributed(args)
+    common.setup_distributed(args)
     info, size = common.dataset_info(args)
     views = common.MultiView([supcon_augment(info, size, args.crop_min_scale) for _ in range(2)])
     train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
-    train_data = common.TrainData(train_set, views, args, dist)  # on the device (--data-path) or the CPU
-    run = common.RunDir(args, "supcon", dist)
+    train_data = common.TrainData(train_set, views, args)  # on the device (--data-path) or the CPU DataLoader
+    run = common.RunDir(args, "supcon")
 
     backbone = common.build_backbone(args.arch, info.channels, size)
-    model = common.prepare_model(SupCon(backbone, args.proj_dim), args, dist)
+    model = common.prepare_model(SupCon(backbone, args.proj_dim), args)
     base_lr = args.lr  # the official recipe gives the learning rate of its batch directly
     optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    state = run.resume(args, model, optimizer)
-    net = common.distribute(model, args, dist)
+    start = run.resume(model, optimizer)["epoch"]
+    ddp_model = common.distribute(model, args)  # the model as trained: DDP on several processes
 
-    steps = len(train_set) // args.batch_size
-    lr_at = common.lr_schedule(args, steps, base_lr)
-    monitor = common.Monitor(model.backbone, memory_set, test_set, info.num_classes, args, dist, run, state)
-    common.print0(f"SupCon ({args.method}) {args.arch} on {args.dataset}: {len(train_set)} images, {steps} steps of "
-                  f"{args.batch_size} per epoch, {dist.world_size} process(es) on {dist.device}")
-    progress = common.Progress(args.epochs, steps, state["epoch"], args.log_every, dist)
-    for epoch in range(state["epoch"], args.epochs):
-        loader = train_data.loader(epoch)
-        t0 = time.perf_counter()
-        loss = train_one_epoch(net, loader, optimizer, lr_at, args, dist, epoch, progress)
-        run.end_epoch(epoch, steps, args, monitor, seconds=time.perf_counter() - t0, loss=loss,
-                      lr=lr_at((epoch + 1) * steps - 1),
-                      state=lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
-    monitor.finish()
+    lr_at = common.lr_schedule(args, train_data.steps, base_lr)
+    evaluation = common.Evaluation(memory_set, test_set, info.num_classes, args)
+    progress = common.Progress(args)
+    common.print0(f"SupCon ({args.method}) {args.arch} on {args.dataset}: {len(train_set)} images, {train_data.steps} "
+                  f"steps of {args.batch_size} per epoch, {common.world()[1]} process(es) on {args.device}")
+    if start == 0:
+        run.log(epoch=0, step=0, knn_top1=evaluation.knn(model.backbone))
+    for epoch in range(start, args.epochs):
+        loss = train_one_epoch(ddp_model, train_data.loader(epoch), optimizer, lr_at, progress, args)
+        knn_top1 = evaluation.knn(model.backbone, epoch + 1) if evaluation.due(epoch) else None
+        run.log(epoch=epoch + 1, loss=loss, knn_top1=knn_top1, **progress.summary())
+        run.save(epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict())
+    evaluation.report(model.backbone, run)
     common.cleanup_distributed()
 
 

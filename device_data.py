@@ -1,0 +1,469 @@
+"""The training set held on the device, each batch's views made there: the fast GPU data path (--data-path device,
+or auto on CUDA). Optional: common.py imports this file only when a run takes that path; without it every method
+runs on the CPU DataLoader.
+
+A training set that fits in memory (CIFAR, STL-10, SVHN, MNIST-like, digits, an image folder of 64 px or less) is
+decoded once into a uint8 tensor on the device. Each batch's views are made by batched augmentation: every sample
+draws its own parameters from a seeded generator on the device, as torchvision's transforms do per image, but one
+batch is one set of tensor operations, of fixed shapes, so nothing waits for the host. The ops follow torchvision's
+tensor versions and take the same parameters (tests/test_augment.py compares them sample by sample).
+
+What differs from the CPU path, which runs torchvision on PIL images: the views stay in float from the decoded image
+to the standardised view, where PIL rounds to 8 bits after every step; crops are resized without antialiasing; and
+the random numbers come from another generator, so the two paths draw different (equally distributed) views.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+import torchvision.transforms.v2.functional as TF2
+
+import common
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One random view: torchvision's pipeline of these steps, in this order, each left out at its default:
+    RandomResizedCrop(size, scale, ratio) (or, with crop "padded", Pad(pad, reflect) -> RandomCrop(size)) ->
+    RandomHorizontalFlip(flip) -> RandomApply([ColorJitter(brightness, contrast, saturation, hue)], jitter) ->
+    RandomGrayscale(grayscale) -> RandomApply([GaussianBlur(blur_kernel, blur_sigma)], blur) ->
+    RandomSolarize(solarize_threshold, solarize) (a threshold per sample with solarize_range) ->
+    RandomEqualize(equalize) -> Normalize(mean, std). Factors are drawn uniformly in (low, high), probabilities per
+    sample, and the four jitter steps in an order drawn for each sample, as ColorJitter draws one for each image."""
+
+    size: int  # side of the output view in pixels
+    crop: str = "resized"  # resized: RandomResizedCrop; padded: a size x size crop of the reflect-padded image
+    pad: int = 0  # with crop "padded": reflect padding on every side before the crop (RandomCrop's padding)
+    scale: tuple = (0.08, 1.0)  # crop area as a fraction of the image
+    ratio: tuple = (3 / 4, 4 / 3)  # crop aspect ratio (width / height), drawn log-uniformly
+    flip: float = 0.0  # probability of a horizontal flip
+    brightness: tuple = (1.0, 1.0)  # colour jitter factor ranges; (1, 1) and hue (0, 0) leave that step out
+    contrast: tuple = (1.0, 1.0)
+    saturation: tuple = (1.0, 1.0)
+    hue: tuple = (0.0, 0.0)
+    jitter: float = 0.0  # probability of the colour jitter
+    grayscale: float = 0.0  # probability of grayscale (kept at the image's number of channels)
+    blur: float = 0.0  # probability of the Gaussian blur
+    blur_kernel: int = 3  # its (odd) kernel side
+    blur_sigma: tuple = (0.1, 2.0)  # its sigma range
+    solarize: float = 0.0  # probability of solarisation: x -> 1 - x where x >= solarize_threshold
+    solarize_threshold: float = 0.5  # in [0, 1] pixel units
+    solarize_range: tuple = ()  # instead: a threshold for each sample, uniform in this range (PAWS's solarize)
+    equalize: float = 0.0  # probability of histogram equalisation of each channel (PIL's, on 8-bit values)
+    mean: tuple = ()  # standardisation (empty: the view stays in [0, 1])
+    std: tuple = ()
+
+    @classmethod
+    def from_torchvision(cls, transform) -> ViewSpec:
+        """The spec of a torchvision pipeline of the steps above (nested Compose, RandomApply around one step,
+        ToTensor and Normalize last; the flip anywhere, as mirroring commutes with every other step's distribution).
+        ValueError for a step or an order without a batched version here. A RandomSolarize with `threshold_range`
+        draws its threshold for each image in that range (paws.py's)."""
+        fields, last = {}, 0
+        order = {T.Pad: 0.5, T.RandomResizedCrop: 1, T.RandomCrop: 1, T.ColorJitter: 2, T.RandomGrayscale: 3,
+                 T.GaussianBlur: 4, T.RandomSolarize: 5, T.RandomEqualize: 6, T.ToTensor: 7, T.Normalize: 8}
+        for step in _flatten(transform):
+            p = 1.0
+            if isinstance(step, T.RandomApply) and len(step.transforms) == 1:
+                p, step = step.p, step.transforms[0]
+            kind = next((k for k in order if isinstance(step, k)), type(step))
+            if kind is T.RandomHorizontalFlip and p == 1.0:
+                fields["flip"] = step.p
+                continue
+            if kind not in order or order[kind] <= last or (p != 1.0 and kind not in (T.ColorJitter, T.GaussianBlur)):
+                raise ValueError(f"no batched version of {step!r} at this place in the views")
+            last = order[kind]
+            if kind is T.Pad or (kind is T.RandomCrop and step.padding):
+                padding = step.padding
+                if (kind is T.RandomCrop and step.pad_if_needed) or step.padding_mode != "reflect" or not (
+                        isinstance(padding, int) or len(set(padding)) == 1):
+                    raise ValueError(f"the batched padded crop pads every side alike by reflection, not {step!r}")
+                fields["pad"] = padding if isinstance(padding, int) else padding[0]
+            if kind is T.RandomCrop:
+                if step.size[0] != step.size[1]:
+                    raise ValueError("the batched crop makes square views")
+                fields.update(size=step.size[0], crop="padded")
+            elif kind is T.RandomResizedCrop:
+                if step.size[0] != step.size[1] or step.interpolation != T.InterpolationMode.BILINEAR:
+                    raise ValueError("the batched crop makes square views with bilinear interpolation")
+                fields.update(size=step.size[0], scale=tuple(step.scale), ratio=tuple(step.ratio))
+            elif kind is T.ColorJitter:
+                fields.update(brightness=tuple(step.brightness or (1.0, 1.0)), jitter=p,
+                              contrast=tuple(step.contrast or (1.0, 1.0)),
+                              saturation=tuple(step.saturation or (1.0, 1.0)), hue=tuple(step.hue or (0.0, 0.0)))
+            elif kind is T.RandomGrayscale:
+                fields["grayscale"] = step.p
+            elif kind is T.GaussianBlur:
+                if step.kernel_size[0] != step.kernel_size[1]:
+                    raise ValueError("the batched blur has a square kernel")
+                fields.update(blur=p, blur_kernel=step.kernel_size[0], blur_sigma=tuple(step.sigma))
+            elif kind is T.RandomSolarize:  # before ToTensor: on PIL images, whose threshold is in 8-bit units
+                fields.update(solarize=step.p, solarize_threshold=step.threshold / 255,
+                              solarize_range=tuple(v / 255 for v in getattr(step, "threshold_range", ())))
+            elif kind is T.RandomEqualize:
+                fields["equalize"] = step.p
+            elif kind is T.Normalize:
+                fields.update(mean=tuple(step.mean), std=tuple(step.std))
+        if "size" not in fields or (fields.get("pad") and fields.get("crop") != "padded"):
+            raise ValueError("views without a RandomResizedCrop or a RandomCrop have no batched version here")
+        return cls(**fields)
+
+
+def _flatten(transform) -> list:
+    return [s for t in transform.transforms for s in _flatten(t)] if isinstance(transform, T.Compose) else [transform]
+
+
+def view_specs(views) -> list[ViewSpec]:
+    """The specs of a MultiView's transforms (or of one transform)."""
+    return [ViewSpec.from_torchvision(t) for t in getattr(views, "transforms", [views])]
+
+
+@dataclass
+class ViewParams:
+    """The random parameters of a batch of B views, one per sample, drawn by draw_params."""
+
+    spec: ViewSpec
+    top: torch.Tensor  # [B] crop box in input pixels (integers, as torchvision's)
+    left: torch.Tensor  # [B]
+    height: torch.Tensor  # [B]
+    width: torch.Tensor  # [B]
+    flip: torch.Tensor  # [B] bool
+    jitter: torch.Tensor  # [B, 4] brightness, contrast, saturation, hue factors (1, 1, 1, 0: not jittered)
+    order: torch.Tensor  # [B, 4] the order of the four jitter steps for each sample (a permutation of 0..3)
+    grayscale: torch.Tensor  # [B] bool
+    sigma: torch.Tensor  # [B] of the Gaussian blur (0: not blurred)
+    solarize: torch.Tensor  # [B] bool
+    threshold: torch.Tensor  # [B] solarisation threshold in [0, 1] pixel units
+    equalize: torch.Tensor  # [B] bool
+
+
+def draw_params(spec: ViewSpec, batch: int, height: int, width: int, generator: torch.Generator) -> ViewParams:
+    """Per-sample parameters for `batch` views of images height x width, from `generator` (on the device).
+
+    The crop is torchvision's RandomResizedCrop.get_params, vectorised: ten candidate boxes per sample (area fraction
+    uniform in `scale`, aspect ratio log-uniform in `ratio`, sides rounded), the first that fits is kept, placed
+    uniformly: the distribution of torchvision's loop of up to ten tries. A sample whose ten candidates all fail gets
+    its fallback, the centred crop of the whole image clamped to `ratio`. A "padded" crop is RandomCrop.get_params on
+    the image padded by spec.pad: a size x size box at a uniform offset (ValueError when it cannot fit)."""
+    device = generator.device
+
+    def uniform(low, high, *shape):
+        return low + (high - low) * torch.rand(shape, generator=generator, device=device)
+
+    def coin(p):
+        return torch.rand(batch, generator=generator, device=device) < p
+
+    if spec.crop == "padded":
+        room_h, room_w = height + 2 * spec.pad - spec.size, width + 2 * spec.pad - spec.size
+        if min(room_h, room_w) < 0 or spec.pad >= min(height, width):
+            raise ValueError(f"a {spec.size} px crop of {height}x{width} images padded by {spec.pad} px")
+        top = (uniform(0, 1, batch) * (room_h + 1)).floor().long()
+        left = (uniform(0, 1, batch) * (room_w + 1)).floor().long()
+        h = w = torch.full((batch,), spec.size, device=device)
+    else:
+        target = height * width * uniform(*spec.scale, batch, 10)  # [B, 10]
+        aspect = torch.exp(uniform(math.log(spec.ratio[0]), math.log(spec.ratio[1]), batch, 10))
+        w, h = torch.sqrt(target * aspect).round().long(), torch.sqrt(target / aspect).round().long()
+        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # [B, 10]
+        first = fits.int().argmax(1, keepdim=True)  # the first candidate that fits (0 when none does)
+        w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]  # [B]
+        if width / height < min(spec.ratio):  # torchvision's fallback: the whole image, clamped to the ratios
+            fw, fh = width, round(width / min(spec.ratio))
+        elif width / height > max(spec.ratio):
+            fw, fh = round(height * max(spec.ratio)), height
+        else:
+            fw, fh = width, height
+        found = fits.any(1)
+        w, h = torch.where(found, w, fw), torch.where(found, h, fh)
+        top = torch.where(found, (uniform(0, 1, batch) * (height - h + 1)).floor().long(), (height - h) // 2)
+        left = torch.where(found, (uniform(0, 1, batch) * (width - w + 1)).floor().long(), (width - w) // 2)
+    flip, jittered = coin(spec.flip), coin(spec.jitter)
+    jitter = torch.stack([torch.where(jittered, uniform(*spec.brightness, batch), 1.0),
+                          torch.where(jittered, uniform(*spec.contrast, batch), 1.0),
+                          torch.where(jittered, uniform(*spec.saturation, batch), 1.0),
+                          torch.where(jittered, uniform(*spec.hue, batch), 0.0)], 1)  # [B, 4]
+    order = torch.rand(batch, 4, generator=generator, device=device).argsort(1)  # a permutation each
+    grayscale = coin(spec.grayscale)
+    sigma = torch.where(coin(spec.blur), uniform(*spec.blur_sigma, batch), 0.0)
+    solarize = coin(spec.solarize)
+    threshold = (uniform(*spec.solarize_range, batch) if spec.solarize_range
+                 else torch.full((batch,), spec.solarize_threshold, device=device))
+    equalize = coin(spec.equalize) if spec.equalize > 0 else torch.zeros(batch, dtype=torch.bool, device=device)
+    return ViewParams(spec, top, left, h, w, flip, jitter, order, grayscale, sigma, solarize, threshold, equalize)
+
+
+@torch.no_grad()
+def apply_params(images: torch.Tensor, params: ViewParams, standardize: bool = True) -> torch.Tensor:
+    """The views of `images` ([B, C, H, W], uint8 or float in [0, 1]) for `params`: [B, C, size, size] float,
+    standardised with the spec's mean and std (or left in [0, 1] with standardize=False)."""
+    spec, p = params.spec, params
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()  # [B, C, H, W] in [0, 1]
+    if spec.pad:
+        x = F.pad(x, (spec.pad,) * 4, mode="reflect")  # [B, C, H + 2 pad, W + 2 pad]
+    x = resized_crop(x, p.top, p.left, p.height, p.width, spec.size, p.flip)  # [B, C, size, size]
+    if spec.jitter > 0:
+        active = (spec.brightness != (1, 1), spec.contrast != (1, 1), spec.saturation != (1, 1), spec.hue != (0, 0))
+        x = color_jitter(x, p.jitter, p.order, active)
+    if spec.grayscale > 0:
+        x = torch.where(p.grayscale[:, None, None, None], rgb_to_grayscale(x).expand_as(x), x)
+    if spec.blur > 0:
+        x = gaussian_blur(x, spec.blur_kernel, p.sigma).clamp(0, 1)  # its sums can round a hair outside
+    if spec.solarize > 0:
+        x = solarize(x, p.threshold, p.solarize)
+    if spec.equalize > 0:
+        x = equalize(x, p.equalize)
+    if standardize and spec.mean:
+        x = (x - common.constant(spec.mean, str(x.device))) / common.constant(spec.std, str(x.device))
+    return x
+
+
+def _bilinear_taps(start: torch.Tensor, length: torch.Tensor, size: int, flip: torch.Tensor | None = None):
+    """For each sample's crop [start, start + length) of one axis: the two input pixels and the weight of the second
+    that make each of `size` output pixels, as torchvision's bilinear resize without antialiasing (output pixel i
+    reads the crop at (i + 0.5) * length / size - 0.5, clamped to the crop). [B] -> 3 x [B, size]"""
+    i = torch.arange(size, device=start.device, dtype=torch.float32)
+    pos = ((i + 0.5) * (length[:, None] / size) - 0.5).clamp(min=0)  # [B, size], in crop pixels
+    low = pos.floor()
+    weight, last = pos - low, length[:, None] - 1
+    low = torch.minimum(low.long(), last)
+    taps = [start[:, None] + low, start[:, None] + torch.minimum(low + 1, last), weight]
+    if flip is not None:  # a mirrored view reads its columns right to left
+        taps = [torch.where(flip[:, None], t.flip(1), t) for t in taps]
+    return taps
+
+
+def _resample(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, weight: torch.Tensor, dim: int):
+    """Linear interpolation of x [B, C, H, W] along `dim` (2: rows, 3: columns) at per-sample taps [B, S]."""
+    shape, out = [x.shape[0], 1, 1, 1], list(x.shape)
+    shape[dim] = out[dim] = low.shape[1]  # [B, 1, S, 1] or [B, 1, 1, S]
+    a = x.gather(dim, low.view(shape).expand(out))
+    b = x.gather(dim, high.view(shape).expand(out))
+    return torch.lerp(a, b, weight.view(shape))
+
+
+def resized_crop(x: torch.Tensor, top, left, height, width, size: int, flip=None) -> torch.Tensor:
+    """Each sample's box (top, left, height, width: [B] integers) of x [B, C, H, W] resized to size x size, bilinear
+    without antialiasing, mirrored where flip [B] is set: torchvision's resized_crop(antialias=False) then hflip. Two
+    gathers per axis, not grid_sample, so that samples near the box's edges are clamped to it as torchvision's are."""
+    x = _resample(x, *_bilinear_taps(top, height, size), dim=2)  # [B, C, size, W]
+    return _resample(x, *_bilinear_taps(left, width, size, flip), dim=3)  # [B, C, size, size]
+
+
+def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Luma (ITU-R 601-2, torchvision's weights) [B, 1, H, W] of RGB x [B, 3, H, W]; one channel stays as it is."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _blend(x: torch.Tensor, other, factor: torch.Tensor) -> torch.Tensor:
+    f = factor.view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * other).clamp(0, 1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """x [B, C, H, W] in [0, 1] scaled by factor [B] (blended with black)."""
+    return _blend(x, 0.0, factor)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """x blended with its own mean luma by factor [B]."""
+    return _blend(x, rgb_to_grayscale(x).mean((1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """x blended with its grayscale by factor [B]; a one-channel image has no saturation to change."""
+    return x if x.shape[1] == 1 else _blend(x, rgb_to_grayscale(x), factor)
+
+
+def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Hue rotated by factor [B] (in turns, [-0.5, 0.5]) in HSV space; a one-channel image has no hue."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)  # [B, H, W] each
+    v, low = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)  # v: the HSV value
+    delta = v - low  # the chroma, v s
+    d = torch.where(delta > 0, delta, 1.0)  # grey pixels: any hue, 0 here, and delta = 0 makes it irrelevant
+    h6 = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * d, r - g + 4 * d)) / d  # sextants, in [-1, 5]
+    h6 = (h6 + 6 * factor.view(-1, 1, 1)) % 6  # [B, H, W], the rotated hue in sixths of a turn
+    # back to RGB: channel n = 5, 3, 1 (R, G, B) is v - delta clamp(min(k, 4 - k), 0, 1), with k = (n + h6) mod 6
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)  # 5, 3, 1 (made on the device, not copied)
+    k = (n + h6[:, None]) % 6  # [B, 3, H, W]
+    out = v[:, None] - delta[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+    return torch.where((factor == 0).view(-1, 1, 1, 1), x, out)  # exactly x when not rotated
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, active=(True,) * 4) -> torch.Tensor:
+    """ColorJitter with per-sample factors [B, 4] (brightness, contrast, saturation, hue) in each sample's own order
+    [B, 4], as torchvision draws a permutation per image. At each of the four places, every step runs on the whole
+    batch, with its identity factor for the samples whose step there is another: fixed shapes, so nothing waits for
+    the host. `active`: the steps that can change anything (one whose range is the identity is left out)."""
+    steps, identity = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue), (1.0, 1.0, 1.0, 0.0)
+    for place in range(4):
+        for j, step in enumerate(steps):
+            if active[j]:
+                x = step(x, torch.where(order[:, place] == j, factors[:, j], identity[j]))
+    return x
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
+    """x [B, C, H, W] blurred with a Gaussian of side kernel_size (odd) and per-sample sigma [B] (0: unchanged),
+    reflect padding, as torchvision's gaussian_blur; separable: one grouped convolution per axis."""
+    batch, channels, height, width = x.shape
+    t = torch.arange(kernel_size, device=x.device, dtype=torch.float32) - (kernel_size - 1) / 2  # [k]
+    kernel = torch.exp(-0.5 * (t / sigma.clamp(min=1e-6)[:, None]) ** 2)  # [B, k]; sigma 0: a unit impulse
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(channels, 0)  # [B*C, k]
+    pad = kernel_size // 2
+    y = F.pad(x.reshape(1, batch * channels, height, width), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, kernel.view(-1, 1, kernel_size, 1), groups=batch * channels)  # along rows
+    y = F.conv2d(y, kernel.view(-1, 1, 1, kernel_size), groups=batch * channels)  # along columns
+    return y.view(batch, channels, height, width)
+
+
+def solarize(x: torch.Tensor, threshold, mask: torch.Tensor) -> torch.Tensor:
+    """x -> 1 - x where x >= threshold (a number, or one per sample [B]), for the samples where mask [B] is set."""
+    threshold = threshold.view(-1, 1, 1, 1) if isinstance(threshold, torch.Tensor) else threshold
+    return torch.where(mask.view(-1, 1, 1, 1) & (x >= threshold), 1 - x, x)
+
+
+def equalize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Histogram equalisation of each channel of the samples where mask [B] is set, on x [B, C, H, W] in [0, 1]
+    rounded to 8 bits: torchvision's batched equalize, which follows PIL's ImageOps.equalize."""
+    equalized = TF2.equalize((x * 255).round().to(torch.uint8)).float() / 255  # each image and channel on its own
+    return torch.where(mask.view(-1, 1, 1, 1), equalized, x)
+
+
+class DeviceData:
+    """A training set held whole on the device: images uint8 [N, C, H, W] and labels [N], decoded once, and the
+    specs of its views. `with_index`: the set was a WithIndex, so batches carry the samples' positions too."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, with_index: bool = False, specs=None):
+        self.images, self.targets, self.with_index, self.specs = images, targets, with_index, specs
+
+    def __len__(self):
+        return len(self.images)
+
+    @classmethod
+    def from_dataset(cls, dataset, device, args: common.Args = common.Args(device="cpu", workers=0),
+                     max_bytes: float = float("inf")):
+        """The images of a training set of common.load_dataset (through Subset and WithIndex), in its order.
+        ValueError when they cannot be held: too large, of differing sizes, larger than 64 px (an image folder of
+        ImageNet scale stays on the DataLoader), or a dataset without raw images."""
+        base, indices, with_index = dataset, None, False
+        while isinstance(base, (common.WithIndex, torch.utils.data.Subset)):
+            if isinstance(base, common.WithIndex):
+                with_index = True
+            else:
+                indices = list(base.indices) if indices is None else [base.indices[i] for i in indices]
+            base = base.dataset
+        indices = list(range(len(base))) if indices is None else indices
+        targets = torch.as_tensor([base.targets[i] for i in indices], dtype=torch.long)
+        if isinstance(base, common.ImageTensorDataset):
+            source = base.images.permute(0, 3, 1, 2)  # [N, C, H, W]
+        elif isinstance(base, torchvision.datasets.ImageFolder):
+            paths = [base.samples[i][0] for i in indices]
+            width, height = common.open_image(paths[0]).size
+            if max(width, height) > 64:
+                raise ValueError(f"images of {width}x{height} px: the device copy is for small images (64 px or "
+                                 f"less); an ImageNet-scale folder stays on the CPU DataLoader")
+            if len(paths) * 3 * width * height > max_bytes:
+                raise ValueError(f"{len(paths)} images do not fit in the memory set aside for them")
+            decode = T.Compose([common.open_image, T.PILToTensor()])  # as ImageFolder decodes: the same pixels
+            files = common.data_loader(_Files(paths, decode), args, batch_size=256)
+            try:
+                return cls(torch.cat(list(files)).to(device), targets.to(device), with_index)  # [N, 3, H, W]
+            except RuntimeError as err:  # stacking images of different sizes
+                raise ValueError(f"the images differ in size ({str(err).splitlines()[0]})") from None
+        elif hasattr(getattr(base, "data", None), "shape"):  # torchvision's CIFAR, SVHN, STL-10, MNIST-like
+            source = torch.as_tensor(base.data)
+            if source.ndim == 3:  # MNIST-like: [N, H, W]
+                source = source[:, None]
+            elif isinstance(base, torchvision.datasets.CIFAR10):  # [N, H, W, C]; SVHN and STL-10: [N, C, H, W]
+                source = source.permute(0, 3, 1, 2)
+        else:
+            raise ValueError(f"no device copy of a {type(base).__name__}")
+        if len(indices) * source[0].numel() > max_bytes:
+            raise ValueError(f"{len(indices) * source[0].numel() / 2**30:.1f} GiB of images do not fit in the "
+                             f"memory set aside for them")
+        return cls(source[torch.as_tensor(indices)].contiguous().to(device), targets.to(device), with_index)
+
+    def loader(self, epoch: int, args: common.Args, batches=None, salt: int = 0) -> DeviceLoader:
+        return DeviceLoader(self, self.specs, args, epoch, batches, salt)
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, paths, decode):
+        self.paths, self.decode = paths, decode
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.decode(self.paths[i])
+
+
+def epoch_batches(n: int, args: common.Args, epoch: int) -> torch.Tensor:
+    """This process's share of epoch `epoch` of n samples as batches of indices [steps, local batch] on the device:
+    the seeded shuffle of common.train_loader (DistributedSampler: a W-th of the epoch each, reshuffled with seed +
+    epoch), full batches only. Made once an epoch, outside its steps."""
+    rank, size = common.world()
+    sampler = torch.utils.data.DistributedSampler(range(n), size, rank, shuffle=True, seed=args.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    local_batch = args.batch_size // size
+    steps = len(sampler) // local_batch
+    return torch.tensor(list(sampler))[:steps * local_batch].view(steps, local_batch).to(args.device)
+
+
+class DeviceLoader:
+    """One epoch from a DeviceData, shaped as common.train_loader's batches: (views, labels), or (views, labels,
+    indices) for a WithIndex set, the views a list (one per spec) when `specs` is a list. The views come from a
+    generator on the device seeded by (--seed, epoch, rank), so --resume reproduces them. `batches` ([steps, b]
+    indices into `data`, default epoch_batches) gives a method's own sampler's batches; `salt` gives a second loader
+    of the same epoch its own random views."""
+
+    def __init__(self, data: DeviceData, specs, args: common.Args, epoch: int, batches=None, salt: int = 0):
+        self.data, self.specs, self.epoch = data, specs, epoch
+        self.batches = (epoch_batches(len(data), args, epoch) if batches is None
+                        else torch.as_tensor(batches, dtype=torch.long).to(args.device))
+        seed = common.epoch_seed(args.seed, epoch, common.world()[0])
+        common.seed_everything(seed)  # what the step draws from the global generators is the epoch's too
+        self.generator = torch.Generator(args.device).manual_seed(seed + (salt << 32))
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        specs = self.specs if isinstance(self.specs, list) else [self.specs]
+        for idx in self.batches:
+            images = self.data.images[idx]  # [b, C, H, W] uint8
+            views = [apply_params(images, draw_params(s, len(idx), *images.shape[2:], self.generator)) for s in specs]
+            x = views if isinstance(self.specs, list) else views[0]
+            yield (x, self.data.targets[idx], idx) if self.data.with_index else (x, self.data.targets[idx])
+
+
+def train_data(train_set, views, args: common.Args) -> DeviceData | None:
+    """The training set on the device with its views' specs, for common.TrainData; None, saying why, where --data-path
+    auto falls back to the DataLoader (views or data that cannot be translated, or a set larger than a quarter of
+    the free GPU memory); one line and exit code 2 where --data-path device cannot be honoured."""
+    try:
+        specs = view_specs(views)
+        budget = torch.cuda.mem_get_info(args.device)[0] / 4 if args.data_path == "auto" else float("inf")
+        data = DeviceData.from_dataset(train_set, args.device, args, budget)
+        data.specs = specs if isinstance(views, common.MultiView) else specs[0]
+        for spec in specs:  # a padded crop that cannot fit these images fails here, not in the first step
+            draw_params(spec, 1, *data.images.shape[2:], torch.Generator(args.device))
+    except ValueError as err:
+        if args.data_path == "device":
+            common.fail(f"--data-path device: {err}")
+        common.print0(f"training data through the CPU DataLoader: {err}")
+        return None
+    common.print0(f"training data on {args.device}: {len(data)} images of {tuple(data.images.shape[1:])} "
+                  f"({data.images.numel() / 2**20:.1f} MiB), views made there")
+    return data
