@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -185,21 +184,47 @@ def world() -> tuple[int, int]:
     return (torch_dist.get_rank(), torch_dist.get_world_size()) if torch_dist.is_initialized() else (0, 1)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward gives this process's rows the gradient of the global loss: every process's loss
+    reads all rows, so the incoming gradients are summed over processes (all-reduce), then this rank's slice is
+    kept. Keeping only the slice of the local gradient, without the sum, is a known bug."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rank, ctx.rows = world()[0], len(x)
+        return gather_no_grad(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch_dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """[n, ...] on each of W processes -> [W*n, ...] in rank order, differentiable. Every process's loss reads all
-    rows, so the backward sums the processes' gradients for this process's rows (reduce-scatter; keeping the local
-    gradient alone is a known bug): under DDP, the gradient one process would get from the whole batch."""
-    return x if world()[1] == 1 else torch.cat(dist_nn.all_gather(x))
+    """[n, ...] on each of W processes -> [W*n, ...] in rank order, differentiable. Under DDP a loss every process
+    computes alike from the gathered rows gets the gradient one process would get from the whole batch."""
+    return x if world()[1] == 1 else _GatherWithGrad.apply(x)
 
 
+@torch.no_grad()
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """[n, ...] on each process -> [W*n, ...] in rank order, without gradient."""
-    return gather_with_grad(x.detach()).detach()
+    if world()[1] == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world()[1])]
+    torch_dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
+@torch.no_grad()
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean of `x` over processes, without gradient."""
-    return x.detach() if world()[1] == 1 else dist_nn.all_reduce(x.detach()).detach() / world()[1]
+    """The mean of `x` over processes."""
+    if world()[1] == 1:
+        return x
+    x = x.clone()
+    torch_dist.all_reduce(x)
+    return x / world()[1]
 
 
 def broadcast_object(obj):
@@ -217,7 +242,7 @@ def print0(*args, **kwargs):
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over the global batch (--sync-bn), NCCL and gloo alike: per-channel sums of x and x^2 and the count,
-    summed by one differentiable all-reduce; nothing waits for the host (torch's SyncBatchNorm does, in each layer).
+    summed over processes with gradient; nothing waits for the host (torch's SyncBatchNorm does, in each layer).
     Plain BatchNorm on one process or in eval mode; the running variance is unbiased, as SyncBatchNorm's."""
 
     def _check_input_dim(self, x):  # any of BatchNorm1d, 2d and 3d's inputs
@@ -228,7 +253,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims, shape, c, xf = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2), x.shape[1], x.float()
         local = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_full((1,), x.numel() / c)])  # [2C + 1]
-        total = dist_nn.all_reduce(local)  # its backward all-reduces the gradient: every loss depends on the sum
+        total = gather_with_grad(local[None]).sum(0)  # every process's loss depends on the sum: so does its gradient
         n, mean = total[-1], total[:c] / total[-1]  # [C]
         var = (total[c:2 * c] / n - mean * mean).clamp_min(0)  # [C] biased, as normalisation uses
         if self.track_running_stats:
@@ -793,6 +818,8 @@ class Evaluation:
                                                 for s in (self.memory_set, self.test_set))
         scores = knn_scores(train_z, train_y, test_z, self.num_classes, self.args.knn_k, self.args.knn_t)
         self.last = (epochs_done, topk_accuracy(scores, test_y, (1,))[0])
+        print0(f"k-NN top-1 after epoch {epochs_done}: {self.last[1]:.4f}" if epochs_done else
+               f"k-NN top-1 of the untrained network: {self.last[1]:.4f}")
         return self.last[1]
 
     def report(self, backbone: nn.Module, run: RunDir, **extra) -> dict:
@@ -963,8 +990,8 @@ class Progress:
         left = (self.epochs - self.epoch) * self.steps - self.i - 1  # steps still to run
         eta = datetime.timedelta(seconds=round(max(0.0, (now - self.start) / self.done * left)))
         self.last_time, self.shown = now, self.images
-        print0(f"epoch {self.epoch + 1}/{self.epochs}  step {self.i + 1}/{self.steps}  loss {float(loss.detach()):.4f}  "
-               f"lr {lr:.4g}  {rate:,.0f} img/s  ETA {eta}")
+        print0(f"epoch {self.epoch + 1}/{self.epochs}  step {self.i + 1}/{self.steps}  "
+               f"loss {float(loss.detach()):.4f}  lr {lr:.4g}  {rate:,.0f} img/s  ETA {eta}")
 
     def summary(self) -> dict:
         """The epoch's figures for metrics.jsonl."""

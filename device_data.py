@@ -104,8 +104,9 @@ class ViewSpec:
                     raise ValueError("the batched blur has a square kernel")
                 fields.update(blur=p, blur_kernel=step.kernel_size[0], blur_sigma=tuple(step.sigma))
             elif kind is T.RandomSolarize:  # before ToTensor: on PIL images, whose threshold is in 8-bit units
-                fields.update(solarize=step.p, solarize_threshold=step.threshold / 255,
-                              solarize_range=tuple(v / 255 for v in getattr(step, "threshold_range", ())))
+                drawn = tuple(v / 255 for v in getattr(step, "threshold_range", ()))  # then its threshold is unused
+                fields.update(solarize=step.p, **({"solarize_range": drawn} if drawn else
+                                                  {"solarize_threshold": step.threshold / 255}))
             elif kind is T.RandomEqualize:
                 fields["equalize"] = step.p
             elif kind is T.Normalize:
@@ -121,7 +122,8 @@ def _flatten(transform) -> list:
 
 def view_specs(views) -> list[ViewSpec]:
     """The specs of a MultiView's transforms (or of one transform)."""
-    return [ViewSpec.from_torchvision(t) for t in getattr(views, "transforms", [views])]
+    return [ViewSpec.from_torchvision(t) for t in (views.transforms if isinstance(views, common.MultiView) else
+                                                   [views])]
 
 
 @dataclass

@@ -382,7 +382,8 @@ def support_batches(supports: common.TrainData, args: Args, epoch: int, steps: i
                                      steps, args.seed, epoch, rank, world)
     if supports.on_device:
         return supports.device.loader(epoch, args, batches=list(sampler), salt=1)
-    generator = torch.Generator().manual_seed(common.epoch_seed(args.seed, epoch, rank) + 1)
+    common.seed_everything(common.epoch_seed(args.seed, epoch, rank))  # the views drawn here with --workers 0
+    generator = torch.Generator().manual_seed(common.epoch_seed(args.seed, epoch, rank) + 1)  # the workers' own
     return common.data_loader(supports.train_set, args, epoch, batch_sampler=sampler, generator=generator)
 
 

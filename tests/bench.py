@@ -13,7 +13,8 @@ For each method (--method; entries in METHODS), in images per second, each the m
                     replay buffer and the forward and backward over data and samples), the loss and the
                     optimiser step; no data loading, no augmentation
   step, device data the method's own train_one_epoch over --steps batches from the training set held on the
-                    device, views made there by batched augmentation (common.TrainData, --data-path device)
+                    device, views made there by batched augmentation (device_data.py through common.TrainData,
+                    --data-path device)
   step, CPU data    the same over the CPU DataLoader with the PIL views and --workers processes (--data-path cpu)
   augment, device / CPU   the views of --steps batches alone (both views of every image), made on the device,
                     or by the DataLoader and moved to the device
@@ -68,29 +69,44 @@ class Entry:
 
 
 def method_args(cls, bench, **kw):
-    """The method's defaults with the benchmark's network, batch and speed options."""
+    """The method's defaults with the benchmark's device, network, batch and speed options."""
     return cls(dataset="synthetic", arch=bench.arch, batch_size=bench.batch_size, workers=bench.workers,
-               amp=bench.amp, channels_last=bench.channels_last, compile=bench.compile, log_every=1e9, **kw)
+               device=bench.device, amp=bench.amp, channels_last=bench.channels_last, compile=bench.compile,
+               log_every=1e9, **kw)
 
 
-def simclr_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, images: int) -> Entry:
+class QuietProgress(common.Progress):
+    """common.Progress that counts the steps (what train_one_epoch reads: step, i) but never prints a line, nor reads
+    the loss from the device to print it: the benchmark times the steps alone."""
+
+    def update(self, loss: torch.Tensor, lr: float, images: int):
+        self.done, self.lr, self.images = self.done + 1, lr, self.images + images * common.world()[1]
+
+
+class Fixed(list):
+    """Batches fixed in advance as one epoch's loader (what train_one_epoch iterates: len, iteration, .epoch)."""
+
+    epoch = 0
+
+
+def simclr_entry(bench, info: common.DataInfo, size: int, images: int) -> Entry:
     args = method_args(simclr.Args, bench)
     views = common.MultiView([simclr.simclr_augment(info, size, args.jitter_strength, 0.0, args.crop_min_scale)
                               for _ in range(2)])
     model = common.prepare_model(simclr.SimCLR(common.build_backbone(args.arch, info.channels, size),
-                                               args.proj_dim, args.proj_layers), args, dist)
+                                               args.proj_dim, args.proj_layers), args)
     lr = args.lr * args.batch_size / 256
     optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=lr, momentum=args.momentum,
                             eta=args.lars_eta)
-    net = common.distribute(model, args, dist)
-    progress = common.Progress(1, 0, 0, float("inf"), dist)  # never prints
+    net = common.distribute(model, args)
+    progress = QuietProgress(args)
 
     def step(loader):
-        simclr.train_one_epoch(net, model, loader, optimizer, lambda _: lr, args, dist, 0, progress, info)
+        simclr.train_one_epoch(net, loader, optimizer, lambda _: lr, progress, args)
 
     def floor(views):  # train_one_epoch's step without its loader
-        x = torch.cat(common.to_device(views, dist.device, args.channels_last))  # [2n, C, H, W]
-        with common.autocast(args, dist.device):
+        x = torch.cat(common.to_device(views, args))  # [2n, C, H, W]
+        with common.autocast(args):
             z = net(x)
         z1, z2 = z.chunk(2)
         loss = simclr.nt_xent(z1, z2, args.temperature)
@@ -101,23 +117,23 @@ def simclr_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, ima
     return Entry(views, step, floor)
 
 
-def supcon_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, images: int) -> Entry:
+def supcon_entry(bench, info: common.DataInfo, size: int, images: int) -> Entry:
     args = method_args(supcon.Args, bench)
     views = common.MultiView([supcon.supcon_augment(info, size, args.crop_min_scale) for _ in range(2)])
     model = common.prepare_model(supcon.SupCon(common.build_backbone(args.arch, info.channels, size),
-                                               args.proj_dim), args, dist)
+                                               args.proj_dim), args)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    net = common.distribute(model, args, dist)
-    progress = common.Progress(1, 0, 0, float("inf"), dist)
-    labels = torch.arange(bench.batch_size, device=dist.device) % info.num_classes  # the floor's fixed labels
+    net = common.distribute(model, args)
+    progress = QuietProgress(args)
+    labels = torch.arange(bench.batch_size, device=args.device) % info.num_classes  # the floor's fixed labels
 
     def step(loader):
-        supcon.train_one_epoch(net, loader, optimizer, lambda _: args.lr, args, dist, 0, progress)
+        supcon.train_one_epoch(net, loader, optimizer, lambda _: args.lr, progress, args)
 
     def floor(views):  # train_one_epoch's step without its loader: forward of both views, loss, backward, step
-        x = torch.cat(common.to_device(views, dist.device, args.channels_last))  # [2n, C, H, W]
-        with common.autocast(args, dist.device):
+        x = torch.cat(common.to_device(views, args))  # [2n, C, H, W]
+        with common.autocast(args):
             z = net(x)
         features = torch.stack(z.chunk(2), dim=1)  # [n, 2, D]
         loss = supcon.supcon_loss(features, labels[:len(features)], args.temperature, args.base_temperature,
@@ -129,24 +145,24 @@ def supcon_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, ima
     return Entry(views, step, floor)
 
 
-def moco_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, images: int) -> Entry:
+def moco_entry(bench, info: common.DataInfo, size: int, images: int) -> Entry:
     args = method_args(moco.Args, bench)
     views = common.MultiView([moco.moco_augment(info, size, args.crop_min_scale) for _ in range(2)])
     backbone = moco.split_batchnorm(common.build_backbone(args.arch, info.channels, size), args.bn_splits)
-    model = common.prepare_model(moco.MoCo(backbone, args.proj_dim, args.mlp, args.queue_size), args, dist)
+    model = common.prepare_model(moco.MoCo(backbone, args.proj_dim, args.mlp, args.queue_size), args)
     lr = args.lr * args.batch_size / 512
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
                                 momentum=args.sgd_momentum, weight_decay=args.weight_decay)
-    net = common.distribute(model, args, dist)
-    progress = common.Progress(1, 0, 0, float("inf"), dist)
+    net = common.distribute(model, args)
+    progress = QuietProgress(args)
 
     def step(loader):
-        moco.train_one_epoch(net, model, loader, optimizer, lambda _: lr, args, dist, 0, progress)
+        moco.train_one_epoch(net, loader, optimizer, lambda _: lr, progress, args)
 
     def floor(views):  # the step without its loader: the query encoder's forward and backward on one view, the
-        x1, x2 = common.to_device(views, dist.device, args.channels_last)  # key encoder's forward on the other
+        x1, x2 = common.to_device(views, args)  # key encoder's forward on the other
         moco.momentum_update(model.encoder_q, model.encoder_k, args.momentum)
-        with common.autocast(args, dist.device):
+        with common.autocast(args):
             q1, k2 = net(x1), model.keys(x2)
             if args.symmetric:
                 q2, k1 = net(x2), model.keys(x1)
@@ -163,26 +179,26 @@ def moco_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, image
     return Entry(views, step, floor)
 
 
-def byol_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, images: int) -> Entry:
+def byol_entry(bench, info: common.DataInfo, size: int, images: int) -> Entry:
     args = method_args(byol.Args, bench)
     blur = args.blur == 1 or (args.blur == -1 and size > 64)
     views = common.MultiView([byol.byol_augment(info, size, 1.0 if blur else 0.0, 0.0, args.crop_min_scale),
                               byol.byol_augment(info, size, 0.1 if blur else 0.0, args.solarize,
                                                 args.crop_min_scale)])
     model = common.prepare_model(byol.BYOL(common.build_backbone(args.arch, info.channels, size),
-                                           args.proj_hidden_dim, args.proj_dim), args, dist)
+                                           args.proj_hidden_dim, args.proj_dim), args)
     lr = args.lr * args.batch_size / 256
     optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=lr, momentum=args.momentum,
                             eta=args.lars_eta, clip=args.lars_clip)
-    net = common.distribute(model, args, dist)
-    progress = common.Progress(1, 0, 0, float("inf"), dist)
+    net = common.distribute(model, args)
+    progress = QuietProgress(args)
 
     def step(loader):
-        byol.train_one_epoch(net, model, loader, optimizer, lambda _: lr, args, dist, 0, progress)
+        byol.train_one_epoch(net, loader, optimizer, lambda _: lr, progress, args)
 
     def floor(views):  # the step without its loader: the online network's forward and backward on both views,
-        x1, x2 = common.to_device(views, dist.device, args.channels_last)  # the target's forward on both
-        with common.autocast(args, dist.device):
+        x1, x2 = common.to_device(views, args)  # the target's forward on both
+        with common.autocast(args):
             p1, p2, z1, z2 = net(x1, x2)
         loss = byol.byol_loss(p1, z2) + byol.byol_loss(p2, z1)
         optimizer.zero_grad(set_to_none=True)
@@ -193,24 +209,23 @@ def byol_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, image
     return Entry(views, step, floor)
 
 
-def simsiam_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, images: int) -> Entry:
+def simsiam_entry(bench, info: common.DataInfo, size: int, images: int) -> Entry:
     args = method_args(simsiam.Args, bench)
     blur = args.blur if args.blur >= 0 else (0.5 if size > 64 else 0.0)
     views = common.MultiView([simsiam.simsiam_augment(info, size, blur, args.crop_min_scale) for _ in range(2)])
     backbone = common.build_backbone(args.arch, info.channels, size, zero_init_residual=True)
-    model = common.prepare_model(simsiam.SimSiam(backbone, args.proj_dim, args.pred_dim, args.proj_layers),
-                                 args, dist)
+    model = common.prepare_model(simsiam.SimSiam(backbone, args.proj_dim, args.pred_dim, args.proj_layers), args)
     lr = args.lr * args.batch_size / 256
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    net = common.distribute(model, args, dist)
-    progress = common.Progress(1, 0, 0, float("inf"), dist)
+    net = common.distribute(model, args)
+    progress = QuietProgress(args)
 
     def step(loader):
-        simsiam.train_one_epoch(net, loader, optimizer, lambda _: lr, args, dist, 0, progress)
+        simsiam.train_one_epoch(net, loader, optimizer, lambda _: lr, progress, args)
 
     def floor(views):  # the step without its loader: forward and backward on both views
-        x1, x2 = common.to_device(views, dist.device, args.channels_last)
-        with common.autocast(args, dist.device):
+        x1, x2 = common.to_device(views, args)
+        with common.autocast(args):
             p1, p2, z1, z2 = net(x1, x2)
         loss = simsiam.simsiam_loss(p1, p2, z1, z2, stop_grad=args.stop_grad)
         optimizer.zero_grad(set_to_none=True)
@@ -221,82 +236,80 @@ def simsiam_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, im
     return Entry(views, step, floor)
 
 
-def instdisc_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, images: int) -> Entry:
+def instdisc_entry(bench, info: common.DataInfo, size: int, images: int) -> Entry:
     args = method_args(instdisc.Args, bench)
     views = instdisc.instdisc_augment(info, size, args.crop_min_scale, args.flip)
     model = common.prepare_model(instdisc.InstDisc(common.build_backbone(args.arch, info.channels, size),
-                                                   args.low_dim), args, dist)
-    bank = instdisc.MemoryBank(images, args.low_dim, torch.Generator().manual_seed(0)).to(dist.device)
-    sampler = instdisc.AliasSampler(torch.ones(images)).to(dist.device)
-    noise_rng = torch.Generator(dist.device).manual_seed(7919)
+                                                   args.low_dim), args)
+    bank = instdisc.MemoryBank(images, args.low_dim, torch.Generator().manual_seed(0)).to(args.device)
+    bank.rng.manual_seed(7919)  # the generator of its noise rows
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    net = common.distribute(model, args, dist)
-    progress = common.Progress(1, 0, 0, float("inf"), dist)
-    rows = torch.arange(bench.batch_size, device=dist.device)  # the floor's fixed bank rows
+    net = common.distribute(model, args)
+    progress = QuietProgress(args)
+    rows = torch.arange(bench.batch_size, device=args.device)  # the floor's fixed bank rows
 
     def step(loader):
-        instdisc.train_one_epoch(net, model, bank, sampler, noise_rng, loader, optimizer, lambda _: args.lr, args,
-                                 dist, 0, progress, info)
+        instdisc.train_one_epoch(net, bank, loader, optimizer, lambda _: args.lr, progress, args)
 
     def floor(x):  # the step without its loader: forward and backward on the one view, the bank's update
-        x = common.to_device(x, dist.device, args.channels_last)
-        instdisc.train_step(net, model, bank, sampler, noise_rng, optimizer, x, rows[:len(x)], args, dist, info)
+        x = common.to_device(x, args)
+        instdisc.train_step(net, bank, optimizer, x, rows[:len(x)], args)
 
     return Entry(views, step, floor, indexed=True)
 
 
-def paws_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, images: int) -> Entry:
+def paws_entry(bench, info: common.DataInfo, size: int, images: int) -> Entry:
     """Every training image is labelled here, so the supports (10 classes x 64 x 2 views a step, the default)
     come from the same images, through the same path as the unlabelled batch: the step's rows time both."""
     args = method_args(paws.Args, bench)
     views, support_view = paws.paws_views(info, size, args.multicrop, args.jitter_strength)
     support_views = common.MultiView([support_view] * args.support_views)
     model = common.prepare_model(paws.PAWS(common.build_backbone(args.arch, info.channels, size), args.proj_dim),
-                                 args, dist)
+                                 args)
     optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum,
                             eta=args.lars_eta)
-    net = common.distribute(model, args, dist)
-    progress = common.Progress(1, 0, 0, float("inf"), dist)
+    net = common.distribute(model, args)
+    progress = QuietProgress(args)
     supports = {}
     for path in ("device", "cpu"):
         support_args = dataclasses.replace(args, data_path=path, seed=1)
         supports[path] = common.TrainData(training_set(bench, bench.data_args, support_views), support_views,
-                                          support_args, dist)
-    fixed_supports = next(iter(paws.support_loader(supports["device"], args, dist, 0, 1)))
+                                          support_args)
+    fixed_supports = next(iter(paws.support_batches(supports["device"], args, 0, 1)))
 
     def step(loader):
         path = "device" if loader.on_device else "cpu"
-        paws.train_one_epoch(net, loader, paws.support_loader(supports[path], args, dist, 0, len(loader)),
-                             optimizer, lambda _: args.lr, args, dist, 0, progress)
+        paws.train_one_epoch(net, loader, paws.support_batches(supports[path], args, 0, len(loader)), optimizer,
+                             lambda _: args.lr, progress, args)
 
     def floor(views):  # the step without its loaders: one fixed unlabelled batch and one fixed batch of supports
-        paws.train_one_epoch(net, [(views, None)], [fixed_supports], optimizer, lambda _: args.lr, args, dist, 0,
-                             progress)
+        paws.train_one_epoch(net, Fixed([(views, None)]), Fixed([fixed_supports]), optimizer, lambda _: args.lr,
+                             progress, args)
 
     return Entry(views, step, floor)
 
 
-def jem_entry(bench, info: common.DataInfo, size: int, dist: common.Dist, images: int) -> Entry:
+def jem_entry(bench, info: common.DataInfo, size: int, images: int) -> Entry:
     """JEM's default objective: each step runs --sgld-steps (20) forward and backward passes for the replay
     buffer's samples besides the one over the batch, so the data path weighs little here."""
     args = method_args(jem.Args, bench)
-    views = jem.jem_augment(info, size, args.sigma)
+    views = jem.jem_augment(info, size)  # the step adds the inputs' Gaussian noise (--sigma)
     backbone = common.build_backbone(args.arch, info.channels, size, norm=args.norm, act="leaky")
     model = jem.JEM(jem.without_batchnorm(backbone) if args.norm == "none" else backbone, info.num_classes)
-    model = common.prepare_model(model, args, dist)
+    model = common.prepare_model(model, args)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    buffer = jem.ReplayBuffer(args.buffer_size, (info.channels, size, size), args.reinit_freq, dist.device)
-    net = common.distribute(model, args, dist)
-    progress = common.Progress(1, 0, 0, float("inf"), dist)
-    labels = torch.arange(bench.batch_size, device=dist.device) % info.num_classes  # the floor's fixed labels
+    buffer = jem.ReplayBuffer(args.buffer_size, (info.channels, size, size), args.reinit_freq, args.device)
+    net = common.distribute(model, args)
+    progress = QuietProgress(args)
+    labels = torch.arange(bench.batch_size, device=args.device) % info.num_classes  # the floor's fixed labels
 
     def step(loader):
-        jem.train_one_epoch(net, model, loader, optimizer, lambda _: args.lr, buffer, None, args, dist, 0, progress)
+        jem.train_one_epoch(net, loader, optimizer, lambda _: args.lr, progress, args, buffer, None)
 
     def floor(x):  # the step without its loader: SGLD from the buffer, forward and backward, one fixed batch
-        jem.train_one_epoch(net, model, [(x, labels[:len(x)])], optimizer, lambda _: args.lr, buffer, None, args,
-                            dist, 0, progress)
+        jem.train_one_epoch(net, Fixed([(x, labels[:len(x)])]), optimizer, lambda _: args.lr, progress, args,
+                            buffer, None)
 
     return Entry(views, step, floor)
 
@@ -313,7 +326,7 @@ class Batches:
     each measurement, so no worker runs in the background of another row)."""
 
     def __init__(self, train_data: common.TrainData, epoch: int, k: int, skip: int = 0):
-        self.on_device = train_data.on_device
+        self.on_device, self.epoch = train_data.on_device, epoch
         self.batches = itertools.chain.from_iterable(train_data.loader(e) for e in itertools.count(epoch))
         for _ in range(skip):
             next(self.batches)
@@ -346,19 +359,28 @@ def training_set(bench, data_args: common.Args, views):
     return common.Subset(train, common.balanced_subset(train.targets, bench.images)) if bench.images else train
 
 
+def setup(bench, args: common.Args) -> torch.device:
+    """One process on bench.device (set to the device's full name, cuda:0 for cuda), as a method's run starts;
+    the benchmark's own number of threads kept (main sets it)."""
+    threads = torch.get_num_threads()
+    common.setup_distributed(args)  # sets args.device, the seeds, the allocator, and threads of its own choice
+    torch.set_num_threads(threads)
+    bench.device = args.device  # every method's args: the same device
+    return torch.device(args.device)
+
+
 def run(bench) -> dict:
-    device = torch.device(bench.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data_args = common.Args(dataset="synthetic" if bench.data == "synthetic" else "imagefolder",
-                            data_dir=bench.data_dir, device=str(device))
-    dist = common.setup_distributed(data_args)
+                            data_dir=bench.data_dir, device=bench.device)
+    device = setup(bench, data_args)
     info, size = common.dataset_info(data_args)
     n = bench.batch_size * bench.steps
-    results = {"config": {**vars(bench), "device": str(dist.device), "torch": torch.__version__,
+    results = {"config": {**vars(bench), "device": str(device), "torch": torch.__version__,
                           "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "image_size": size}}
     images = len(training_set(bench, data_args, None))  # InstDisc's memory bank has a row per image
     bench.data_args = data_args  # for entries with a second training set (PAWS's supports)
     for method in bench.method:
-        entry = METHODS[method](bench, info, size, dist, images)
+        entry = METHODS[method](bench, info, size, images)
         train_set = training_set(bench, data_args, entry.views)
         if entry.indexed:
             train_set = common.WithIndex(train_set)
@@ -366,7 +388,7 @@ def run(bench) -> dict:
         for path in ("device", "cpu"):
             args = dataclasses.replace(data_args, batch_size=bench.batch_size, workers=bench.workers, data_path=path,
                                        seed=0)
-            paths[path] = common.TrainData(train_set, entry.views, args, dist)
+            paths[path] = common.TrainData(train_set, entry.views, args)
         skip = {"device": 0, "cpu": bench.workers}
         fixed = next(iter(paths["device"].loader(0)))[0]  # one batch of views for the floor
         epoch = itertools.count(1)
@@ -381,7 +403,7 @@ def run(bench) -> dict:
 
         def augment(path):
             batches = Batches(paths[path], next(epoch), bench.steps, skip[path])
-            return lambda: [common.to_device(views, dist.device) for views, *_ in batches]
+            return lambda: [common.to_device(views, data_args) for views, *_ in batches]
 
         measures = {"floor": lambda: floor,  # each makes the function to time (untimed set-up first)
                     "step_device_data": lambda: step("device"),
@@ -391,7 +413,7 @@ def run(bench) -> dict:
         rounds = {name: [] for name in measures}
         for r in range(bench.repeats + 1):  # round 0 warms up (allocator, cudnn, worker start, compile)
             for name, make in measures.items():
-                seconds = timed(make(), dist.device)
+                seconds = timed(make(), device)
                 if r:
                     rounds[name].append(n / seconds)
         median = {name: statistics.median(v) for name, v in rounds.items()}
@@ -420,13 +442,13 @@ ADVERSARIAL = {"plain": {}, "clae": {"adv_eps": 0.03}, "clae+advprop": {"adv_eps
 def adversarial_costs(bench) -> dict:
     """ms per training step of simclr.py and instdisc.py with and without --adv-eps / --adv-bn, each method's own
     train_one_epoch over the same --steps fixed batches, the configurations interleaved round by round."""
-    device = torch.device(bench.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dist = common.setup_distributed(common.Args(dataset="synthetic", device=str(device)))
+    import adversarial  # the optional module of --adv-eps and --adv-bn
+
+    device = setup(bench, common.Args(dataset="synthetic", device=bench.device))
     info, size, n = common.DATASETS["cifar10"], 32, bench.batch_size  # CIFAR-sized random images
     g = torch.Generator().manual_seed(0)
     x = [torch.randn(n, info.channels, size, size, generator=g).to(device) for _ in range(2 * bench.steps)]
     y, i = torch.zeros(n, dtype=torch.long, device=device), torch.arange(n, device=device)
-    progress = common.Progress(1, 0, 0, float("inf"), dist)
     results = {}
     for method in ("simclr", "instdisc"):
         steps = {}
@@ -435,28 +457,27 @@ def adversarial_costs(bench) -> dict:
             if method == "simclr":
                 args = method_args(simclr.Args, bench, **options)
                 backbone = common.build_backbone(args.arch, info.channels, size)
-                model = simclr.SimCLR(common.dual_batchnorm(backbone) if args.adv_bn else backbone, args.proj_dim,
-                                      args.proj_layers).to(device)
+                model = simclr.SimCLR(adversarial.dual_batchnorm(backbone) if args.adv_bn else backbone,
+                                      args.proj_dim, args.proj_layers).to(device)
                 opt = common.LARS(common.param_groups(model, args.weight_decay), lr=0.1, eta=args.lars_eta)
-                batches = [((x[2 * k], x[2 * k + 1]), y) for k in range(bench.steps)]
-                steps[name] = functools.partial(simclr.train_one_epoch, model, model, batches, opt, lambda _: 0.1,
-                                                args, dist, 0, progress, info)
+                batches = Fixed(((x[2 * k], x[2 * k + 1]), y) for k in range(bench.steps))
+                steps[name] = functools.partial(simclr.train_one_epoch, model, batches, opt, lambda _: 0.1,
+                                                QuietProgress(args), args)
             else:
                 args = method_args(instdisc.Args, bench, **options)
                 backbone = common.build_backbone(args.arch, info.channels, size)
-                model = instdisc.InstDisc(common.dual_batchnorm(backbone) if args.adv_bn else backbone,
+                model = instdisc.InstDisc(adversarial.dual_batchnorm(backbone) if args.adv_bn else backbone,
                                           args.low_dim).to(device)
                 opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)
                 bank = instdisc.MemoryBank(n, args.low_dim).to(device)
-                sampler = instdisc.AliasSampler(torch.ones(n)).to(device)
-                batches = [(x[k], y, i) for k in range(bench.steps)]
-                steps[name] = functools.partial(instdisc.train_one_epoch, model, model, bank, sampler,
-                                                torch.Generator(device).manual_seed(1), batches, opt, lambda _: 0.03,
-                                                args, dist, 0, progress, info)
+                bank.rng.manual_seed(1)  # the generator of its noise rows
+                batches = Fixed((x[k], y, i) for k in range(bench.steps))
+                steps[name] = functools.partial(instdisc.train_one_epoch, model, bank, batches, opt,
+                                                lambda _: 0.03, QuietProgress(args), args)
         rounds = {name: [] for name in steps}
         for r in range(bench.repeats + 1):  # round 0 warms up
             for name, step in steps.items():
-                seconds = timed(step, dist.device)
+                seconds = timed(step, device)
                 if r:
                     rounds[name].append(1000 * seconds / bench.steps)
         plain = statistics.median(rounds["plain"])

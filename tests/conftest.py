@@ -69,7 +69,7 @@ def spawn(worker, tmp_path, *args) -> list:
     """Run worker(rank, store, out, *args) in WORLD processes; returns what each saved to out/{rank}.pt, by rank.
     The worker must be a top-level function of its test module: mp.spawn pickles it by reference."""
     mp.spawn(worker, args=(str(tmp_path / "store"), str(tmp_path), *args), nprocs=WORLD)
-    return [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
+    return [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 def shard(x, rank):

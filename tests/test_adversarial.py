@@ -1,5 +1,5 @@
-"""CLAE's adversarial views and AdvProp's auxiliary BatchNorm (common.py), and simclr.py and instdisc.py with them
-switched on."""
+"""CLAE's adversarial views and AdvProp's auxiliary BatchNorm (adversarial.py), and simclr.py and instdisc.py with
+them switched on."""
 
 import json
 
@@ -9,6 +9,7 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
+import adversarial
 import common
 import instdisc
 import simclr
@@ -42,7 +43,7 @@ def test_adversarial_view_stays_within_eps_in_pixels_and_in_range(seed, eps, ste
     model = toy_encoder().double()
     pixels, x = images(seed)
     anchors = model(x).detach()
-    x_adv = common.adversarial_view(lambda v: simclr.nt_xent(anchors, model(v), 0.5), x, eps, steps, MEAN, STD)
+    x_adv = adversarial.adversarial_view(lambda v: simclr.nt_xent(anchors, model(v), 0.5), x, eps, steps, MEAN, STD)
     adv_pixels = to_pixels(x_adv)
     assert (adv_pixels - pixels).abs().max() <= eps + 1e-9
     assert adv_pixels.min() >= -1e-9 and adv_pixels.max() <= 1 + 1e-9
@@ -60,7 +61,7 @@ def test_adversarial_view_increases_the_loss_of_a_fixed_model(seed, steps):
     def loss_of(v):
         return simclr.nt_xent(anchors, model(v), 0.5)
 
-    x_adv = common.adversarial_view(loss_of, x, 1e-3, steps, MEAN, STD)
+    x_adv = adversarial.adversarial_view(loss_of, x, 1e-3, steps, MEAN, STD)
     assert loss_of(x_adv).item() > loss_of(x).item()
 
 
@@ -69,34 +70,34 @@ def test_generation_adds_no_gradient_to_the_parameters():
     model = toy_encoder().double()
     _, x = images(1)
     anchors = model(x).detach()
-    common.adversarial_view(lambda v: simclr.nt_xent(anchors, model(v), 0.5), x, 0.03, 2, MEAN, STD)
+    adversarial.adversarial_view(lambda v: simclr.nt_xent(anchors, model(v), 0.5), x, 0.03, 2, MEAN, STD)
     assert all(p.grad is None for p in model.parameters())
     # with gradients already accumulated, they are left exactly as they were
     model(x).sum().backward()
     before = [p.grad.clone() for p in model.parameters()]
-    common.adversarial_view(lambda v: simclr.nt_xent(anchors, model(v), 0.5), x, 0.03, 1, MEAN, STD)
+    adversarial.adversarial_view(lambda v: simclr.nt_xent(anchors, model(v), 0.5), x, 0.03, 1, MEAN, STD)
     assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
 
 
 def bn_state(model):
-    dual = [m for m in model.modules() if isinstance(m, common.DualBatchNorm)][0]
+    dual = [m for m in model.modules() if isinstance(m, adversarial.DualBatchNorm)][0]
     return (dual.main.running_mean.clone(), dual.main.running_var.clone(), dual.aux.running_mean.clone(),
             dual.aux.running_var.clone())
 
 
 def test_auxiliary_batchnorm_statistics_move_only_under_adversarial_forwards():
     torch.manual_seed(0)
-    model = common.dual_batchnorm(toy_encoder())
+    model = adversarial.dual_batchnorm(toy_encoder())
     x = torch.randn(8, 3, 8, 8)
     main_mean, main_var, aux_mean, aux_var = bn_state(model)
     model(x)  # clean forward: main statistics move, auxiliary ones do not
     m1, v1, a1, av1 = bn_state(model)
     assert not torch.equal(m1, main_mean) and torch.equal(a1, aux_mean) and torch.equal(av1, aux_var)
-    with common.adversarial_bn(model):
+    with adversarial.adversarial_bn(model):
         model(x + 1)  # adversarial forward: the reverse
     m2, v2, a2, av2 = bn_state(model)
     assert torch.equal(m2, m1) and torch.equal(v2, v1) and not torch.equal(a2, a1)
-    assert not any(m.use_aux for m in model.modules() if isinstance(m, common.DualBatchNorm))  # routing undone
+    assert not any(m.use_aux for m in model.modules() if isinstance(m, adversarial.DualBatchNorm))  # routing undone
 
 
 def test_evaluation_uses_the_main_batchnorm_and_state_dict_round_trips():
@@ -104,27 +105,27 @@ def test_evaluation_uses_the_main_batchnorm_and_state_dict_round_trips():
     plain = toy_encoder()
     for _ in range(3):
         plain(torch.randn(8, 3, 8, 8))
-    dual = common.dual_batchnorm(toy_encoder())
+    dual = adversarial.dual_batchnorm(toy_encoder())
     dual_state = {k.replace("1.", "1.main.", 1) if k.startswith("1.") else k: v
                   for k, v in plain.state_dict().items()}
     dual.load_state_dict({**dual.state_dict(), **dual_state})
     plain.eval(), dual.eval()
     x = torch.randn(4, 3, 8, 8)
     assert torch.allclose(plain(x), dual(x))  # evaluation: the main BatchNorm, with its running statistics
-    with common.adversarial_bn(dual):
+    with adversarial.adversarial_bn(dual):
         assert not torch.allclose(plain(x), dual(x))  # the auxiliary one has other (initial) statistics
-    copy = common.dual_batchnorm(toy_encoder())
+    copy = adversarial.dual_batchnorm(toy_encoder())
     copy.load_state_dict(dual.state_dict())
     copy.eval()
     assert torch.equal(copy(x), dual(x))
-    with common.adversarial_bn(copy), common.adversarial_bn(dual):
+    with adversarial.adversarial_bn(copy), adversarial.adversarial_bn(dual):
         assert torch.equal(copy(x), dual(x))
     assert any(".aux." in k for k in dual.state_dict()) and any(".main." in k for k in dual.state_dict())
 
 
 def test_every_batchnorm_of_a_resnet_gets_a_twin():
-    backbone = common.dual_batchnorm(common.build_backbone("resnet18", image_size=16))
-    duals = [m for m in backbone.modules() if isinstance(m, common.DualBatchNorm)]
+    backbone = adversarial.dual_batchnorm(common.build_backbone("resnet18", image_size=16))
+    duals = [m for m in backbone.modules() if isinstance(m, adversarial.DualBatchNorm)]
     plain = [m for m in common.build_backbone("resnet18", image_size=16).modules()
              if isinstance(m, nn.BatchNorm2d)]
     assert len(duals) == len(plain) and all(m.aux.momentum == 0.01 for m in duals)
@@ -135,6 +136,7 @@ TINY_ADV = ["--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64", "-
             "2", "--adv-eps", "0.03", "--adv-bn"]
 
 
+@pytest.mark.scripts
 def test_simclr_with_clae_and_advprop_runs_resumes_and_refuses_a_plain_checkpoint(tmp_path):
     run = tmp_path / "run"
     out = run_script("simclr.py", *TINY_ADV, "--epochs", "1", "--out-dir", run)
@@ -149,12 +151,14 @@ def test_simclr_with_clae_and_advprop_runs_resumes_and_refuses_a_plain_checkpoin
     assert out.returncode == 2 and "does not fit this model" in out.stderr
 
 
+@pytest.mark.scripts
 def test_simclr_with_clae_under_torchrun(tmp_path):
     out = torchrun("simclr.py", *TINY_ADV, "--epochs", "1", "--adv-steps", "2", "--out-dir", tmp_path / "run")
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["knn_top1"] is not None
 
 
+@pytest.mark.scripts
 def test_instdisc_with_clae_and_advprop_runs_alone_and_under_torchrun(tmp_path):
     out = run_script("instdisc.py", *TINY_ADV, "--epochs", "1", "--out-dir", tmp_path / "one")
     assert out.returncode == 0, out.stderr[-3000:]

@@ -233,7 +233,7 @@ def test_extract_features_keeps_dataset_order():
         def forward(self, x):
             return x.float().mean(dim=(2, 3))
 
-    z, y = common.extract_features(Mean(), ds, common.Dist(), batch_size=3)
+    z, y = common.extract_features(Mean(), ds, common.Args(device="cpu", workers=0), batch_size=3)
     assert torch.equal(z[:, 0], torch.arange(10.0)) and torch.equal(y, torch.arange(10))
 
 # ---------------------------------------------------------------------------------------------------- backbones
@@ -274,17 +274,17 @@ def test_gathers_are_identity_on_one_process():
 
 def test_run_dir_refuses_to_overwrite_and_checks_checkpoints(tmp_path, capsys):
     args = simclr.Args(dataset="synthetic", arch="tiny", out_dir=str(tmp_path / "run"))
-    run = common.RunDir(args, "simclr", common.Dist())
+    run = common.RunDir(args, "simclr")
     assert json.loads((run.path / "args.json").read_text())["arch"] == "tiny"
     run.log(epoch=1, step=4, loss=1.5, extra=3)
     row = json.loads(run.metrics_path.read_text())
     assert list(row)[:len(common.METRIC_KEYS)] == common.METRIC_KEYS and row["extra"] == 3
-    run.save({"epoch": 1, "model": {"w": torch.ones(2)}, "args": {"arch": "tiny", "dataset": "synthetic"}})
+    run.save(1, model={"w": torch.ones(2)})
     assert not list(run.path.glob("*.tmp"))
     before = {p.name: p.read_bytes() for p in run.path.iterdir()}
 
     with pytest.raises(SystemExit):  # a second run into the same directory
-        common.RunDir(args, "simclr", common.Dist())
+        common.RunDir(args, "simclr")
     assert "already holds a run" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a checkpoint of another method
         common.load_checkpoint(run.checkpoint_path, "moco", args)
@@ -300,3 +300,70 @@ def test_run_dir_refuses_to_overwrite_and_checks_checkpoints(tmp_path, capsys):
         common.load_checkpoint(corrupt, "simclr", args)
     assert exit_info.value.code == 2 and "not a valid checkpoint" in capsys.readouterr().err
     assert common.load_checkpoint(run.checkpoint_path, "simclr", args)["epoch"] == 1
+
+
+def test_help_names_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        common.parse(simclr.Args, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    assert "(default: runs/<method>-<date>-<time>)" in out and "(default: runs/<method>-<date>-<time>) (default" not in out
+    assert "cuda when available, else cpu)" in out and "else cpu) (default" not in out
+    assert "(default: 0.5)" in out  # a field whose comment names no default gets it appended
+
+
+def test_args_json_records_the_directory_and_device_the_run_used(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = simclr.Args(dataset="synthetic", arch="tiny")
+    common.setup_distributed(args)
+    run = common.RunDir(args, "simclr")
+    saved = json.loads((run.path / "args.json").read_text())
+    assert saved["out_dir"] == str(run.path) and run.path.parent.name == "runs" and run.path.is_dir()
+    assert saved["device"] == "cpu"
+
+
+class _Batches(list):
+    epoch = 0
+
+
+def test_progress_line_eta_never_negative_and_epoch_figures(capsys):
+    args = common.Args(epochs=1, log_every=0.0)
+    progress = common.Progress(args)
+    for _ in progress(_Batches([None] * 3)):
+        progress.update(torch.tensor(1.5), 0.1, 8)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[-1].endswith("ETA 0:00:00") and all("-1 day" not in line for line in lines)
+    summary = progress.summary()
+    assert summary["step"] == 3 and summary["lr"] == 0.1 and summary["time_s"] > 0 and summary["images_per_s"] > 0
+
+
+def _initial_weights(args, monkeypatch) -> dict:
+    """The weights simclr.main builds, read where it hands the model to common.distribute (the run stops there)."""
+    weights = {}
+
+    def stop(model, args):
+        weights.update({k: v.clone() for k, v in model.state_dict().items()})
+        raise SystemExit(0)
+
+    monkeypatch.setattr(common, "distribute", stop)
+    with pytest.raises(SystemExit):
+        simclr.main(args)
+    return weights
+
+
+def test_the_same_seed_builds_the_same_network_on_both_data_paths(tmp_path, monkeypatch):
+    """Decoding an image folder onto the device runs a DataLoader before the network is built: it must draw nothing
+    from the generator that initialises the network."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(8):
+                pixels = torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / split / c / f"{i}.png")
+    weights = [_initial_weights(simclr.Args(dataset="imagefolder", data_dir=str(tmp_path), arch="tiny", batch_size=8,
+                                            workers=0, seed=5, data_path=path, out_dir=str(tmp_path / path)),
+                                monkeypatch) for path in ("cpu", "device")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

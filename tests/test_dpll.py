@@ -373,7 +373,7 @@ def _problem():
 
 
 def _step(model, views, index, S, targets):
-    loss, _, _ = dpll.dpll_step(model, views, index, S, targets, 0.7, dpll.Args(), torch.device("cpu"))
+    loss, _, _ = dpll.dpll_step(model, views, index, S, targets, 0.7, dpll.Args(device="cpu"))
     loss.backward()
     return loss
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+import adversarial
 import common
 import instdisc
 from conftest import WORLD, init_gloo, run_script, shard, spawn
@@ -228,10 +229,10 @@ def _setup(nce_k, proximal, adv_eps=0.0, n=20, d=5):
     torch.manual_seed(0)
     model = _Encoder(d)
     bank = instdisc.MemoryBank(n, d, torch.Generator().manual_seed(1))
-    sampler = instdisc.AliasSampler(torch.ones(n))
+    bank.rng.manual_seed(2)  # the generator of the noise rows
     args = instdisc.Args(nce_k=nce_k, proximal=proximal, temperature=0.2, bank_momentum=0.5, adv_eps=adv_eps,
-                         adv_weight=0.7)
-    return model, bank, sampler, torch.Generator().manual_seed(2), args
+                         adv_weight=0.7, dataset="synthetic", device="cpu")
+    return model, bank, bank.noise, bank.rng, args
 
 
 def _batch():
@@ -250,7 +251,7 @@ def test_memory_bank_rows_stay_unit_and_update_once_per_step():
         expected = before.clone()
         expected[i] = F.normalize(0.5 * before[i] + 0.5 * f, dim=1)  # one momentum update, no more
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        instdisc.train_step(model, model, bank, sampler, rng, opt, x, i, args, common.Dist(), INFO)
+        instdisc.train_step(model, bank, opt, x, i, args)
         assert torch.allclose(bank.memory, expected, atol=1e-6)
         untouched = torch.ones(20, dtype=torch.bool)
         untouched[i] = False
@@ -268,11 +269,11 @@ def test_z_is_estimated_from_the_first_batch_then_fixed():
     with torch.no_grad():
         weight = bank.memory[torch.cat([i[:, None], noise], 1)]
         expected = 20 * torch.exp(torch.einsum("bjd,bd->bj", weight, model(x)) / 0.2).mean().item()
-    instdisc.train_step(model, model, bank, sampler, rng, opt, x, i, args, common.Dist(), INFO)
+    instdisc.train_step(model, bank, opt, x, i, args)
     assert bank.Z == pytest.approx(expected, rel=1e-6)
     z = bank.Z
     for _ in range(3):
-        instdisc.train_step(model, model, bank, sampler, rng, opt, x, i, args, common.Dist(), INFO)
+        instdisc.train_step(model, bank, opt, x, i, args)
     assert bank.Z == z
 
 
@@ -285,7 +286,7 @@ def test_clae_step_adds_the_loss_of_a_fixed_adversarial_view_and_no_gradient_fro
         reference = copy.deepcopy(model)
         bank_before = bank.memory.clone()
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves the gradients to read
-        instdisc.train_step(model, model, bank, sampler, rng, opt, x, i, args, common.Dist(), INFO)
+        instdisc.train_step(model, bank, opt, x, i, args)
         g = torch.Generator().manual_seed(2)  # replay the step's noise draw
         noise = sampler.draw(8 * nce_k, g).view(8, nce_k) if nce_k else None
 
@@ -295,7 +296,7 @@ def test_clae_step_adds_the_loss_of_a_fixed_adversarial_view_and_no_gradient_fro
                 return instdisc.nce_loss(v, weight, 0.2, bank.Z, 20)
             return instdisc.softmax_loss(v, bank_before, i, 0.2)
 
-        x_adv = common.adversarial_view(lambda view: loss_of_v(reference(view)), x, 0.05, 1, INFO.mean, INFO.std)
+        x_adv = adversarial.adversarial_view(lambda view: loss_of_v(reference(view)), x, 0.05, 1, INFO.mean, INFO.std)
         assert not torch.equal(x_adv, x)
         (loss_of_v(reference(x)) + 0.7 * loss_of_v(reference(x_adv))).backward()
         for p, q in zip(model.parameters(), reference.parameters()):
@@ -326,8 +327,8 @@ def _worker(rank, store, out):
         net = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         x, i = _batch()
-        losses = [instdisc.train_step(net, model, bank, sampler, rng, opt, shard(x, rank), shard(i, rank), args,
-                                      common.Dist(rank, WORLD), INFO) for _ in range(2)]  # step 2 reads step 1's bank
+        losses = [instdisc.train_step(net, bank, opt, shard(x, rank), shard(i, rank), args)
+                  for _ in range(2)]  # step 2 reads step 1's bank
         saved[f"{nce_k}-{adv_eps}"] = {"losses": torch.stack(losses), "bank": bank.memory, "Z": bank.Z,
                                        "params": model.state_dict()}
     torch.save(saved, f"{out}/{rank}.pt")
@@ -340,9 +341,7 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
         model, bank, sampler, rng, args = _setup(nce_k, proximal, adv_eps)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         x, i = _batch()
-        losses = torch.stack([instdisc.train_step(model, model, bank, sampler, rng, opt, x, i, args, common.Dist(),
-                                                  INFO)
-                              for _ in range(2)])
+        losses = torch.stack([instdisc.train_step(model, bank, opt, x, i, args) for _ in range(2)])
         for saved in results:
             got = saved[f"{nce_k}-{adv_eps}"]
             assert torch.allclose(got["bank"], bank.memory, atol=1e-6)  # the same global bank on every process

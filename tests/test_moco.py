@@ -224,12 +224,13 @@ def test_args_reject_bad_values():
     moco.Args(batch_size=60, queue_size=120).check(world_size=2)  # split BN is for one process only
 
 
-def test_queue_not_divisible_by_the_batch_is_refused_from_the_command_line(tmp_path):
-    out = run_script("moco.py", "--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64",
-                     "--queue-size", "100", "--out-dir", tmp_path / "run")
-    assert out.returncode == 2
-    assert "--queue-size 100 must be a positive multiple of the 64 keys" in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+def test_queue_not_divisible_by_the_batch_is_refused_from_the_command_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # in process: the script's own parse of its command line
+        common.parse(moco.Args, ["--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64", "--queue-size",
+                                 "100", "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--queue-size 100 must be a positive multiple of the 64 keys" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 # ---- two processes on halves of the batch equal one process on the whole batch -------------------------------
@@ -242,12 +243,17 @@ def _data():
     return batches
 
 
-def _train(model, net, batches, symmetric, dist_info):
-    """moco.train_one_epoch on the given batches, SGD at a fixed learning rate."""
-    args = moco.Args(momentum=0.9, temperature=0.2, symmetric=symmetric, queue_size=32, log_every=1e9)
+class _Epoch(list):
+    """A list of batches as a loader of epoch 0."""
+
+    epoch = 0
+
+
+def _train(model, net, batches, symmetric):
+    """moco.train_one_epoch on the given batches, SGD at a fixed learning rate. `net`: the model as trained."""
+    args = moco.Args(momentum=0.9, temperature=0.2, symmetric=symmetric, queue_size=32, log_every=1e9, device="cpu")
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
-    progress = common.Progress(1, len(batches), 0, 1e9, dist_info)
-    return moco.train_one_epoch(net, model, batches, optimizer, lambda step: 0.5, args, dist_info, 0, progress)
+    return moco.train_one_epoch(net, _Epoch(batches), optimizer, lambda step: 0.5, common.Progress(args), args)
 
 
 def _worker(rank, store, out):
@@ -264,7 +270,7 @@ def _worker(rank, store, out):
         model = moco.MoCo(TwoLayerEncoder(), proj_dim=8, queue_size=32)
         net = nn.parallel.DistributedDataParallel(model)
         batches = [((shard(x1, rank), shard(x2, rank)), shard(y, rank)) for (x1, x2), y in _data()]
-        loss = _train(model, net, batches, symmetric, common.Dist(rank, WORLD, rank, torch.device("cpu")))
+        loss = _train(model, net, batches, symmetric)
         saved[symmetric] = {"loss": loss, "state": model.state_dict()}
     torch.save(saved, f"{out}/{rank}.pt")
     dist.destroy_process_group()
@@ -284,7 +290,7 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
     for symmetric in (False, True):
         torch.manual_seed(0)
         model = moco.MoCo(TwoLayerEncoder(), proj_dim=8, queue_size=32)
-        loss = _train(model, model, _data(), symmetric, common.Dist())
+        loss = _train(model, model, _data(), symmetric)
         assert int(model.queue_ptr) == (3 * 8 * (2 if symmetric else 1)) % 32
         for g in got:
             assert g[symmetric]["loss"] == pytest.approx(loss, rel=1e-5)

@@ -516,6 +516,7 @@ FINETUNE_RUN = ["--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64"
                 "--multicrop", "1", "--epochs", "1", "--probe-epochs", "0", "--eval-every", "0"]
 
 
+@pytest.mark.scripts
 def test_finetuning_runs_after_training_keeps_batchnorm_statistics_and_resumes_exactly(tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     out = run_script("paws.py", *FINETUNE_RUN, "--finetune-epochs", "3", "--out-dir", whole)
@@ -573,6 +574,7 @@ def test_views_two_global_and_multicrop():
     assert all(torch.equal(a, b) for a, b in zip(out, views(img)))  # seeded: the same draws again
 
 
+@pytest.mark.scripts
 def test_supervised_only_baseline_reports_its_classifier(tmp_path):
     run = tmp_path / "run"
     out = run_script("paws.py", "--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64", "--workers", "0",

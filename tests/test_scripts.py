@@ -1,14 +1,16 @@
-"""Every method file from the command line on tiny data: help, a run, torchrun, kill and resume, bad input.
+"""Every method file from the command line on tiny data (`pytest -m scripts`): a run, torchrun, kill and resume,
+bad input, and the user's own move: one method file and common.py copied into an empty folder and run there.
 
 A method joins these tests by adding its file to METHODS with the flags that make its run tiny. The full set of
 bad-input cases runs for simclr.py (they exercise common.py, which every method shares); every method gets the
-cases that touch its own arguments and checkpoint.
+cases that touch its own arguments and checkpoint. --help is checked in process (the fast tier).
 """
 
 import importlib
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,7 +52,7 @@ def snapshot(path):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_help(method, capsys):
+def test_help(method, capsys):  # the fast tier: in process
     """--help as the script's own `common.parse(Args)` prints it (in this process: the runs below start the files
     from the command line)."""
     module = importlib.import_module(method[:-3])
@@ -63,10 +65,10 @@ def test_help(method, capsys):
 
 
 def grouped(cases):
-    """Parameters marked with their method file: pytest-xdist (--dist loadgroup, pytest.ini) runs all of a method's
-    script tests on one worker, which makes the method's finished run once."""
+    """Parameters marked with their method file and the scripts tier: pytest-xdist (--dist loadgroup, pytest.ini)
+    runs all of a method's script tests on one worker, which makes the method's finished run once."""
     cases = [c if isinstance(c, tuple) else (c,) for c in cases]
-    return [pytest.param(*c, marks=pytest.mark.xdist_group(c[0][:-3])) for c in cases]
+    return [pytest.param(*c, marks=[pytest.mark.xdist_group(c[0][:-3]), pytest.mark.scripts]) for c in cases]
 
 
 class FinishedRuns(dict):
@@ -120,7 +122,8 @@ def test_run_writes_its_run_directory_and_a_killed_run_resumes_to_the_same_weigh
     results = json.loads((whole / "results.json").read_text())
     assert {"knn_top1_untrained", "knn_top1", "probe_top1", "probe_top5"} <= set(results)
     state = torch.load(whole / "checkpoint.pt", weights_only=True)
-    assert state["method"] == method[:-3] and state["epoch"] == 3 and "optimizer" in state and "rng" in state
+    # no random generator's state: every epoch reseeds them from (--seed, epoch, rank), so the resume below is exact
+    assert state["method"] == method[:-3] and state["epoch"] == 3 and "optimizer" in state and "history" in state
     if importlib.util.find_spec("matplotlib"):
         assert (whole / "curves.png").stat().st_size > 0
 
@@ -171,6 +174,7 @@ def test_bad_flags_leave_the_previous_run_intact(finished_runs, method, extra, m
     assert snapshot(run) == before
 
 
+@pytest.mark.scripts
 def test_missing_data_dir(tmp_path):
     out = run_script("simclr.py", "--dataset", "cifar10", "--data-dir", tmp_path / "nowhere",
                      "--out-dir", tmp_path / "run")
@@ -180,6 +184,7 @@ def test_missing_data_dir(tmp_path):
     assert_refused(out, "train/")
 
 
+@pytest.mark.scripts
 def test_batch_not_divisible_by_processes(tmp_path):
     out = torchrun("simclr.py", "--dataset", "synthetic", "--arch", "tiny", "--batch-size", "63",
                    "--out-dir", tmp_path / "run")
@@ -212,3 +217,28 @@ def test_bad_checkpoint_is_refused_and_kept(tmp_path, finished_runs, method, dam
     before = snapshot(run)
     assert_refused(run_script(*tiny(method, "--epochs", "2", "--out-dir", run, "--resume")), message)
     assert snapshot(run) == before
+
+
+# the quick start of each file, offline: digits, the tiny network, one short epoch (the flags of METHODS make the
+# method's own parts small too)
+COPY_FLAGS = ["--dataset", "digits", "--arch", "tiny", "--batch-size", "64", "--workers", "0", "--epochs", "1",
+              "--subset", "256", "--eval-subset", "64", "--probe-epochs", "1", "--knn-k", "10"]
+
+
+@pytest.mark.parametrize("method, device", grouped([(m, d) for m in METHODS for d in (False, True)]))
+def test_one_method_file_and_common_py_alone_run_in_an_empty_folder(method, device, tmp_path):
+    """The user's move: copy one method file and common.py into an empty folder and run it there; the same with
+    device_data.py added and --data-path device (without it, --data-path device says in one line why not)."""
+    for name in [method, "common.py"] + (["device_data.py"] if device else []):
+        shutil.copy(ROOT / name, tmp_path / name)
+    argv = [method, *COPY_FLAGS, *METHODS[method], "--out-dir", "run"] + (["--data-path", "device"] if device else [])
+    out = run_script(*argv, cwd=tmp_path, env_extra={"PYTHONPATH": ""})
+    if device and method == "dpll.py":  # Cutout and AutoAugment have no batched version: refused in one line
+        assert_refused(out, "--data-path device: no batched version of Cutout")
+        return
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "k-NN top-1: untrained" in out.stdout and (tmp_path / "run" / "results.json").exists()
+    assert ("training data on cpu" in out.stdout) == device
+    if not device:
+        assert_refused(run_script(*argv, "--data-path", "device", "--out-dir", "again", cwd=tmp_path,
+                                  env_extra={"PYTHONPATH": ""}), "--data-path device needs device_data.py")
