@@ -367,3 +367,18 @@ def test_the_same_seed_builds_the_same_network_on_both_data_paths(tmp_path, monk
                                 monkeypatch) for path in ("cpu", "device")]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_losses_stay_float32_on_cuda_and_deterministic_asks_for_exact_kernels(monkeypatch):
+    """setup_distributed leaves TF32 off for matrix products (the float32 losses and the k-NN are such products;
+    convolutions keep PyTorch's default), and --deterministic turns on cuDNN's and PyTorch's deterministic modes."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    common.setup_distributed(common.Args(device="cpu"))
+    assert not torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        common.setup_distributed(common.Args(device="cpu", deterministic=True))
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -9,6 +9,7 @@ torchrun "nodes" on loopback, one of which dies or freezes.
 """
 
 import contextlib
+import gc
 import hashlib
 import os
 import random
@@ -114,6 +115,15 @@ def assert_nothing_left(run: Path):
     assert not run.exists() or set(os.listdir(run)) <= {"args.json"}, sorted(os.listdir(run))
 
 
+@pytest.fixture
+def quick_loader_shutdown(monkeypatch):
+    """A DataLoader iterator that met an error waits for each of its workers up to 5 s when it is collected (PyTorch's
+    join timeout; a script exits without it): 0.1 s here, and collected before the test ends."""
+    monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.1)
+    yield
+    gc.collect()
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A finished 1-epoch simclr.py run on the synthetic set; tests copy it."""
@@ -186,7 +196,7 @@ def test_open_image_names_a_broken_file(tmp_path, damage):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_broken_image_in_the_data_loader_is_one_line(tmp_path, capsys, workers):
+def test_broken_image_in_the_data_loader_is_one_line(tmp_path, capsys, quick_loader_shutdown, workers):
     """From a DataLoader worker the error comes back wrapped, with the worker's traceback: one line all the same,
     without the exception's module and class in front of it."""
     path = image_folder(tmp_path) / "train/b/2.jpg"
@@ -202,7 +212,7 @@ def test_broken_image_in_the_data_loader_is_one_line(tmp_path, capsys, workers):
 
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("damage", ["truncated", "zero_bytes", "broken_header"])
-def test_broken_image_on_the_device_path_is_one_line(tmp_path, capsys, damage, workers):
+def test_broken_image_on_the_device_path_is_one_line(tmp_path, capsys, quick_loader_shutdown, damage, workers):
     """device_data decodes the whole training set up front, the first image on its own (for the size)."""
     import device_data
     import simclr

@@ -351,6 +351,31 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
                 assert torch.allclose(got["params"][name], p, rtol=1e-5, atol=1e-6), name
 
 
+def _run(out_dir, epochs, resume=False):
+    """instdisc.main in this process on tiny data, NCE on (its noise generator is the one a GPU made CUDA-shaped)."""
+    argv = ["--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64", "--subset", "256", "--workers", "0",
+            "--nce-k", "16", "--eval-every", "0", "--probe-epochs", "0", "--knn-k", "10", "--log-every", "1000",
+            "--epochs", str(epochs), "--out-dir", str(out_dir)] + (["--resume"] if resume else [])
+    instdisc.main(common.parse(instdisc.Args, argv))
+    return torch.load(out_dir / "checkpoint.pt", weights_only=True)
+
+
+def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path):
+    """A GPU run's generator states have CUDA's form (16 bytes where the CPU's have 5,056), which the CPU cannot take.
+    A checkpoint holds none: every epoch reseeds every generator (the bank's noise rows, the views, the data order)
+    from (--seed, epoch, rank). So one written on a GPU, whatever such states it carries, resumes on the CPU to the
+    weights and bank of an uninterrupted run (and a CPU one on a GPU alike)."""
+    whole = _run(tmp_path / "whole", 2)
+    cut = _run(tmp_path / "cut", 1)
+    assert not any("rng" in k for k in cut)
+    cuda_state = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator's get_state() returns
+    torch.save({**cut, "noise_rng": cuda_state, "rng": {"cuda": [cuda_state]}}, tmp_path / "cut" / "checkpoint.pt")
+    resumed = _run(tmp_path / "cut", 2, resume=True)
+    assert resumed["epoch"] == 2
+    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
+    assert torch.equal(whole["bank"]["memory"], resumed["bank"]["memory"])
+
+
 # ---------------------------------------------------------------------------------------------------- model, views
 
 

@@ -1,6 +1,7 @@
 """Properties of JEM (jem.py): energy, SGLD, replay buffer, calibration error, the HDGE loss, divergence handling,
 resume with the replay buffer and queue, both HDGE objectives end to end, and the learning check."""
 
+import contextlib
 import json
 import math
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 import common
 import jem
-from conftest import run_script, torchrun
+from conftest import init_gloo, run_script, spawn, torchrun
 
 seeds = st.integers(0, 2**31 - 1)
 TINY = ["--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64", "--workers", "0", "--log-every", "0.5",
@@ -243,6 +244,30 @@ def test_queue_replaces_the_oldest_batch_and_wraps():
         queue.push(torch.full((2, 3), float(b), requires_grad=True))
     assert queue.logits[0].tolist() == [3.0, 3.0, 1.0, 1.0, 2.0, 2.0] and queue.ptr == 2
     assert not queue.logits.requires_grad
+
+
+def _queue_worker(rank, store, out):
+    """jem.main's HDGE queue as the first training step gets it, on process `rank` of two."""
+    init_gloo(rank, store)
+    args = common.parse(jem.Args, [*TINY, "--objective", "hdge", "--queue-size", "128", "--epochs", "1",
+                                   "--eval-every", "0", "--probe-epochs", "0", "--out-dir", f"{out}/run"])
+    queues = []
+
+    def first_step(model, loader, optimizer, lr_at, progress, args, buffer, queue):
+        queues.append(queue.logits.clone())
+        raise SystemExit(0)
+
+    jem.train_one_epoch = first_step
+    with contextlib.suppress(SystemExit):
+        jem.main(args)
+    torch.save({"queue": queues[0]}, f"{out}/{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_hdge_queue_is_the_same_on_every_process_from_the_first_step(tmp_path):
+    """Its docstring says so; the processes seed their other draws apart (seed + rank)."""
+    queues = [r["queue"] for r in spawn(_queue_worker, tmp_path)]
+    assert queues[0].shape == (10, 128) and torch.equal(queues[0], queues[1])
 
 
 # ------------------------------------------------------------------ the script: objectives, resume, divergence
