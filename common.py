@@ -600,8 +600,8 @@ class Batches:
     def __iter__(self):
         try:
             yield from self.loader
-        except BadImage as err:  # from a worker, its message ends with the original "BadImage: ..." line
-            fail(str(err).strip().splitlines()[-1].removeprefix("BadImage: "), every_rank=True)
+        except BadImage as err:  # from a worker, its message ends with the original "common.BadImage: ..." line
+            fail(re.sub(r"^[\w.]*BadImage: ", "", str(err).strip().splitlines()[-1]), every_rank=True)
 
 
 def data_loader(dataset, args: Args, epoch: int = 0, **kwargs) -> Batches:
@@ -713,18 +713,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars_exclude": True}]
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_lr: float = 0.0) -> float:
-    """Linear warm-up from 0 to base_lr over warmup_steps, then cosine decay to final_lr at total_steps."""
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_lr: float = 0.0,
+                  start_lr: float = 0.0) -> float:
+    """Linear warm-up from start_lr to base_lr over warmup_steps, then cosine decay to final_lr at total_steps."""
     if step < warmup_steps:
-        return base_lr * step / warmup_steps
+        return start_lr + (base_lr - start_lr) * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def lr_schedule(args: Args, steps_per_epoch: int, base_lr: float):
-    """step -> learning rate: --warmup-epochs of linear warm-up, then cosine decay to 0."""
+def lr_schedule(args: Args, steps_per_epoch: int, base_lr: float, final_lr: float = 0.0, start_lr: float = 0.0):
+    """step -> learning rate: --warmup-epochs of linear warm-up from start_lr, then cosine decay to final_lr."""
     total, warmup = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
-    return lambda step: warmup_cosine(step, total, warmup, base_lr)
+    return lambda step: warmup_cosine(step, total, warmup, base_lr, final_lr, start_lr)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:

@@ -40,22 +40,17 @@ Defaults: the official configs/paws/cifar10_train.yaml: WRN-28-2, 3-layer projec
 Expect: PAWS-NN 96.0 +- 0.2% top-1 on CIFAR-10 with 4,000 labels (paper, CIFAR-10 results, WRN-28-2, 600 epochs).
 
 Where this file differs from the official code, and why:
-  - --batch-size and --supports-per-class are global (split over the processes), so that a run's meaning does not
-    depend on how many processes run it; the official values are per GPU (its CIFAR-10 recipe runs on one).
-  - Support labels have K = classes_per_batch columns (the classes of the step, in sorted order); the official
-    labels matrix has K x world_size columns when several processes share the classes, which puts smoothing mass
-    on columns no support belongs to.
+  - --batch-size and --supports-per-class are global (split over the processes), so a run means the same on any
+    number of processes; the official values are per GPU (its CIFAR-10 recipe runs on one).
+  - Support labels have K = classes_per_batch columns (the step's classes, sorted); the official matrix has
+    K x world_size columns on several processes, which puts smoothing mass on columns no support belongs to.
   - The labelled split is a seeded class-balanced draw (--num-labels, --label-seed) or a file of training-set
-    indices (--label-file, e.g. the official cifar10_subsets/spc.4000_split.152.txt); the official support
-    sampler splits each class's labelled images between processes once, here each step's draw is split.
-  - LARS is common.LARS: trust eta |w| / |g + wd w| where the official code uses eta |w| / (|g| + wd |w|);
-    identical without weight decay, and within 1e-6 relative at the official weight decay.
-  - Inputs are standardised with common's CIFAR-10 std (0.247, 0.243, 0.261), the official code uses
-    (0.2023, 0.1994, 0.2010); the first convolution is followed by BatchNorm, so nothing else changes.
-  - Fine-tuning (--finetune-epochs, off by default; the official CIFAR-10 recipe is 30) runs after training in the
-    same command, on a copy of f and g, and reports PAWS-NN again (finetune_snn_top1); the k-NN monitor and the
-    linear probe stay those of the encoder PAWS trained. Its epochs are one pass over the labelled images each,
-    as the official one (labelled images a class // supports a class steps when every class is in each batch).
+    indices (--label-file, e.g. the official spc.4000_split.152.txt); each step's draw is split over processes.
+  - LARS's trust is eta |w| / |g + wd w| (official: eta |w| / (|g| + wd |w|)): equal without weight decay,
+    within 1e-6 relative at the official one. Inputs are standardised with the CIFAR-10 std (0.247, 0.243,
+    0.261) where the official code uses (0.2023, 0.1994, 0.2010); BatchNorm follows the first convolution.
+  - Fine-tuning (--finetune-epochs, off by default; official: 30) runs after training in the same command, on a
+    copy of f and g, and reports PAWS-NN again (finetune_snn_top1); an epoch of it is a pass over the labels.
   - --supervised-only trains the same network with a linear classifier and cross-entropy on the labelled
     supports alone, for the same steps: the baseline that shows what the unlabelled images add.
 """
@@ -112,27 +107,18 @@ class Args(common.Args):
 
     def check(self, world_size: int = 1):
         super().check(world_size)
-        for name in ("temperature", "sharpen"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name, low in {"temperature": 1e-12, "sharpen": 1e-12, "finetune_lr": 1e-12, "support_views": 1,
+                          "classes_per_batch": 2, "supports_per_class": 1, "proj_dim": 1, "num_labels": 1,
+                          "multicrop": 0, "start_lr": 0, "final_lr": 0, "finetune_epochs": 0,
+                          "finetune_final_lr": 0, "jitter_strength": 0}.items():
+            if getattr(self, name) < low:  # classes_per_batch: the SNN must choose between classes
+                raise ValueError(f"--{name.replace('_', '-')} must be {'positive' if low == 1e-12 else f'>= {low}'},"
+                                 f" got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        for name in ("classes_per_batch", "supports_per_class", "support_views", "proj_dim", "num_labels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.classes_per_batch < 2:
-            raise ValueError("--classes-per-batch must be at least 2 (the SNN must choose between classes)")
-        if self.multicrop < 0:
-            raise ValueError(f"--multicrop must be >= 0, got {self.multicrop}")
         if self.supports_per_class % world_size:
             raise ValueError(f"--supports-per-class {self.supports_per_class} does not divide evenly over "
                              f"{world_size} processes")
-        if self.start_lr < 0 or self.final_lr < 0:
-            raise ValueError("--start-lr and --final-lr must be >= 0")
-        if self.finetune_epochs < 0 or not self.finetune_lr > 0 or self.finetune_final_lr < 0:
-            raise ValueError("--finetune-epochs and --finetune-final-lr must be >= 0, --finetune-lr positive")
-        if self.jitter_strength < 0:
-            raise ValueError(f"--jitter-strength must be >= 0, got {self.jitter_strength}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,7 +135,7 @@ def paws_augment(info: common.DataInfo, size: int, scale: tuple, strength: float
     ops = [T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8)]
     if small:
-        ops += [RandomSolarizeThreshold(p=0.2), T.RandomEqualize(p=0.2)]
+        ops += [RandomSolarizeThreshold(threshold=128, p=0.2), T.RandomEqualize(p=0.2)]
     else:
         ops += [T.RandomGrayscale(p=0.2),
                 T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5)]
@@ -161,9 +147,6 @@ class RandomSolarizeThreshold(T.RandomSolarize):
     Solarize of PAWS (torchvision's RandomSolarize has a fixed threshold). device_data.py reads threshold_range."""
 
     threshold_range = (0.0, 256.0)
-
-    def __init__(self, p: float = 0.2):
-        super().__init__(threshold=128.0, p=p)
 
     def forward(self, img):
         if torch.rand(()) < self.p:
@@ -194,15 +177,11 @@ def finetune_view(info: common.DataInfo, size: int) -> T.Compose:
 
 
 class ClassStratifiedSampler(torch.utils.data.Sampler):
-    """Batches of support indices for one epoch of `steps` steps: each step picks `classes_per_batch` classes and
-    `supports_per_class` images of each (global counts); process `rank` of `world_size` gets its share, the
-    rank-th slice of supports_per_class / world_size images of every picked class (so the processes' batches
-    together are the one-process batch). A batch lists its images class by class.
-
-    Classes are visited in random order, a fresh order after each pass over them; a class's images in random
-    order, reshuffled once all have been used, so every labelled image is drawn before any is drawn twice.
-    Every process draws with the same seed (seed, epoch): the same classes and images, a different share.
-    """
+    """Batches of support indices for one epoch of `steps` steps: each picks `classes_per_batch` classes and
+    `supports_per_class` images of each (global counts), listed class by class; process `rank` of `world_size`
+    gets the rank-th slice of supports_per_class / world_size images of every class (all together: one process's
+    batch). Classes come in random order, a fresh one after each pass over them, a class's images likewise, so
+    every labelled image is drawn before any is drawn twice. Every process draws alike from (seed, epoch)."""
 
     def __init__(self, targets, classes_per_batch: int, supports_per_class: int, steps: int, seed: int = 0,
                  epoch: int = 0, rank: int = 0, world_size: int = 1):
@@ -246,8 +225,7 @@ def labelled_indices(targets, args: Args) -> list[int]:
             common.fail(f"--num-labels {args.num_labels} is larger than the training set ({n} images)")
         return common.balanced_subset(targets, args.num_labels, seed=args.label_seed)
     try:
-        lines = Path(args.label_file).read_text().split()
-        indices = sorted({int(v) for v in lines})
+        indices = sorted({int(v) for v in Path(args.label_file).read_text().split()})
     except (OSError, ValueError) as err:
         common.fail(f"cannot read --label-file {args.label_file}: {err}")
     if not indices or indices[0] < 0 or indices[-1] >= n:
@@ -291,10 +269,10 @@ def smooth_labels(y: torch.Tensor, num_classes: int, smoothing: float) -> torch.
     return onehot * (1 - smoothing) + smoothing / num_classes
 
 
-def sharpen(p: torch.Tensor, T: float) -> torch.Tensor:
-    """rho(p)_k = p_k^(1/T) / sum_j p_j^(1/T) for each row of p [N, K], computed as softmax(log p / T), which
-    does not underflow to 0/0 for small T."""
-    return torch.softmax(torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)) / T, dim=1)
+def sharpen(p: torch.Tensor, T_sharp: float) -> torch.Tensor:
+    """rho(p)_k = p_k^(1/T) / sum_j p_j^(1/T) for each row of p [N, K] (T: T_sharp), computed as softmax(log p / T),
+    which does not underflow to 0/0 for small T."""
+    return torch.softmax(torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)) / T_sharp, dim=1)
 
 
 def snn(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
@@ -304,7 +282,7 @@ def snn(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor, tau: 
     return torch.softmax(query @ supports.T / tau, dim=1) @ labels  # [N, S] @ [S, K]
 
 
-def paws_loss(z: torch.Tensor, z_S: torch.Tensor, y_S: torch.Tensor, tau: float, T: float,
+def paws_loss(z: torch.Tensor, z_S: torch.Tensor, y_S: torch.Tensor, tau: float, T_sharp: float,
               multicrop: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """PAWS's two terms (CE, ME-MAX), as the official init_paws_loss.
 
@@ -323,14 +301,14 @@ def paws_loss(z: torch.Tensor, z_S: torch.Tensor, y_S: torch.Tensor, tau: float,
 
         with torch.no_grad():  # targets: no gradient reaches the network through them
             z_1, z_2 = z[:n].detach(), z[n:2 * n].detach()
-            t = sharpen(snn(torch.cat([z_2, z_1]), z_S.detach(), y_S, tau), T)  # [2n, K] t_1 from view 2, t_2 from 1
+            t = sharpen(snn(torch.cat([z_2, z_1]), z_S.detach(), y_S, tau), T_sharp)  # [2n, K]: t_1, t_2
             t_crop = 0.5 * (t[:n] + t[n:])  # [n, K]
             t = torch.cat([t] + [t_crop] * multicrop)  # [(2+M)n, K]
             t = t.masked_fill(t < 1e-4, 0.0)
 
         ce = -(t * torch.log(p.clamp_min(torch.finfo(dtype).tiny))).sum(dim=1).mean()
 
-        p_bar = sharpen(p, T).mean(dim=0)  # [K]
+        p_bar = sharpen(p, T_sharp).mean(dim=0)  # [K]
         # the mean over all processes' anchors, as the official AllReduce: the value is all-reduced, the gradient
         # flows to this process's anchors unchanged (DDP's averaging of gradients then makes it the global one)
         p_bar = p_bar + (common.all_reduce_mean(p_bar.detach()) - p_bar.detach())
@@ -505,12 +483,7 @@ def main(args: Args):
     ddp_model = common.distribute(model, args)  # the model as trained: DDP on several processes
 
     steps = train_data.steps
-    total, warmup = args.epochs * steps, round(args.warmup_epochs * steps)
-
-    def lr_at(step):  # the official WarmupCosineSchedule: start_lr -> lr linearly, then cosine down to final_lr
-        if step < warmup:
-            return args.start_lr + (args.lr - args.start_lr) * step / warmup
-        return common.warmup_cosine(step, total, warmup, args.lr, args.final_lr)
+    lr_at = common.lr_schedule(args, steps, args.lr, args.final_lr, args.start_lr)  # the official schedule
 
     evaluation = common.Evaluation(memory_set, test_set, info.num_classes, args)
     progress = common.Progress(args)

@@ -5,7 +5,7 @@ afterwards; a run refused before it makes its --out-dir does not make it).
 Fast tier (no marker): the checks in this process (common.dataset_info, load_dataset, open_image, the DataLoader's
 workers, device_data.train_data, RunDir). `scripts` tier (`pytest -m scripts`): simclr.py from the command line
 (image folders with broken files, a killed run, a stale checkpoint.pt.tmp, a checkpoint of other flags) and two
-torchrun "nodes" on loopback, one of which dies or freezes.
+torchrun "nodes" on loopback, one of which dies (the other node's, or the one hosting the rendezvous) or freezes.
 """
 
 import contextlib
@@ -110,8 +110,8 @@ def assert_refused_here(exit_info, capsys, *parts) -> str:
 
 
 def assert_nothing_left(run: Path):
-    """A run refused early leaves no --out-dir, or one that blocks neither a re-run nor --resume (args.json only:
-    no metrics.jsonl, no checkpoint.pt)."""
+    """A run refused early leaves no --out-dir, or one that does not block a re-run (args.json only: no
+    metrics.jsonl, no checkpoint.pt)."""
     assert not run.exists() or set(os.listdir(run)) <= {"args.json"}, sorted(os.listdir(run))
 
 
@@ -195,6 +195,7 @@ def test_open_image_names_a_broken_file(tmp_path, damage):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the workers cut short
 @pytest.mark.parametrize("workers", [0, 2])
 def test_broken_image_in_the_data_loader_is_one_line(tmp_path, capsys, quick_loader_shutdown, workers):
     """From a DataLoader worker the error comes back wrapped, with the worker's traceback: one line all the same,
@@ -210,6 +211,7 @@ def test_broken_image_in_the_data_loader_is_one_line(tmp_path, capsys, quick_loa
     assert line.startswith(f"error: cannot read the image {path}"), line
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the workers cut short
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("damage", ["truncated", "zero_bytes", "broken_header"])
 def test_broken_image_on_the_device_path_is_one_line(tmp_path, capsys, quick_loader_shutdown, damage, workers):
@@ -316,7 +318,8 @@ def unwritable_parent(tmp_path: Path, how: str) -> Path:
     (parent / "kept.txt").write_text("kept\n")
     if os.geteuid() != 0:
         parent.chmod(0o500)
-    elif shutil.which("chattr") is None or subprocess.run(["chattr", "+i", parent], capture_output=True, check=False).returncode:
+    elif not shutil.which("chattr") or subprocess.run(["chattr", "+i", parent], capture_output=True,
+                                                      check=False).returncode:
         pytest.skip("running as root, who writes into a chmod 0o500 folder, and chattr +i is not available here")
     return parent
 
