@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 import typing
@@ -128,7 +129,8 @@ def parse(cls, argv: list[str] | None = None):
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=text, metavar=kind.__name__.upper())
+            parser.add_argument(flag, type=kind, default=f.default, help=text,
+                                metavar=f.name.upper() if kind is str else kind.__name__.upper())
     args = cls(**vars(parser.parse_args(argv)))
     try:
         args.check(world_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -180,7 +182,6 @@ def seed_everything(seed: int):
 
 
 def world() -> tuple[int, int]:
-    """(rank, number of processes); (0, 1) outside a process group."""
     return (torch_dist.get_rank(), torch_dist.get_world_size()) if torch_dist.is_initialized() else (0, 1)
 
 
@@ -228,7 +229,6 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast_object(obj):
-    """Rank 0's Python object, on every process."""
     box = [obj]
     if world()[1] > 1:
         torch_dist.broadcast_object_list(box)
@@ -241,12 +241,10 @@ def print0(*args, **kwargs):
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over the global batch (--sync-bn), NCCL and gloo alike: per-channel sums of x and x^2 and the count,
-    summed over processes with gradient; nothing waits for the host (torch's SyncBatchNorm does, in each layer).
-    Plain BatchNorm on one process or in eval mode; the running variance is unbiased, as SyncBatchNorm's."""
+    """BatchNorm over the global batch (--sync-bn), NCCL and gloo alike: the processes' per-channel sums of x and x^2
+    and counts, summed with gradient; no host wait (torch's SyncBatchNorm waits in each layer). Unbiased running var."""
 
-    def _check_input_dim(self, x):  # any of BatchNorm1d, 2d and 3d's inputs
-        pass
+    _check_input_dim = staticmethod(lambda x: None)  # any of BatchNorm1d, 2d and 3d's inputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and world()[1] > 1):
@@ -289,6 +287,7 @@ def _lost_peer(kind, error, traceback):
     if not (isinstance(error, torch_dist.DistError) or (isinstance(error, RuntimeError) and re.search(
             r"gloo|NCCL|[Cc]onnection|[Tt]imed out|[Pp]eer", str(error)))):
         return sys.__excepthook__(kind, error, traceback)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops a node that lost the rendezvous host: line first
     (rank, size), lost, run = world(), "another process", RunDir.current
     with contextlib.suppress(Exception):  # the survivors check in; the store may have gone with the lost node
         store = torch_dist.distributed_c10d._get_default_store()
@@ -296,11 +295,12 @@ def _lost_peer(kind, error, traceback):
         store.set(f"survivor/{rank}", "1")
         time.sleep(3)
         lost = "process " + ", ".join(str(r) for r in range(size) if not store.check([f"survivor/{r}"]))
+    reason = re.split(r"\.\s", re.sub(r"^\[[^\]]*\] ", "", str(error).strip().splitlines()[-1]))[0][:160]
     kept = f"checkpoint.pt of epoch {run.saved_epoch} in {run.path} is intact" if run and run.saved_epoch else \
         "no checkpoint was written yet"
-    print(f"error: process {rank} lost {lost} ({str(error).strip().splitlines()[-1][:160]}); {kept}: start every "
-          f"node again with the same command and --resume --out-dir {run.path if run else 'DIR'}", file=sys.stderr,
-          flush=True)
+    again = f" and --resume --out-dir {run.path}" if run else ""  # before the run directory: nothing to resume
+    print(f"error: process {rank} lost {lost} ({reason}); {kept}: start every node again with the same command"
+          f"{again}", file=sys.stderr, flush=True)
     os._exit(4)  # exit code 4 (a lost peer), not through the group's teardown, which would wait for the lost peer
 
 
@@ -354,18 +354,6 @@ class WideResNet(nn.Sequential):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
-class TinyNet(nn.Sequential):
-    """Three conv-BN-ReLU layers and global pooling, for the tests and the quick start."""
-
-    def __init__(self, in_channels=3, width=32):
-        super().__init__(
-            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, 2 * width, 3, 2, 1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
-            nn.Conv2d(2 * width, 4 * width, 3, 2, 1, bias=False), nn.BatchNorm2d(4 * width), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.out_dim = 4 * width
-
-
 def build_backbone(arch: str, in_channels: int = 3, image_size: int = 32, norm: str = "batch",
                    act: str = "relu", zero_init_residual: bool = False) -> nn.Module:
     """Backbone by name; ResNets get the CIFAR stem for images of 64 px or less."""
@@ -373,11 +361,16 @@ def build_backbone(arch: str, in_channels: int = 3, image_size: int = 32, norm: 
         return resnet(int(arch[6:]), in_channels, "cifar" if image_size <= 64 else "imagenet", zero_init_residual)
     if arch.startswith("wrn"):
         return WideResNet(*(int(v) for v in arch[3:].split("_")), in_channels, norm=norm, act=act)
-    return TinyNet(in_channels)
+    net = nn.Sequential(  # tiny: three conv-BN-ReLU layers and global pooling, for the tests and the quick start
+        nn.Conv2d(in_channels, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+        nn.Conv2d(32, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+        nn.Conv2d(64, 128, 3, 2, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net.out_dim = 128
+    return net
 
 
 def prepare_model(model: nn.Module, args: Args) -> nn.Module:
-    """On args.device, in channels-last format with --channels-last."""
     model = model.to(args.device)
     return model.to(memory_format=torch.channels_last) if args.channels_last else model
 
@@ -445,8 +438,8 @@ def _synthetic(train: bool, n: int = 0) -> tuple[torch.Tensor, list[int]]:
     return images, targets.tolist()
 
 
-class BadImage(OSError):
-    """An image file that cannot be decoded."""
+class BadImage(OSError):  # an image file that cannot be decoded
+    pass
 
 
 def open_image(path: str) -> Image.Image:
@@ -529,8 +522,6 @@ def balanced_subset(targets, n: int, seed: int = 0) -> list[int]:
 
 
 class Subset(torch.utils.data.Subset):
-    """torch's Subset that keeps `.targets`."""
-
     def __init__(self, dataset, indices):
         super().__init__(dataset, indices)
         self.targets = [dataset.targets[i] for i in indices]
@@ -564,7 +555,6 @@ def training_and_eval_sets(args: Args, train_transform, eval_transform):
 
 
 def normalize(info: DataInfo):
-    """PIL image -> tensor in [0, 1] -> standardised with the dataset's channel mean and std."""
     return T.Compose([T.ToTensor(), T.Normalize(info.mean, info.std)])
 
 
@@ -574,8 +564,6 @@ def eval_transform(info: DataInfo, size: int):
 
 
 class MultiView:
-    """The list of views of one image, one a transform."""
-
     def __init__(self, transforms: list):
         self.transforms = transforms
 
@@ -589,10 +577,13 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 class Batches:
-    """One epoch's batches of a DataLoader; an undecodable image (here or in a worker) ends the run in one line."""
+    """One epoch's batches of `dataset`: a DataLoader (pinned for a GPU; its workers seeded by a generator of its
+    own, not the global one). An undecodable image, here or in a worker, ends the run in one line naming it."""
 
-    def __init__(self, loader, epoch: int = 0):
-        self.loader, self.epoch = loader, epoch
+    def __init__(self, dataset, args: Args, epoch: int = 0, **kwargs):
+        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, world()[0]))
+        kwargs = {"num_workers": args.workers, "generator": generator, "pin_memory": "cuda" in args.device, **kwargs}
+        self.loader, self.epoch = torch.utils.data.DataLoader(dataset, **kwargs), epoch
 
     def __len__(self):
         return len(self.loader)
@@ -604,20 +595,13 @@ class Batches:
             fail(re.sub(r"^[\w.]*BadImage: ", "", str(err).strip().splitlines()[-1]), every_rank=True)
 
 
-def data_loader(dataset, args: Args, epoch: int = 0, **kwargs) -> Batches:
-    """A DataLoader (pinned for a GPU) as Batches; its own generator seeds its workers, not the global one."""
-    generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, world()[0]))
-    kwargs = {"num_workers": args.workers, "generator": generator, "pin_memory": "cuda" in args.device, **kwargs}
-    return Batches(torch.utils.data.DataLoader(dataset, **kwargs), epoch)
-
-
 def train_loader(dataset, args: Args, epoch: int) -> Batches:
     """This process's share of the epoch, seeded: full batches of a shuffle split over the processes."""
     rank, size = world()
     sampler = torch.utils.data.DistributedSampler(dataset, size, rank, shuffle=True, seed=args.seed, drop_last=True)
     sampler.set_epoch(epoch)
     seed_everything(epoch_seed(args.seed, epoch, rank))  # the views drawn in this process (--workers 0)
-    return data_loader(dataset, args, epoch, batch_size=args.batch_size // size, sampler=sampler, drop_last=True)
+    return Batches(dataset, args, epoch, batch_size=args.batch_size // size, sampler=sampler, drop_last=True)
 
 
 def to_device(x, args: Args):
@@ -639,8 +623,7 @@ class TrainData:
     views made there) with --data-path device, or auto on CUDA. `views`: the training set's transform."""
 
     def __init__(self, train_set, views, args: Args):
-        self.train_set, self.args, self.device = train_set, args, None
-        self.steps = len(train_set) // args.batch_size
+        self.train_set, self.args, self.steps, self.device = train_set, args, len(train_set) // args.batch_size, None
         if args.data_path == "device" or (args.data_path == "auto" and "cuda" in args.device):
             try:
                 import device_data
@@ -649,11 +632,8 @@ class TrainData:
                     fail("--data-path device needs device_data.py beside the method file (--data-path cpu does not)")
                 print0("training data through the CPU DataLoader: device_data.py is not here")
             else:
-                self.device = device_data.train_data(train_set, views, args)
-
-    @property
-    def on_device(self) -> bool:
-        return self.device is not None
+                self.device = device_data.train_data(train_set, views, args)  # None where auto falls back
+        self.on_device = self.device is not None
 
     def loader(self, epoch: int):
         return self.device.loader(epoch, self.args) if self.device else train_loader(self.train_set, self.args, epoch)
@@ -664,15 +644,9 @@ class TrainData:
 
 class LARS(torch.optim.Optimizer):
     """LARS (You, Gitman & Ginsburg, 2017) as in SimCLR's official code. For a parameter w with gradient g:
-
-        g     <- g + wd * w                                      (wd = 0 in groups with lars_exclude)
-        trust  = eta * ||w|| / ||g||   if ||w|| > 0 and ||g|| > 0, else 1   (1 in groups with lars_exclude)
-        v     <- momentum * v + lr * trust * g
-        w     <- w - v                  (nesterov: w <- w - (momentum * v + lr * trust * g))
-
-    Biases and normalisation parameters go in a group with lars_exclude=True. clip=True caps the adapted rate at
-    the learning rate, as NVIDIA's LARC (solo-learn's clip_lr): lr * trust becomes min(trust, lr).
-    """
+        g <- g + wd w;  trust = eta ||w|| / ||g|| (1 if either is 0);  v <- momentum v + lr trust g;  w <- w - v
+    (nesterov: w <- w - (momentum v + lr trust g)). A group with lars_exclude (biases, normalisation) has neither
+    weight decay nor trust. clip caps lr trust at lr, as NVIDIA's LARC (solo-learn's clip_lr)."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001,
                  nesterov: bool = False, clip: bool = False):
@@ -745,8 +719,8 @@ def extract_features(net: nn.Module, dataset, args: Args, batch_size: int = 512)
     mine = torch.arange(rank, math.ceil(n / size) * size, size).clamp(max=n - 1).tolist()  # padded: equal shares
     feats, labels = [], []
     net.eval()
-    for x, y, *_ in data_loader(torch.utils.data.Subset(dataset, mine), args, batch_size=batch_size,
-                                num_workers=min(args.workers, 4)):
+    for x, y, *_ in Batches(torch.utils.data.Subset(dataset, mine), args, batch_size=batch_size,
+                            num_workers=min(args.workers, 4)):
         with autocast(args):
             feats.append(net(to_device(x, args)).float())
         labels.append(to_device(y, args))
@@ -769,7 +743,6 @@ def knn_scores(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Tenso
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[float]:
-    """For each k, the fraction of rows whose label is among the top-k scores."""
     return [(scores.topk(min(k, scores.shape[1]), dim=1).indices == labels[:, None]).any(dim=1).float().mean().item()
             for k in ks]
 
@@ -801,8 +774,7 @@ def linear_probe(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Ten
 
 
 class Evaluation:
-    """Every encoder's judge: the k-NN monitor (memory: the training images unaugmented; queries: the test images)
-    before training and after epochs, then a linear probe, results.json and curves.png."""
+    """The encoder's k-NN monitor (memory: training images unaugmented; queries: test images), then linear probe."""
 
     def __init__(self, memory_set, test_set, num_classes: int, args: Args):
         self.memory_set, self.test_set, self.num_classes, self.args = memory_set, test_set, num_classes, args
@@ -814,7 +786,6 @@ class Evaluation:
         return done == self.args.epochs or bool(self.args.eval_every and done % self.args.eval_every == 0)
 
     def knn(self, backbone: nn.Module, epochs_done: int = 0) -> float:
-        """k-NN top-1 accuracy of the backbone's features."""
         (train_z, train_y), (test_z, test_y) = (extract_features(backbone, s, self.args)
                                                 for s in (self.memory_set, self.test_set))
         scores = knn_scores(train_z, train_y, test_z, self.num_classes, self.args.knn_k, self.args.knn_t)
@@ -849,8 +820,8 @@ METRIC_KEYS = ["epoch", "step", "loss", "lr", "knn_top1", "images_per_s", "time_
 
 
 class RunDir:
-    """The run's files, written by rank 0. A checkpoint is never started over (--resume continues it); a run that
-    stopped before its first one starts again with --resume; a stale checkpoint.pt.tmp is removed."""
+    """The run's files (rank 0 writes). A run is continued with --resume, never started over (but one that stopped
+    before its first checkpoint is started again with --resume); a stale checkpoint.pt.tmp is removed."""
 
     current: RunDir | None = None  # this process's run, named by the lost-peer message
 
@@ -861,9 +832,10 @@ class RunDir:
         args.out_dir = str(self.path)  # args.json and the checkpoint record the directory the run used
         self.checkpoint_path, self.metrics_path = self.path / "checkpoint.pt", self.path / "metrics.jsonl"
         checkpoint, started = self.checkpoint_path.is_file(), self.metrics_path.exists()
+        made = (self.path / "args.json").is_file()  # a run began here: --resume may start it again
         problem = next((message for bad, message in [
             (self.path.exists() and not self.path.is_dir(), f"--out-dir {self.path} is not a directory"),
-            (args.resume and not (checkpoint or started), f"--resume: {self.path} holds no run to continue"),
+            (args.resume and not (checkpoint or made), f"--resume: {self.path} holds no run to continue"),
             (not args.resume and checkpoint,
              f"{self.path} already holds a run: pass --resume to continue it, or choose another --out-dir"),
             (not args.resume and started, f"{self.path} holds a run that stopped before its first checkpoint: "
@@ -905,45 +877,36 @@ class RunDir:
         self.saved_epoch = epoch
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """The checkpoint, loaded into model and optimiser (the method restores the rest from it), or {"epoch": 0}.
-        A key that does not fit the model is named, with its shapes."""
+        """The checkpoint, loaded into model and optimiser (the method restores the rest from it), or {"epoch": 0}."""
         if self.fresh:
             if self.args.resume:
                 print0(f"no checkpoint.pt in {self.path} yet: starting the run again from epoch 0")
             return {"epoch": 0}
-        state, own = load_checkpoint(self.checkpoint_path, self.method, self.args), model.state_dict()
-        for key in [*own, *state["model"]]:
-            saved = state["model"].get(key)
-            if key not in own or saved is None or saved.shape != own[key].shape:
-                fail(f"{self.checkpoint_path} does not fit this model (were other flags used?): {key} is " +
-                     (f"{tuple(saved.shape)} in the checkpoint, " if saved is not None else "not in the checkpoint, ")
-                     + (f"{tuple(own[key].shape)} here" if key in own else "not in this model"))
-        model.load_state_dict(state["model"])
+        state = load_checkpoint(self.checkpoint_path, self.method, self.args)
         try:
+            model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            fail(f"{self.checkpoint_path}: the optimiser's state does not fit ({str(err).splitlines()[0]})")
+        except (RuntimeError, ValueError, KeyError) as err:  # torch's first detail names the key and its shapes
+            detail = (str(err).splitlines()[1:] or [str(err)])[0].strip()
+            fail(f"{self.checkpoint_path} does not fit this model (were other flags used?): {detail}")
         self.saved_epoch, self.history = state["epoch"], state.get("history", [])
         print0(f"resumed {self.path} at epoch {state['epoch']}")
         return state
 
     def plot(self):
-        """curves.png: each metric against the epoch, when matplotlib is installed."""
-        try:
+        """curves.png: each metric against the epoch (when matplotlib is installed)."""
+        with contextlib.suppress(ImportError):
             import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        keys = [k for k in dict.fromkeys(k for r in self.history for k in r) if k not in ("epoch", "step", "time_s")
-                and any(isinstance(r.get(k), (int, float)) for r in self.history)][:8]
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3), squeeze=False)
-        for ax, key in zip(axes[0], keys):
-            pts = [(r["epoch"], r[key]) for r in self.history if isinstance(r.get(key), (int, float))]
-            ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
-            ax.set(title=key, xlabel="epoch")
-        fig.suptitle(f"{self.method}: {self.path.name}")
-        fig.tight_layout()
-        fig.savefig(self.path / "curves.png", dpi=100)
-        plt.close(fig)
+
+            keys = [k for k in dict.fromkeys(k for r in self.history for k in r) if k not in ("epoch", "step")
+                    and any(isinstance(r.get(k), (int, float)) for r in self.history)][:8]
+            fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3), squeeze=False)
+            for ax, key in zip(axes[0], keys):
+                ax.plot(*zip(*[(r["epoch"], r[key]) for r in self.history if isinstance(r.get(key), (int, float))]))
+                ax.set(title=key, xlabel="epoch")
+            fig.tight_layout()
+            fig.savefig(self.path / "curves.png", dpi=100)
+            plt.close(fig)
 
 
 def load_checkpoint(path: Path, method: str, args: Args) -> dict:
@@ -966,15 +929,14 @@ def load_checkpoint(path: Path, method: str, args: Args) -> dict:
 
 class Progress:
     """`epoch e/E  step s/S  loss  lr  img/s  ETA` every --log-every seconds and at each epoch's end (the only reads
-    of the loss from the device), and each epoch's figures for metrics.jsonl."""
+    of the loss from the device), and the epoch's figures for metrics.jsonl."""
 
     def __init__(self, args: Args, epochs: int = 0):
         self.epochs, self.every = epochs or args.epochs, args.log_every
         self.start, self.done, self.step, self.lr = time.perf_counter(), 0, 0, 0.0
 
     def __call__(self, batches):
-        """The batches of one epoch, counted (`step`: the global step)."""
-        self.epoch, self.steps, self.images, self.shown = batches.epoch, len(batches), 0, 0
+        self.epoch, self.steps, self.images = batches.epoch, len(batches), 0
         self.epoch_start = self.last_time = time.perf_counter()
         for self.i, batch in enumerate(batches):
             self.step = batches.epoch * self.steps + self.i
@@ -982,19 +944,17 @@ class Progress:
         self.seconds = time.perf_counter() - self.epoch_start
 
     def update(self, loss: torch.Tensor, lr: float, images: int):
-        """After each step, with this process's images."""
         self.done, self.lr, self.images = self.done + 1, lr, self.images + images * world()[1]
         now = time.perf_counter()
         if now - self.last_time < self.every and self.i + 1 != self.steps:
             return
-        rate = (self.images - self.shown) / max(now - self.last_time, 1e-9)
+        rate = self.images / max(now - self.epoch_start, 1e-9)  # over the epoch so far
         left = (self.epochs - self.epoch) * self.steps - self.i - 1  # steps still to run
         eta = datetime.timedelta(seconds=round(max(0.0, (now - self.start) / self.done * left)))
-        self.last_time, self.shown = now, self.images
+        self.last_time = now
         print0(f"epoch {self.epoch + 1}/{self.epochs}  step {self.i + 1}/{self.steps}  "
                f"loss {float(loss.detach()):.4f}  lr {lr:.4g}  {rate:,.0f} img/s  ETA {eta}")
 
     def summary(self) -> dict:
-        """The epoch's figures for metrics.jsonl."""
         return {"step": self.step + 1, "lr": self.lr, "images_per_s": self.images / self.seconds,
                 "time_s": self.seconds}

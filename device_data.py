@@ -378,7 +378,7 @@ class DeviceData:
             if len(paths) * 3 * width * height > max_bytes:
                 raise ValueError(f"{len(paths)} images do not fit in the memory set aside for them")
             decode = T.Compose([common.open_image, T.PILToTensor()])  # as ImageFolder decodes: the same pixels
-            files = common.data_loader(_Files(paths, decode), args, batch_size=256)
+            files = common.Batches(_Files(paths, decode), args, batch_size=256)
             try:
                 return cls(torch.cat(list(files)).to(device), targets.to(device), with_index)  # [N, 3, H, W]
             except RuntimeError as err:  # stacking images of different sizes
@@ -461,6 +461,8 @@ def train_data(train_set, views, args: common.Args) -> DeviceData | None:
         data.specs = specs if isinstance(views, common.MultiView) else specs[0]
         for spec in specs:  # a padded crop that cannot fit these images fails here, not in the first step
             draw_params(spec, 1, *data.images.shape[2:], torch.Generator(args.device))
+    except common.BadImage as err:  # the first image, opened for the size (the others fail as they are decoded)
+        common.fail(str(err))
     except ValueError as err:
         if args.data_path == "device":
             common.fail(f"--data-path device: {err}")

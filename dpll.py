@@ -30,12 +30,7 @@ Defaults: the official main.py for CIFAR-10: Wide-ResNet-34-10, batch 64, 200 ep
        Kuzushiji-MNIST flip + crop and Cutout 16 without AutoAugment. Other datasets follow the CIFAR recipe
        (the MNIST one when grayscale) with padding 1/8 and Cutout 1/2 of the image side.
 Expect: accuracy on the true test labels approaching fully supervised training when candidate sets are small
-       (the paper's CIFAR-10 table, Wide-ResNet-34-10, uniform candidate sets at several q). At toy scale
-       (tests/test_dpll.py: tiny network, 5,000 CIFAR-10 images with q 0.5, 4 epochs) test top-1 0.26, k-NN
-       0.31 -> 0.39, and the targets' most likely candidate is the true label for 36% of the training images.
-       On digits with q 0.7 (30 epochs) test top-1 0.903, against 0.772 with --naive (tests/test_dpll.py).
-       On 5,000 CIFAR-10 images with q 0.3, tiny network, 60 epochs (CPU, README): test top-1 0.575, against
-       0.518 with --naive on the same candidate sets.
+       (the paper's CIFAR-10 table, Wide-ResNet-34-10, uniform candidate sets at several q; not re-checked here).
 
 Where this file differs from the official code, and why:
   - Targets are updated in log space (mean of log-probabilities, softmax over the candidates) instead of a product

@@ -27,8 +27,10 @@ settings.register_profile("default", max_examples=40, deadline=None, derandomize
 settings.register_profile("thorough", max_examples=400, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-# an image-folder copy of CIFAR-10 (train/ and test/, one folder per class) for the learning checks
-CIFAR10 = Path(os.environ.get("CIFAR10_DIR", ROOT.parent / "shared" / "data" / "cifar10"))
+# CIFAR-10 for the learning checks: as `--download` stores it (cifar-10-batches-py/ inside), or an image folder (train/
+# and test/, a folder per class): $CIFAR10_DIR, else data/ (where --download puts it), else a copy beside the checkout
+CIFAR10_DIRS = [Path(os.environ["CIFAR10_DIR"])] if os.environ.get("CIFAR10_DIR") else [
+    ROOT / "data", ROOT.parent / "shared" / "data" / "cifar10"]
 
 
 def run_script(*argv, timeout=300, env_extra=None, cwd=None):
@@ -47,9 +49,14 @@ def torchrun(*argv, nproc=2, timeout=300):
 
 @pytest.fixture
 def cifar10():
-    if not (CIFAR10 / "train").is_dir():
-        pytest.skip(f"CIFAR-10 image folder not found at {CIFAR10}")
-    return CIFAR10
+    """The flags that read CIFAR-10 from the first of CIFAR10_DIRS that holds it; the test skips, saying why, without."""
+    for root in CIFAR10_DIRS:
+        if (root / "cifar-10-batches-py").is_dir():
+            return ["--dataset", "cifar10", "--data-dir", str(root)]
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            return ["--dataset", "imagefolder", "--data-dir", str(root)]
+    pytest.skip(f"no CIFAR-10 in {' or '.join(map(str, CIFAR10_DIRS))}: get it with `python -c \"import torchvision; "
+                f"torchvision.datasets.CIFAR10('data', download=True)\"` (or set CIFAR10_DIR)")
 
 
 # ---- two processes on the CPU (gloo) -------------------------------------------------------------------------------

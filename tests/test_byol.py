@@ -335,7 +335,7 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
 def test_byol_cifar10_subset_beats_the_untrained_network(cifar10, tmp_path):
     # tiny network, 5,000 training images (500 a class), 1,000 test images, a few epochs (see CIFAR_EPOCHS)
     run = tmp_path / "run"
-    out = run_script("byol.py", "--dataset", "imagefolder", "--data-dir", cifar10, "--arch", "tiny",
+    out = run_script("byol.py", *cifar10, "--arch", "tiny",
                      "--subset", "5000", "--eval-subset", "1000", "--epochs", str(CIFAR_EPOCHS), "--warmup-epochs",
                      "1", "--batch-size", "256", "--workers", "2", "--eval-every", "0", "--probe-epochs", "0",
                      "--out-dir", run, timeout=1800, env_extra={"OMP_NUM_THREADS": "2"})

@@ -415,7 +415,7 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
 def test_dpll_cifar10_subset_learns_from_candidate_sets(cifar10, tmp_path):
     # tiny network, 5,000 training images with q = 0.5 (5.5 candidates on average), 1,000 test images, 4 epochs
     run = tmp_path / "run"
-    out = run_script("dpll.py", "--dataset", "imagefolder", "--data-dir", cifar10, "--arch", "tiny",
+    out = run_script("dpll.py", *cifar10, "--arch", "tiny",
                      "--subset", "5000", "--eval-subset", "1000", "--batch-size", "256", "--workers", "2",
                      "--epochs", "4", "--ramp-epochs", "2", "--q", "0.5", "--eval-every", "0", "--probe-epochs", "0",
                      "--out-dir", run, timeout=1800, env_extra={"OMP_NUM_THREADS": "2"})

@@ -421,7 +421,7 @@ def test_instdisc_cifar10_subset_beats_the_untrained_network(cifar10, tmp_path):
     # schedule scaled to 20 epochs): about 4 minutes on 2 cores. A memory-bank method learns slowly at first: each
     # row is refreshed once an epoch and starts random, so the bank k-NN starts near chance.
     run = tmp_path / "run"
-    out = run_script("instdisc.py", "--dataset", "imagefolder", "--data-dir", cifar10, "--arch", "tiny",
+    out = run_script("instdisc.py", *cifar10, "--arch", "tiny",
                      "--subset", "5000", "--eval-subset", "1000", "--epochs", "20", "--batch-size", "256",
                      "--workers", "2", "--eval-every", "0", "--probe-epochs", "0", "--out-dir", run,
                      timeout=1800, env_extra={"OMP_NUM_THREADS": "2"})

@@ -372,7 +372,7 @@ def test_jem_cifar10_subset_against_cross_entropy(cifar10, tmp_path):
     r = {}
     for objective in ("jem", "ce"):
         run = tmp_path / objective
-        out = run_script("jem.py", "--objective", objective, "--dataset", "imagefolder", "--data-dir", cifar10,
+        out = run_script("jem.py", "--objective", objective, *cifar10,
                          "--arch", "tiny", "--subset", "5000", "--eval-subset", "1000", "--batch-size", "256",
                          "--workers", "2", "--epochs", "3", "--lr", "1e-3", "--warmup-epochs", "1",
                          "--sgld-steps", "5", "--buffer-size", "2000", "--eval-every", "0", "--probe-epochs", "0",

@@ -1,6 +1,7 @@
 """Learning checks (slow, `pytest -m slow`): a small fixed budget on real data must beat the untrained network.
 
-The CIFAR-10 check reads the image-folder copy in ../shared/data/cifar10 and skips itself when it is absent.
+The CIFAR-10 check reads CIFAR-10 as --download stores it or as an image folder (tests/conftest.py, CIFAR10_DIR) and
+skips itself, saying why, when it is absent.
 Margins asserted are about half of those measured (README, "Measured results"), so a healthy run passes with
 room to spare and a broken method (no learning, or collapse) fails.
 """
@@ -21,7 +22,7 @@ def results(run):
 def test_simclr_cifar10_subset_beats_the_untrained_network(cifar10, tmp_path):
     # tiny network, 5,000 training images (500 a class), 1,000 test images, 12 epochs: about 4 minutes on 2 cores
     run = tmp_path / "run"
-    out = run_script("simclr.py", "--dataset", "imagefolder", "--data-dir", cifar10, "--arch", "tiny",
+    out = run_script("simclr.py", *cifar10, "--arch", "tiny",
                      "--subset", "5000", "--eval-subset", "1000", "--epochs", "12", "--warmup-epochs", "1",
                      "--batch-size", "256", "--workers", "2", "--eval-every", "0", "--probe-epochs", "0",
                      "--out-dir", run, timeout=1800, env_extra={"OMP_NUM_THREADS": "2"})

@@ -609,7 +609,7 @@ def test_paws_cifar10_subset_beats_the_untrained_network(cifar10, tmp_path):
     # (chance 0.10). The supervised-only baseline (--supervised-only, same steps and supports) measured 0.377 k-NN
     # and 0.226 PAWS-NN in this budget: PAWS does not overtake it in 6 epochs, so no assertion is made about it.
     run = tmp_path / "run"
-    out = run_script("paws.py", "--dataset", "imagefolder", "--data-dir", cifar10, "--arch", "tiny", "--subset", "5000",
+    out = run_script("paws.py", *cifar10, "--arch", "tiny", "--subset", "5000",
                      "--eval-subset", "1000", "--batch-size", "256", "--workers", "2", "--eval-every", "0",
                      "--probe-epochs", "0", "--num-labels", "40", "--supports-per-class", "4", "--multicrop", "2",
                      "--epochs", "6", "--warmup-epochs", "1", "--out-dir", run, timeout=1800,

@@ -228,7 +228,7 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
 
 
 def train_cifar(cifar10, run, *extra):
-    out = run_script("simsiam.py", "--dataset", "imagefolder", "--data-dir", cifar10, "--arch", "tiny",
+    out = run_script("simsiam.py", *cifar10, "--arch", "tiny",
                      "--subset", "5000", "--eval-subset", "1000", "--batch-size", "256", "--workers", "2",
                      "--eval-every", "0", "--probe-epochs", "0", "--out-dir", run, *extra, timeout=1800,
                      env_extra={"OMP_NUM_THREADS": "2"})

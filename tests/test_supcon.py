@@ -246,7 +246,7 @@ def test_supcon_cifar10_subset_beats_the_untrained_network(cifar10, tmp_path):
     # tiny network, 5,000 training images, 1,000 test images, 6 epochs; the official lr 0.5 (for ResNet-50 at batch
     # 1024) collapsed the tiny network at batch 256 (the loss stuck at (tau/base_tau) log(2N - 1)), so half of it
     run = tmp_path / "run"
-    out = run_script("supcon.py", "--dataset", "imagefolder", "--data-dir", cifar10, "--arch", "tiny",
+    out = run_script("supcon.py", *cifar10, "--arch", "tiny",
                      "--subset", "5000", "--eval-subset", "1000", "--epochs", EPOCHS, "--warmup-epochs", "1",
                      "--lr", "0.25", "--batch-size", "256", "--workers", "2", "--eval-every", "0",
                      "--probe-epochs", "0", "--out-dir", run, timeout=1800, env_extra={"OMP_NUM_THREADS": "2"})
