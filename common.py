@@ -2,8 +2,7 @@
 
 Nothing here is a method: a method file keeps its views, heads, losses and training step, and runs when copied with
 this file into an empty folder; device_data.py (the GPU data path) is optional, imported only when a run takes it.
-Sections: CLI . Distributed . Backbones . Data . Optimisation . Evaluation . Run directory (its files, resume, the
-progress line).
+Sections: CLI, distributed, backbones, data, optimisation, evaluation, run directory (its files, resume, progress).
 """
 
 from __future__ import annotations
@@ -39,27 +38,23 @@ from PIL import Image
 
 # -------- CLI ---------------------------------------------------------------------------------------------------------
 
-
-class UserError(SystemExit):
-    """Bad input, already told in one line: exit code 2 (argparse's convention)."""
-
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = message
+UserError = SystemExit  # what fail raises: exit code 2 (argparse's convention for bad input), the line in .message
 
 
 def fail(message: str, every_rank: bool = False, prefix: str = "error: "):
     """One line on stderr, then exit code 2. Rank 0 speaks for all, unless only this process met it (`every_rank`)."""
     if every_rank or os.environ.get("RANK", "0") == "0":
         print(f"{prefix}{message}", file=sys.stderr, flush=True)
-    raise UserError(message)
+    error = UserError(2)
+    error.message = message
+    raise error
 
 
 @dataclass
 class Args:
     """Flags every method shares. A method subclasses this, adds its own fields and overrides defaults."""
 
-    dataset: str = "cifar10"  # cifar10 cifar100 stl10 svhn mnist fashionmnist kmnist imagefolder digits synthetic
+    dataset: str = "cifar10"  # cifar10 cifar100 stl10 svhn mnist fashionmnist kmnist imagefolder digits
     data_dir: str = "data"  # where the dataset lives (torchvision layout, or train/ and val/ or test/ folders)
     download: bool = False  # download a torchvision dataset into --data-dir when it is missing
     image_size: int = 0  # side of the training crops in pixels (0: the dataset's own size)
@@ -90,18 +85,22 @@ class Args:
     deterministic: bool = False  # deterministic CUDA kernels: a resumed GPU run repeats an uninterrupted one exactly
     dist_timeout: float = 300.0  # seconds to wait for a process that died or froze before stopping the run
     log_every: float = 10.0  # seconds between progress lines
+    # what check() asks of the flags: one of these values; > 0; >= 0 (a method extends them)
+    CHOICES = {"data_path": ("auto", "device", "cpu")}
+    POSITIVE = ("epochs", "batch_size", "lr", "knn_k", "knn_t", "save_every", "log_every", "dist_timeout")
+    NON_NEGATIVE = ("image_size", "subset", "eval_subset", "workers", "weight_decay", "warmup_epochs", "eval_every",
+                    "probe_epochs", "threads")
 
     def check(self, world_size: int = 1):
         """Raise ValueError with a one-line reason for any invalid value."""
-        for name, allowed in {"dataset": DATASETS, "data_path": ["auto", "device", "cpu"], "arch": ARCHS}.items():
+        for name, allowed in {"dataset": DATASETS, "arch": ARCHS, **self.CHOICES}.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r} "
-                                 f"(choose from {', '.join(allowed)})")
-        for name in ["epochs", "batch_size", "lr", "knn_k", "knn_t", "save_every", "log_every", "dist_timeout"]:
+                                 f"(choose from {', '.join(filter(None, allowed))})")
+        for name in self.POSITIVE:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ["image_size", "subset", "eval_subset", "workers", "weight_decay", "warmup_epochs",
-                     "eval_every", "probe_epochs", "threads"]:
+        for name in self.NON_NEGATIVE:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.batch_size % world_size:
@@ -143,9 +142,8 @@ def parse(cls, argv: list[str] | None = None):
 
 
 def setup_distributed(args: Args):
-    """Join torchrun's process group (NCCL on CUDA, gloo on the CPU), or run as one process; set args.device (cuda:
-    LOCAL_RANK on a GPU node), the CPU threads and allocator, a seed per process. TF32 stays PyTorch's default: on
-    for convolutions, off for matrix products (the float32 losses, the k-NN)."""
+    """Join torchrun's group (NCCL on CUDA, gloo on the CPU) or run alone; set args.device (cuda:LOCAL_RANK), the CPU
+    threads and allocator, a seed per process. TF32: PyTorch's default, on for convolutions, off for matmuls."""
     rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -160,7 +158,6 @@ def setup_distributed(args: Args):
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed memory in the heap
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True)
     if size > 1 and not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=size,
@@ -186,9 +183,8 @@ def world() -> tuple[int, int]:
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward gives this process's rows the gradient of the global loss: every process's loss
-    reads all rows, so the incoming gradients are summed over processes (all-reduce), then this rank's slice is
-    kept. Keeping only the slice of the local gradient, without the sum, is a known bug."""
+    """all_gather whose backward gives this process's rows the gradient of the global loss: every process's loss reads
+    all rows, so the gradients are summed over processes, then this rank's slice kept (the slice alone is a bug)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -218,21 +214,9 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-@torch.no_grad()
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean of `x` over processes."""
-    if world()[1] == 1:
-        return x
-    x = x.clone()
-    torch_dist.all_reduce(x)
-    return x / world()[1]
-
-
-def broadcast_object(obj):
-    box = [obj]
-    if world()[1] > 1:
-        torch_dist.broadcast_object_list(box)
-    return box[0]
+    """The mean of `x` over processes, without gradient."""
+    return gather_no_grad(x.detach()[None]).mean(0)
 
 
 def print0(*args, **kwargs):
@@ -382,10 +366,7 @@ def autocast(args: Args):
 
 # -------- Data --------------------------------------------------------------------------------------------------------
 
-
 DataInfo = collections.namedtuple("DataInfo", "num_classes channels size mean std")  # size: the images' side in px
-
-
 DATASETS = {
     "cifar10": DataInfo(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": DataInfo(100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -396,7 +377,6 @@ DATASETS = {
     "kmnist": DataInfo(10, 1, 28, (0.1918,), (0.3483,)),
     "imagefolder": DataInfo(0, 3, 0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's; classes, size read
     "digits": DataInfo(10, 1, 8, (0.3050,), (0.3770,)),  # scikit-learn's bundled 8x8 digits, offline
-    "synthetic": DataInfo(10, 3, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),  # made up on the spot, for tests
 }
 
 
@@ -418,24 +398,10 @@ def _digits(train: bool) -> tuple[torch.Tensor, list[int]]:
     """scikit-learn's 1,797 8x8 digits (values 0..16), split 80/20 stratified with a fixed seed."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-
     data = load_digits()
     images = torch.from_numpy(data.images).mul(255.0 / 16.0).round().to(torch.uint8)[..., None]  # [N, 8, 8, 1]
     keep = train_test_split(range(len(images)), test_size=0.2, random_state=0, stratify=data.target)[1 - train]
     return images[keep], [int(data.target[i]) for i in keep]
-
-
-def _synthetic(train: bool, n: int = 0) -> tuple[torch.Tensor, list[int]]:
-    """A learnable toy for tests: 10 classes, each a random 16x16 colour pattern, with noise and shifts."""
-    g = torch.Generator().manual_seed(1234)
-    prototypes = torch.rand(10, 16, 16, 3, generator=g)
-    n = n or (512 if train else 128)
-    g.manual_seed(1 if train else 2)
-    targets = torch.arange(n) % 10
-    shifts = torch.randint(-2, 3, (n, 2), generator=g)
-    images = torch.stack([prototypes[t].roll((int(s[0]), int(s[1])), dims=(0, 1)) for t, s in zip(targets, shifts)])
-    images = (0.7 * images + 0.3 * torch.rand(images.shape, generator=g)).mul(255).round().to(torch.uint8)
-    return images, targets.tolist()
 
 
 class BadImage(OSError):  # an image file that cannot be decoded
@@ -449,9 +415,6 @@ def open_image(path: str) -> Image.Image:
             return img.convert("RGB")
     except (OSError, ValueError, SyntaxError) as err:  # empty, truncated, not an image, a broken header
         raise BadImage(f"cannot read the image {path} ({err}): remove or replace it") from None
-
-
-IMG_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS  # other files in an image folder are left out
 
 
 def _split(root: Path, train: bool) -> Path:
@@ -475,7 +438,8 @@ def dataset_info(args: Args) -> tuple[DataInfo, int]:
                     ((train, classes, test_classes), (test, test_classes, classes)) if set(a) - set(b)]
             fail(f"the class folders of {train} and {test} differ ({'; '.join(only)}): give both splits the same "
                  f"classes, or each label would name another class in each")
-        first = next((p for p in train.glob("*/*") if p.name.lower().endswith(IMG_EXTENSIONS)), None)
+        images = (p for p in train.glob("*/*") if p.name.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS))
+        first = next(images, None)  # (files of other kinds are left out, as ImageFolder does)
         if first is None:
             fail(f"no class folder with images in {train}: one sub-folder of images per class is needed")
         try:
@@ -490,8 +454,8 @@ def dataset_info(args: Args) -> tuple[DataInfo, int]:
 def load_dataset(args: Args, train: bool, transform=None):
     """The training or test split of --dataset, with `.targets`; when it is missing, one line with the fix."""
     name, root = args.dataset, Path(args.data_dir)
-    if name in ("digits", "synthetic"):
-        return ImageTensorDataset(*(_digits if name == "digits" else _synthetic)(train), transform=transform)
+    if name == "digits":
+        return ImageTensorDataset(*_digits(train), transform=transform)
     if name == "imagefolder":
         try:
             return torchvision.datasets.ImageFolder(str(_split(root, train)), transform=transform, loader=open_image)
@@ -645,13 +609,12 @@ class TrainData:
 class LARS(torch.optim.Optimizer):
     """LARS (You, Gitman & Ginsburg, 2017) as in SimCLR's official code. For a parameter w with gradient g:
         g <- g + wd w;  trust = eta ||w|| / ||g|| (1 if either is 0);  v <- momentum v + lr trust g;  w <- w - v
-    (nesterov: w <- w - (momentum v + lr trust g)). A group with lars_exclude (biases, normalisation) has neither
-    weight decay nor trust. clip caps lr trust at lr, as NVIDIA's LARC (solo-learn's clip_lr)."""
+    A group with lars_exclude (biases, normalisation) has neither decay nor trust. clip caps lr trust at lr (LARC)."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001,
-                 nesterov: bool = False, clip: bool = False):
+                 clip: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      nesterov=nesterov, lars_exclude=False, clip=clip))
+                                      lars_exclude=False, clip=clip))
 
     @torch.no_grad()
     def step(self):
@@ -674,10 +637,7 @@ class LARS(torch.optim.Optimizer):
             vs = [self.state[w]["momentum_buffer"] for w in ws]
             torch._foreach_mul_(vs, momentum)
             torch._foreach_add_(vs, gs, alpha=lr)  # v <- momentum v + lr g
-            if group["nesterov"]:
-                torch._foreach_sub_(ws, torch._foreach_add(torch._foreach_mul(vs, momentum), gs, alpha=lr))
-            else:
-                torch._foreach_sub_(ws, vs)  # w <- w - v
+            torch._foreach_sub_(ws, vs)  # w <- w - v
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -748,8 +708,7 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list
 
 
 def linear_probe(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Tensor, test_y: torch.Tensor,
-                 num_classes: int, epochs: int = 100, lr: float = 0.1, batch_size: int = 256,
-                 weight_decay: float = 0.0, seed: int = 0) -> tuple[float, float]:
+                 num_classes: int, epochs: int = 100, lr: float = 0.1, batch_size: int = 256, seed: int = 0) -> tuple:
     """Test (top-1, top-5) of a linear classifier on frozen, standardised features (SGD, Nesterov, cosine). Papers
     train it on augmented crops; precomputed features take seconds instead of hours and rank alike."""
     g = torch.Generator().manual_seed(seed)
@@ -758,7 +717,7 @@ def linear_probe(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Ten
     head = nn.Linear(train_z.shape[1], num_classes).to(train_z.device)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True)
     per_epoch = math.ceil(len(train_z) / batch_size)
     for step in range(epochs * per_epoch):
         if step % per_epoch == 0:
@@ -782,8 +741,7 @@ class Evaluation:
 
     def due(self, epoch: int) -> bool:
         """Whether the monitor runs after epoch `epoch` (0-based): every --eval-every epochs and after the last."""
-        done = epoch + 1
-        return done == self.args.epochs or bool(self.args.eval_every and done % self.args.eval_every == 0)
+        return epoch + 1 == self.args.epochs or bool(self.args.eval_every and (epoch + 1) % self.args.eval_every == 0)
 
     def knn(self, backbone: nn.Module, epochs_done: int = 0) -> float:
         (train_z, train_y), (test_z, test_y) = (extract_features(backbone, s, self.args)
@@ -795,7 +753,7 @@ class Evaluation:
         return self.last[1]
 
     def report(self, backbone: nn.Module, run: RunDir, **extra) -> dict:
-        """The final k-NN and probe, with the method's `extra` results, to results.json; curves.png; a summary."""
+        """The final k-NN and probe, with the method's `extra` results, to results.json, and a summary."""
         args = self.args
         knn_top1 = self.last[1] if self.last and self.last[0] == args.epochs else self.knn(backbone, args.epochs)
         untrained = next((r["knn_top1"] for r in run.history if r["epoch"] == 0), None)
@@ -807,14 +765,13 @@ class Evaluation:
                 train_h, train_y, test_h, test_y, self.num_classes, args.probe_epochs, seed=args.seed)
         if world()[0] == 0:
             (run.path / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-            run.plot()
         probe = f";  linear probe top-1 {results['probe_top1']:.4f}" if "probe_top1" in results else ""
         before = f"untrained {untrained:.4f} -> " if untrained is not None else ""
         print0(f"k-NN top-1: {before}trained {knn_top1:.4f}{probe}  ({run.path})")
         return results
 
 
-# -------- Run directory: args.json, metrics.jsonl, checkpoint.pt (atomic), curves.png; the progress line --------------
+# -------- Run directory: args.json, metrics.jsonl, checkpoint.pt (atomic); the progress line -------------------------
 
 METRIC_KEYS = ["epoch", "step", "loss", "lr", "knn_top1", "images_per_s", "time_s"]
 
@@ -827,23 +784,25 @@ class RunDir:
 
     def __init__(self, args: Args, method: str):
         self.args, self.method, self.saved_epoch, self.history = args, method, 0, []  # history: metrics.jsonl's rows
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.path = Path(broadcast_object(args.out_dir or f"runs/{method}-{stamp}"))
-        args.out_dir = str(self.path)  # args.json and the checkpoint record the directory the run used
-        self.checkpoint_path, self.metrics_path = self.path / "checkpoint.pt", self.path / "metrics.jsonl"
-        checkpoint, started = self.checkpoint_path.is_file(), self.metrics_path.exists()
-        made = (self.path / "args.json").is_file()  # a run began here: --resume may start it again
+        path = Path(args.out_dir or f"runs/{method}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        checkpoint, started = (path / "checkpoint.pt").is_file(), (path / "metrics.jsonl").exists()
+        made = (path / "args.json").is_file()  # a run began here: --resume may start it again
         problem = next((message for bad, message in [
-            (self.path.exists() and not self.path.is_dir(), f"--out-dir {self.path} is not a directory"),
-            (args.resume and not (checkpoint or made), f"--resume: {self.path} holds no run to continue"),
+            (path.exists() and not path.is_dir(), f"--out-dir {path} is not a directory"),
+            (args.resume and not (checkpoint or made), f"--resume: {path} holds no run to continue"),
             (not args.resume and checkpoint,
-             f"{self.path} already holds a run: pass --resume to continue it, or choose another --out-dir"),
-            (not args.resume and started, f"{self.path} holds a run that stopped before its first checkpoint: "
+             f"{path} already holds a run: pass --resume to continue it, or choose another --out-dir"),
+            (not args.resume and started, f"{path} holds a run that stopped before its first checkpoint: "
                                           f"pass --resume to start it again there, or choose another --out-dir")]
                         if bad), None)
-        problem, self.fresh = broadcast_object((problem, not checkpoint))  # rank 0's view of the directory
+        box = [(path, problem, not checkpoint)]  # rank 0's view of the directory, for every process
+        if world()[1] > 1:
+            torch_dist.broadcast_object_list(box)
+        self.path, problem, self.fresh = box[0]
         if problem:
             fail(problem)
+        args.out_dir = str(self.path)  # args.json and the checkpoint record the directory the run used
+        self.checkpoint_path, self.metrics_path = self.path / "checkpoint.pt", self.path / "metrics.jsonl"
         try:
             if world()[0] == 0:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -864,9 +823,8 @@ class RunDir:
             self.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in self.history))
 
     def save(self, epoch: int, force: bool = False, **state):
-        """Every --save-every epochs, after the last, or `force`: checkpoint.pt with `state`, the epoch, the arguments
-        and the metrics, atomically (a temporary file renamed over the old one). No random generator's state: each
-        epoch reseeds them from (--seed, epoch, rank), so a checkpoint resumes on any device."""
+        """Every --save-every epochs, after the last, or `force`: checkpoint.pt (`state`, epoch, arguments, metrics),
+        atomically. No generator state: each epoch reseeds from (--seed, epoch, rank); it resumes on any device."""
         if not (force or epoch == self.args.epochs or epoch % self.args.save_every == 0):
             return
         if world()[0] == 0:
@@ -893,37 +851,19 @@ class RunDir:
         print0(f"resumed {self.path} at epoch {state['epoch']}")
         return state
 
-    def plot(self):
-        """curves.png: each metric against the epoch (when matplotlib is installed)."""
-        with contextlib.suppress(ImportError):
-            import matplotlib.pyplot as plt
-
-            keys = [k for k in dict.fromkeys(k for r in self.history for k in r) if k not in ("epoch", "step")
-                    and any(isinstance(r.get(k), (int, float)) for r in self.history)][:8]
-            fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3), squeeze=False)
-            for ax, key in zip(axes[0], keys):
-                ax.plot(*zip(*[(r["epoch"], r[key]) for r in self.history if isinstance(r.get(key), (int, float))]))
-                ax.set(title=key, xlabel="epoch")
-            fig.tight_layout()
-            fig.savefig(self.path / "curves.png", dpi=100)
-            plt.close(fig)
-
 
 def load_checkpoint(path: Path, method: str, args: Args) -> dict:
     """checkpoint.pt (weights only), if of this method, architecture and dataset."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        fail(f"no checkpoint at {path}")
-    except Exception as err:  # truncated, not a torch file, or holding objects weights_only refuses
+    except Exception as err:  # missing, truncated, not a torch file, or holding objects weights_only refuses
         fail(f"cannot read {path}: not a valid checkpoint ({type(err).__name__}); the file is left as it is")
     if not isinstance(state, dict) or "model" not in state:
         fail(f"{path} is not a checkpoint of this project")
     if state.get("method") != method:
         fail(f"{path} was written by {state.get('method')}.py, not {method}.py")
-    for key in ("arch", "dataset"):
-        if state.get("args", {}).get(key) != getattr(args, key):
-            fail(f"{path} holds --{key} {state['args'].get(key)}, but this run asks for --{key} {getattr(args, key)}")
+    for key in [k for k in ("arch", "dataset") if state.get("args", {}).get(k) != getattr(args, k)]:
+        fail(f"{path} holds --{key} {state['args'].get(key)}, but this run asks for --{key} {getattr(args, key)}")
     return state
 
 

@@ -42,10 +42,9 @@ Where this file differs from the official code, and why:
     run keeps the schedule's shape; --warmup-epochs (default 0, as the official code) adds a linear warm-up.
   - Inputs are standardised with the dataset's channel std; the official CIFAR-10 script uses (0.2023, 0.1994,
     0.2010) for (0.2470, 0.2435, 0.2616). BatchNorm follows the first convolution, so little changes.
-  - Evaluation: the paper's k-NN on the 128-d v every epoch, with the memory bank as the training features
-    (metric bank_knn_top1, as the official cifar.py); and, as for every method here, the k-NN monitor (knn_top1)
-    and the linear probe on the encoder's features (before the 128-d layer) recomputed for the training images.
-    The official script ends with the k-NN on recomputed v; the figure under Expect is the paper's k-NN on v.
+  - Evaluation: every epoch the paper's k-NN on the 128-d v against the memory bank (bank_knn_top1, as the
+    official cifar.py, which ends with a k-NN on recomputed v; Expect is the paper's k-NN on v); and, as for every
+    method here, the k-NN monitor and linear probe on the encoder's features (before the 128-d layer).
 
 Options from two later papers, off by default (they need adversarial.py beside this file):
   --adv-eps EPS [--adv-steps S --adv-weight ALPHA]   CLAE (Ho & Vasconcelos, "Contrastive Learning with
@@ -70,9 +69,7 @@ import torchvision.transforms as T
 
 import common
 
-# ----------------------------------------------------------------------------------------------------------------
-# Args
-# ----------------------------------------------------------------------------------------------------------------
+# -------- Args --------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -97,27 +94,21 @@ class Args(common.Args):
 
     def check(self, world_size: int = 1):
         super().check(world_size)
+        for name, low in {"nce_k": 0, "proximal": 0, "low_dim": 1, "adv_eps": 0, "adv_steps": 1,
+                          "adv_weight": 0}.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if not self.temperature > 0:
             raise ValueError(f"--temperature must be positive, got {self.temperature}")
-        if self.nce_k < 0:
-            raise ValueError(f"--nce-k must be >= 0 (0: full softmax), got {self.nce_k}")
         if not 0 <= self.bank_momentum < 1:
             raise ValueError(f"--bank-momentum must be in [0, 1), got {self.bank_momentum}")
-        if self.proximal < 0:
-            raise ValueError(f"--proximal must be >= 0, got {self.proximal}")
-        if self.low_dim < 1:
-            raise ValueError(f"--low-dim must be at least 1, got {self.low_dim}")
         if not 0 < self.crop_min_scale <= 1:
             raise ValueError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
-        if self.adv_eps < 0 or self.adv_steps < 1 or self.adv_weight < 0:
-            raise ValueError("--adv-eps and --adv-weight must be >= 0 and --adv-steps at least 1")
         if self.adv_bn and not self.adv_eps:
             raise ValueError("--adv-bn needs adversarial views: set --adv-eps (e.g. 0.03)")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Views
-# ----------------------------------------------------------------------------------------------------------------
+# -------- Views -------------------------------------------------------------------------------------------------------
 
 
 def instdisc_augment(info: common.DataInfo, size: int, min_scale: float = 0.2, flip: bool = False) -> T.Compose:
@@ -133,9 +124,7 @@ def instdisc_augment(info: common.DataInfo, size: int, min_scale: float = 0.2, f
     return T.Compose(ops + [common.normalize(info)])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------------------------
+# -------- Model -------------------------------------------------------------------------------------------------------
 
 
 class InstDisc(nn.Module):
@@ -153,10 +142,9 @@ class InstDisc(nn.Module):
 class MemoryBank:
     """V = {v_1 .. v_N}: one L2-normalised feature per training image, NCE's normalisation constant Z, and NCE's
     noise distribution P_n = 1/N (drawn by the alias method, as the official code) with the generator of its draws.
-
-    A plain tensor, never a parameter: no gradient reaches it (the losses read it detached) and only `update`
-    writes it, under torch.no_grad. Every process holds the whole bank; `update` is given the global batch. The
-    noise generator is seeded alike on every process at each epoch, so it needs no saving to resume."""
+    V is a plain tensor, not a parameter: the losses read it detached, only `update` writes it (no_grad, with the
+    global batch; every process holds the whole bank). The noise generator, seeded alike on every process at
+    each epoch, needs no saving to resume."""
 
     def __init__(self, n: int, dim: int, generator: torch.Generator | None = None, dtype=torch.float32):
         # random unit vectors (the paper), drawn from `generator` so that every process starts from the same bank
@@ -223,9 +211,7 @@ class AliasSampler:
         return torch.where(keep, k, self.alias[k])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Losses
-# ----------------------------------------------------------------------------------------------------------------
+# -------- Losses ------------------------------------------------------------------------------------------------------
 
 
 class NCEFunction(torch.autograd.Function):
@@ -303,20 +289,16 @@ def proximal_term(v: torch.Tensor, v_prev: torch.Tensor, lam: float) -> torch.Te
         return lam * (v - v_prev).pow(2).sum(1).mean()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------------
+# -------- Training ----------------------------------------------------------------------------------------------------
 
 
 def clae_loss(model: nn.Module, x: torch.Tensor, instance_loss, args: Args) -> torch.Tensor:
     """CLAE's extra term (Ho & Vasconcelos, NeurIPS 2020) for InstDisc: instance_loss(f(x_adv)), the method's loss
-    of an adversarial view of x made by FGSM/PGD against that same loss (the bank rows and noise rows fixed).
-    With --adv-bn both the generation and the term run through the encoder's auxiliary BatchNorms (AdvProp).
-
-    model: the network as trained (DDP on several processes); x: [n, C, H, W] this process's images;
-    instance_loss: v [n, D] -> loss of the rows i of this step. The search goes through the plain module and
-    differentiates the input only, so it adds no gradient to the parameters; it costs one forward and backward.
-    """
+    of an adversarial view of x made by FGSM/PGD against that same loss (the bank rows and noise rows fixed);
+    with --adv-bn, generation and term run through the encoder's auxiliary BatchNorms (AdvProp).
+    model: as trained (DDP on several processes); x: [n, C, H, W] this process's images; instance_loss: v [n, D]
+    -> loss of this step's rows i. The search differentiates the input only, through the plain module: it adds no
+    gradient to the parameters, and costs one forward and backward."""
     import adversarial  # the optional module of --adv-eps and --adv-bn
 
     plain = common.unwrap(model)
@@ -405,9 +387,7 @@ def bank_knn_accuracy(model, bank: MemoryBank, labels: torch.Tensor, test_set, n
     return common.topk_accuracy(scores, test_y, (1,))[0]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------------------
+# -------- Main --------------------------------------------------------------------------------------------------------
 
 
 def main(args: Args):

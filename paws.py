@@ -2,63 +2,49 @@
 Support Samples. Assran, Caron, Misra, Bojanowski, Joulin, Ballas & Rabbat, ICCV 2021. arXiv:2104.13963.
 Official code: github.com/facebookresearch/suncet
 
-  A small labelled support set S (images x_S with labels y_S) and a large unlabelled set D.
+  A small labelled support set S (images x_S, labels y_S of K classes) and a large unlabelled set D.
   x in D -> two global views x_1, x_2 (and M smaller multi-crop views);  z = g(f(x)), z_S = g(f(x_S))
-  y_S    <- (1 - eps) onehot(y_S) + eps / K                  label smoothing of the support labels, K classes
+  y_S    <- (1 - eps) onehot(y_S) + eps / K                    label smoothing of the support labels
   pi(z, z_S) = softmax( norm(z) . norm(z_S)^T / tau ) @ y_S   soft nearest-neighbour (SNN) class prediction
   rho(p)_k   = p_k^(1/T) / sum_j p_j^(1/T)                     sharpening, T < 1
   p_1 = pi(z_1, z_S), p_2 = pi(z_2, z_S)                       anchors' predictions (with gradient)
-  t_1 = rho(pi(z_2, z_S)), t_2 = rho(pi(z_1, z_S))             targets from the other view: no gradient
+  t_1 = rho(p_2), t_2 = rho(p_1)                               targets from the other view: no gradient
   t_crop = (t_1 + t_2) / 2                                     target of every multi-crop view
   t <- 0 where t < 1e-4                                        (the official code's numerical guard)
-  CE     = mean over anchors of H(t, p) = -sum_k t_k log p_k
+  L = CE + ME-MAX,  CE = mean over anchors of H(t, p) = -sum_k t_k log p_k
   ME-MAX = -H(p_bar),  p_bar = mean over anchors (and processes) of rho(p)    keeps every class in use
-  L = CE + ME-MAX
-  The supports of every process are gathered (with gradient) before the SNN; every step draws the same number
-  of labelled images from each of `classes_per_batch` classes (ClassStratifiedSampler). LARS, warm-up from
-  start_lr to lr, then cosine decay to final_lr.
-  Evaluation (PAWS-NN): a test image's class is argmax_k pi(z, z_L)_k over the embeddings z_L of all labelled
-  images (one-hot labels, no augmentation), as the official snn_eval.
-  Fine-tuning (optional, the official snn_fine_tune): a copy of f and g trained on the labelled
-  images alone with SuNCEt, each support classified by the soft nearest neighbours among the other supports:
-  L_ft = mean_i H(y_i, sum_{j != i} softmax_j(norm(z_i) . norm(z_j) / tau) y_j), BatchNorm frozen, flips only.
+  The supports of all processes are gathered (with gradient) before the SNN; a step draws alike from each class.
+  PAWS-NN (evaluation, the official snn_eval): argmax_k pi(z, z_L)_k over all labelled images (one-hot, unaugmented).
+  Fine-tuning (optional, the official snn_fine_tune): a copy of f and g trained on the labelled images alone with
+  SuNCEt, L_ft = mean_i H(y_i, sum_{j != i} softmax_j(norm(z_i) . norm(z_j) / tau) y_j), BatchNorm frozen.
 
 Run:   python paws.py --dataset digits --arch tiny --num-labels 100 --classes-per-batch 10 --supports-per-class 4
               --multicrop 2 --epochs 30 --batch-size 128 --warmup-epochs 2 --workers 0   (CPU, offline; the same
               under torchrun --nproc_per_node=2, as the supports per class divide over the processes)
-       torchrun --nproc_per_node=8 paws.py --data-dir data --download   (the official CIFAR-10 recipe below)
-       torchrun --nproc_per_node=8 paws.py --data-dir data --download --finetune-epochs 30   (and its fine-tuning)
+       torchrun --nproc_per_node=8 paws.py --data-dir data --download [--finetune-epochs 30]   (official recipe)
        torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 paws.py ...
-Defaults: the official configs/paws/cifar10_train.yaml: WRN-28-2, 3-layer projection head to 128-d, 256
-       unlabelled images a step with 2 global views (crops of 75-100% at 32 px) and 6 multi-crops (30-75% at 18 px),
-       supports of 10 classes x 64 images x 2 views, 4,000 labels, tau 0.1, T 0.25, label smoothing 0.1, ME-MAX,
-       600 epochs, LARS (momentum 0.9, eta 0.001, weight decay 1e-6), learning rate 0.8 -> 3.2 over 10 warm-up
-       epochs, then cosine to 0.032; colour distortion 0.5 (jitter, solarize, equalize). Fine-tuning
-       (configs/paws/cifar10_snn.yaml): 30 epochs, the same 10 x 64 x 2 supports, one-hot labels, tau 0.1, LARS
-       without weight decay, learning rate 0.1 cosine-decayed to 0.01, no warm-up.
-
+Defaults: the official configs/paws/cifar10_train.yaml: WRN-28-2, 3-layer head to 128-d, 256 unlabelled images a
+       step with 2 global views and 6 multi-crops, supports of 10 classes x 64 images x 2 views, 4,000 labels, tau
+       0.1, T 0.25, smoothing 0.1, ME-MAX, 600 epochs, LARS (weight decay 1e-6), lr 0.8 -> 3.2 over 10 epochs, then
+       cosine to 0.032. Fine-tuning (cifar10_snn.yaml): 30 epochs, LARS without weight decay, lr 0.1 -> 0.01.
 Expect: PAWS-NN 96.0 +- 0.2% top-1 on CIFAR-10 with 4,000 labels (paper, CIFAR-10 results, WRN-28-2, 600 epochs).
 
 Where this file differs from the official code, and why:
   - --batch-size and --supports-per-class are global (split over the processes), so a run means the same on any
     number of processes; the official values are per GPU (its CIFAR-10 recipe runs on one).
   - Support labels have K = classes_per_batch columns (the step's classes, sorted); the official matrix has
-    K x world_size columns on several processes, which puts smoothing mass on columns no support belongs to.
-  - The labelled split is a seeded class-balanced draw (--num-labels, --label-seed) or a file of training-set
-    indices (--label-file, e.g. the official spc.4000_split.152.txt); each step's draw is split over processes.
-  - LARS's trust is eta |w| / |g + wd w| (official: eta |w| / (|g| + wd |w|)): equal without weight decay,
-    within 1e-6 relative at the official one. Inputs are standardised with the CIFAR-10 std (0.247, 0.243,
-    0.261) where the official code uses (0.2023, 0.1994, 0.2010); BatchNorm follows the first convolution.
-  - Fine-tuning (--finetune-epochs, off by default; official: 30) runs after training in the same command, on a
-    copy of f and g, and reports PAWS-NN again (finetune_snn_top1); an epoch of it is a pass over the labels.
-  - --supervised-only trains the same network with a linear classifier and cross-entropy on the labelled
-    supports alone, for the same steps: the baseline that shows what the unlabelled images add.
+    K x world_size on several processes, which puts smoothing mass on columns no support belongs to.
+  - The labelled split: a seeded class-balanced draw (--num-labels, --label-seed) or --label-file (e.g. the
+    official spc.4000_split.152.txt). An epoch of fine-tuning is a pass over it.
+  - LARS's trust is eta |w| / |g + wd w| (official: eta |w| / (|g| + wd |w|)): within 1e-6 at its weight decay.
+    Inputs use the CIFAR-10 std (0.247, 0.243, 0.261), not (0.2023, 0.1994, 0.2010): BatchNorm follows conv1.
+  - Fine-tuning runs after training in the same command, on a copy of f and g (finetune_snn_top1).
+    --supervised-only: a linear classifier and cross-entropy on the supports alone, for the same steps.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +55,7 @@ import torchvision.transforms as T
 
 import common
 
-# ----------------------------------------------------------------------------------------------------------------
-# Args
-# ----------------------------------------------------------------------------------------------------------------
+# -------- Args --------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -121,37 +105,28 @@ class Args(common.Args):
                              f"{world_size} processes")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Views
-# ----------------------------------------------------------------------------------------------------------------
+# -------- Views -------------------------------------------------------------------------------------------------------
 
 
-def paws_augment(info: common.DataInfo, size: int, scale: tuple, strength: float = 0.5,
-                 small: bool = True) -> T.Compose:
-    """One random view, as the official data_manager: crop of `scale` of the area resized to `size`, horizontal
-    flip, colour distortion. `small` images (CIFAR-like): colour jitter (p 0.8), solarize (p 0.2), equalize
-    (p 0.2); large images (ImageNet-like): colour jitter (p 0.8), grayscale (p 0.2), Gaussian blur (p 0.5)."""
+def paws_augment(info: common.DataInfo, size: int, scale: tuple, strength: float, small: bool) -> T.Compose:
+    """One random view, as the official data_manager: crop of `scale` of the area resized to `size`, flip, colour
+    jitter (p 0.8), then solarize and equalize (p 0.2 each) for `small` images (CIFAR-like), grayscale (p 0.2)
+    and Gaussian blur (p 0.5) for large ones (ImageNet-like)."""
     s = strength
     ops = [T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8)]
-    if small:
-        ops += [RandomSolarizeThreshold(threshold=128, p=0.2), T.RandomEqualize(p=0.2)]
-    else:
-        ops += [T.RandomGrayscale(p=0.2),
-                T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5)]
+    ops += [RandomSolarizeThreshold(threshold=128, p=0.2), T.RandomEqualize(p=0.2)] if small else [
+        T.RandomGrayscale(p=0.2), T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5)]
     return T.Compose(ops + [common.normalize(info)])
 
 
 class RandomSolarizeThreshold(T.RandomSolarize):
     """With probability p, solarise with a threshold drawn uniformly in [0, 256) for each image: the official
     Solarize of PAWS (torchvision's RandomSolarize has a fixed threshold). device_data.py reads threshold_range."""
-
     threshold_range = (0.0, 256.0)
 
     def forward(self, img):
-        if torch.rand(()) < self.p:
-            return T.functional.solarize(img, float(256 * torch.rand(())))
-        return img
+        return T.functional.solarize(img, float(256 * torch.rand(()))) if torch.rand(()) < self.p else img
 
 
 def paws_views(info: common.DataInfo, size: int, multicrop: int, strength: float) -> tuple:
@@ -168,30 +143,25 @@ def paws_views(info: common.DataInfo, size: int, multicrop: int, strength: float
 
 def finetune_view(info: common.DataInfo, size: int) -> T.Compose:
     """The official fine-tuning view: small images flipped only (its centre crop of a 32 px CIFAR image is the whole
-    image), large ones a random resized crop and a flip; no colour distortion."""
-    if size > 64:
-        ops = [T.RandomResizedCrop(size)]
-    else:  # a crop of the whole image where it has the training size (so the device data path can make it)
-        ops = [T.RandomCrop(size)] if size == info.size else [T.Resize(size), T.CenterCrop(size)]
+    image), large ones a random resized crop and a flip; no colour distortion. (A small image at the training size
+    is "cropped" whole by RandomCrop, a view the device data path can make.)"""
+    ops = ([T.RandomResizedCrop(size)] if size > 64 else [T.RandomCrop(size)] if size == info.size
+           else [T.Resize(size), T.CenterCrop(size)])
     return T.Compose(ops + [T.RandomHorizontalFlip(), common.normalize(info)])
 
 
 class ClassStratifiedSampler(torch.utils.data.Sampler):
-    """Batches of support indices for one epoch of `steps` steps: each picks `classes_per_batch` classes and
-    `supports_per_class` images of each (global counts), listed class by class; process `rank` of `world_size`
-    gets the rank-th slice of supports_per_class / world_size images of every class (all together: one process's
-    batch). Classes come in random order, a fresh one after each pass over them, a class's images likewise, so
-    every labelled image is drawn before any is drawn twice. Every process draws alike from (seed, epoch)."""
+    """`steps` batches of support indices, `classes_per_batch` classes x `supports_per_class` images (global), class by
+    class; process `rank` of `world_size` gets the rank-th slice of each class's images. Classes and images come in a
+    fresh random order at each pass (none drawn twice before all are drawn), alike on every process (seed, epoch)."""
 
     def __init__(self, targets, classes_per_batch: int, supports_per_class: int, steps: int, seed: int = 0,
                  epoch: int = 0, rank: int = 0, world_size: int = 1):
         self.targets = torch.as_tensor(list(targets))
         self.classes = self.targets.unique()
-        if not 1 <= classes_per_batch <= len(self.classes):
-            raise ValueError(f"classes_per_batch {classes_per_batch} must be between 1 and the number of labelled "
-                             f"classes ({len(self.classes)})")
-        if supports_per_class % world_size:
-            raise ValueError(f"supports_per_class {supports_per_class} does not divide over {world_size} processes")
+        if not 1 <= classes_per_batch <= len(self.classes) or supports_per_class % world_size:
+            raise ValueError(f"classes_per_batch {classes_per_batch} must be in [1, {len(self.classes)}] (the "
+                             f"labelled classes), supports_per_class {supports_per_class} divide over {world_size}")
         self.cpb, self.spc, self.steps = classes_per_batch, supports_per_class, steps
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
 
@@ -201,8 +171,7 @@ class ClassStratifiedSampler(torch.utils.data.Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         members = [torch.nonzero(self.targets == c).flatten() for c in self.classes]  # dataset indices per class
-        queues: list[list[int]] = [[] for _ in self.classes]
-        class_order: list[int] = []
+        queues, class_order = [[] for _ in self.classes], []  # per class: its images still to draw; classes to come
         share = self.spc // self.world_size
         for _ in range(self.steps):
             if len(class_order) < self.cpb:  # a new pass over the classes, in a new random order
@@ -219,29 +188,25 @@ class ClassStratifiedSampler(torch.utils.data.Sampler):
 
 def labelled_indices(targets, args: Args) -> list[int]:
     """The labelled subset: indices into the training set, from --label-file or a seeded class-balanced draw."""
-    n = len(targets)
     if not args.label_file:
-        if args.num_labels > n:
-            common.fail(f"--num-labels {args.num_labels} is larger than the training set ({n} images)")
+        if args.num_labels > len(targets):
+            common.fail(f"--num-labels {args.num_labels} is larger than the training set ({len(targets)} images)")
         return common.balanced_subset(targets, args.num_labels, seed=args.label_seed)
     try:
         indices = sorted({int(v) for v in Path(args.label_file).read_text().split()})
     except (OSError, ValueError) as err:
         common.fail(f"cannot read --label-file {args.label_file}: {err}")
-    if not indices or indices[0] < 0 or indices[-1] >= n:
-        common.fail(f"--label-file {args.label_file} must hold indices in [0, {n}) of the training set")
+    if not indices or indices[0] < 0 or indices[-1] >= len(targets):
+        common.fail(f"--label-file {args.label_file} must hold indices in [0, {len(targets)}) of the training set")
     return indices
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------------------------
+# -------- Model -------------------------------------------------------------------------------------------------------
 
 
 class PAWS(nn.Module):
-    """Encoder f and projection head g: z = g(f(x)). g as the official code: Linear-BN-ReLU, Linear-BN-ReLU, Linear,
-    hidden width = the encoder's output width (128 for WRN-28-2). With `num_classes` (the supervised-only
-    baseline) a linear classifier on z gives class logits when called with logits=True."""
+    """z = g(f(x)), g as the official code: Linear-BN-ReLU, Linear-BN-ReLU, Linear, hidden width the encoder's (128
+    for WRN-28-2). With `num_classes` (--supervised-only), logits=True gives a linear classifier's logits on z."""
 
     def __init__(self, backbone: nn.Module, proj_dim: int = 128, num_classes: int = 0):
         super().__init__()
@@ -258,9 +223,7 @@ class PAWS(nn.Module):
         return self.classifier(z) if logits else z
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Losses
-# ----------------------------------------------------------------------------------------------------------------
+# -------- Losses ------------------------------------------------------------------------------------------------------
 
 
 def smooth_labels(y: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -270,44 +233,32 @@ def smooth_labels(y: torch.Tensor, num_classes: int, smoothing: float) -> torch.
 
 
 def sharpen(p: torch.Tensor, T_sharp: float) -> torch.Tensor:
-    """rho(p)_k = p_k^(1/T) / sum_j p_j^(1/T) for each row of p [N, K] (T: T_sharp), computed as softmax(log p / T),
-    which does not underflow to 0/0 for small T."""
+    """rho(p) of each row of p [N, K] (T: T_sharp), as softmax(log p / T), which does not underflow to 0/0."""
     return torch.softmax(torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)) / T_sharp, dim=1)
 
 
 def snn(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
-    """Soft nearest-neighbour class prediction softmax(norm(query) . norm(supports)^T / tau) @ labels.
-    query [N, D], supports [S, D], labels [S, K] (rows are distributions) -> [N, K], rows distributions."""
+    """pi (module docstring): query [N, D], supports [S, D], labels [S, K] (rows distributions) -> [N, K]."""
     query, supports = F.normalize(query, dim=1), F.normalize(supports, dim=1)
     return torch.softmax(query @ supports.T / tau, dim=1) @ labels  # [N, S] @ [S, K]
 
 
 def paws_loss(z: torch.Tensor, z_S: torch.Tensor, y_S: torch.Tensor, tau: float, T_sharp: float,
               multicrop: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """PAWS's two terms (CE, ME-MAX), as the official init_paws_loss.
-
-    z:   [(2 + M) n, D], the views of n unlabelled images: global view 1, global view 2, then M multi-crop views,
-         each a block of n rows in the same image order.
-    z_S: [S, D], the supports (of all processes); y_S: [S, K], their (smoothed) labels.
-    Targets come from the other global view, sharpened, without gradient; a multi-crop view's target is the mean
-    of the two global views' targets. ME-MAX's mean prediction is averaged over processes (identity for one).
-    Computed in float32 (float64 for float64 inputs), also under autocast.
-    """
+    """PAWS's two terms (CE, ME-MAX), as the official init_paws_loss, in float32 (float64 for float64 inputs).
+    z: [(2 + M) n, D], the views of n unlabelled images: global view 1, global view 2, then M multi-crop views,
+    each a block of n rows in the same image order; z_S: [S, D], the supports of all processes; y_S: [S, K]."""
     with torch.autocast(z.device.type, enabled=False):
         dtype = torch.promote_types(z.dtype, torch.float32)
         z, z_S, y_S = z.to(dtype), z_S.to(dtype), y_S.to(dtype)
         n = len(z) // (2 + multicrop)
         p = snn(z, z_S, y_S, tau)  # [(2+M)n, K] anchors' predictions
-
         with torch.no_grad():  # targets: no gradient reaches the network through them
-            z_1, z_2 = z[:n].detach(), z[n:2 * n].detach()
-            t = sharpen(snn(torch.cat([z_2, z_1]), z_S.detach(), y_S, tau), T_sharp)  # [2n, K]: t_1, t_2
+            t = sharpen(torch.cat([p[n:2 * n], p[:n]]), T_sharp)  # [2n, K]: t_1 = rho(p_2), t_2 = rho(p_1)
             t_crop = 0.5 * (t[:n] + t[n:])  # [n, K]
             t = torch.cat([t] + [t_crop] * multicrop)  # [(2+M)n, K]
             t = t.masked_fill(t < 1e-4, 0.0)
-
         ce = -(t * torch.log(p.clamp_min(torch.finfo(dtype).tiny))).sum(dim=1).mean()
-
         p_bar = sharpen(p, T_sharp).mean(dim=0)  # [K]
         # the mean over all processes' anchors, as the official AllReduce: the value is all-reduced, the gradient
         # flows to this process's anchors unchanged (DDP's averaging of gradients then makes it the global one)
@@ -317,34 +268,24 @@ def paws_loss(z: torch.Tensor, z_S: torch.Tensor, y_S: torch.Tensor, tau: float,
 
 
 def suncet_loss(z: torch.Tensor, z_S: torch.Tensor, y_S: torch.Tensor, tau: float, offset: int = 0) -> torch.Tensor:
-    """SuNCEt, the official fine-tuning loss: each support i is classified by the soft nearest neighbours among
-    all the other supports, p_i = sum_{j != i} softmax_j(norm(z_i) . norm(z_j) / tau) y_j, and L = mean_i H(y_i, p_i).
-
-    z: [s, D], this process's supports, which are rows offset .. offset + s of z_S: [S, D], the supports of all
-    processes (gathered with gradient); y_S: [S, K], their labels. Float32 (float64 for float64 inputs), also
-    under autocast.
-    """
+    """SuNCEt, the official fine-tuning loss L_ft (module docstring): each support classified by the soft nearest
+    neighbours among all the others. z: [s, D], this process's supports, rows offset .. offset + s of z_S: [S, D],
+    the supports of all processes (gathered with gradient); y_S: [S, K]. Float32 (float64 for float64 inputs)."""
     with torch.autocast(z.device.type, enabled=False):
         dtype = torch.promote_types(z.dtype, torch.float32)
         q, k, y_S = F.normalize(z.to(dtype), dim=1), F.normalize(z_S.to(dtype), dim=1), y_S.to(dtype)
-        s = len(q)
-        own = torch.zeros(s, len(k), dtype=torch.bool, device=q.device)  # [s, S]
-        own[torch.arange(s), torch.arange(s) + offset] = True  # a support is not its own neighbour
-        p = torch.softmax((q @ k.T / tau).masked_fill(own, float("-inf")), dim=1) @ y_S  # [s, K]
-        y = y_S[offset:offset + s]
+        own = torch.eye(len(q), len(k), dtype=torch.bool, device=q.device).roll(offset, 1)  # [s, S] z_i's own row
+        p = torch.softmax((q @ k.T / tau).masked_fill(own, float("-inf")), dim=1) @ y_S  # [s, K], j != i
+        y = y_S[offset:offset + len(q)]
         return -(y * torch.log(p.clamp_min(torch.finfo(dtype).tiny))).sum(dim=1).mean()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------------
+# -------- Training ----------------------------------------------------------------------------------------------------
 
 
 def support_labels(y: torch.Tensor, views: int, num_classes: int, smoothing: float) -> torch.Tensor:
-    """Labels of the gathered supports: this process's class indices y [s] repeated for each view, gathered from all
-    processes (rows in the order of common.gather_with_grad), mapped to the step's classes 0..K-1 in sorted order
-    and smoothed: [views * s * world_size, K]. The map is made by sorting, with shapes fixed in advance
-    (torch.unique's result has a size only the device knows, so the host would wait for it)."""
+    """Smoothed labels [views * s * world_size, K] of the gathered supports (rows as gather_with_grad's) from this
+    process's classes y [s], numbered 0..K-1 among the step's classes by sorting: torch.unique makes the host wait."""
     y = common.gather_no_grad(y.repeat(views))  # [S]
     s = y.sort().values
     first = torch.cat([torch.ones_like(s[:1], dtype=torch.bool), s[1:] != s[:-1]])  # [S] a class's first row
@@ -353,7 +294,7 @@ def support_labels(y: torch.Tensor, views: int, num_classes: int, smoothing: flo
 
 
 def support_batches(supports: common.TrainData, args: Args, epoch: int, steps: int):
-    """This process's class-stratified support batches of one epoch of `steps` steps, (views, labels): made on the
+    """This process's class-stratified support batches (views, labels) of an epoch of `steps` steps: made on the
     device when the training data is there, else by a DataLoader; either way with random views of their own."""
     rank, world = common.world()
     sampler = ClassStratifiedSampler(supports.train_set.targets, args.classes_per_batch, args.supports_per_class,
@@ -362,17 +303,16 @@ def support_batches(supports: common.TrainData, args: Args, epoch: int, steps: i
         return supports.device.loader(epoch, args, batches=list(sampler), salt=1)
     common.seed_everything(common.epoch_seed(args.seed, epoch, rank))  # the views drawn here with --workers 0
     generator = torch.Generator().manual_seed(common.epoch_seed(args.seed, epoch, rank) + 1)  # the workers' own
-    return common.data_loader(supports.train_set, args, epoch, batch_sampler=sampler, generator=generator)
+    return common.Batches(supports.train_set, args, epoch, batch_sampler=sampler, generator=generator)
 
 
 def train_one_epoch(model: nn.Module, loader, supports, optimizer, lr_at, progress: common.Progress,
                     args: Args) -> tuple[float, float]:
-    """One pass over this process's share of the unlabelled data (`loader`; None with --supervised-only: as many
-    steps over the supports alone); returns the epoch's mean (CE, ME-MAX) over all processes. `model` is the
-    network as trained (DDP on several processes); `supports`: the epoch's support batches."""
+    """One pass over this process's unlabelled data (`loader`; None with --supervised-only: the supports alone) and
+    the epoch's `supports`; returns the mean (CE, ME-MAX) over all processes. `model`: as trained (DDP or not)."""
     model.train()
-    total_ce, total_me_max = torch.zeros((), device=args.device), torch.zeros((), device=args.device)
-    unlabelled = loader if loader is not None else itertools.repeat((None, None))
+    totals = torch.zeros(2, device=args.device)  # sums of CE and ME-MAX
+    unlabelled = loader if loader is not None else [(None, None)] * len(supports)
     for (support_views, y), (views, _) in zip(progress(supports), unlabelled):
         lr = common.set_lr(optimizer, lr_at(progress.step))
         x_S, y = torch.cat(common.to_device(support_views, args)), common.to_device(y, args)  # [V s, C, H, W], [s]
@@ -380,14 +320,12 @@ def train_one_epoch(model: nn.Module, loader, supports, optimizer, lr_at, progre
             with common.autocast(args):
                 logits = model(x_S, logits=True)  # [V s, num_classes]
             ce = F.cross_entropy(logits.float(), y.repeat(args.support_views), label_smoothing=args.label_smoothing)
-            me_max = torch.zeros((), device=args.device)
-            loss, n = ce, 0
+            loss, me_max, n = ce, torch.zeros((), device=args.device), 0
         else:
             x = common.to_device(views, args)  # 2 + M tensors [n, C, H, W]
             n = len(x[0])
             with common.autocast(args):
-                # global views and supports in one forward pass (BatchNorm over both), the smaller multi-crop
-                # views in a second, as the official code
+                # global views and supports in one pass (BatchNorm over both), multi-crops in a second, as official
                 z = model(torch.cat(x[:2] + [x_S]))  # [2n + V s, D]
                 z_views = torch.cat([z[:2 * n], model(torch.cat(x[2:]))]) if args.multicrop else z[:2 * n]
             # the supports of all processes, with gradient, so every anchor is classified by the global support set
@@ -398,18 +336,14 @@ def train_one_epoch(model: nn.Module, loader, supports, optimizer, lr_at, progre
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_ce += ce.detach()
-        total_me_max += me_max.detach()
+        totals += torch.stack([ce.detach(), me_max.detach()])
         progress.update(loss, lr, n + len(y))
-    steps = len(supports)
-    return common.all_reduce_mean(total_ce / steps).item(), common.all_reduce_mean(total_me_max / steps).item()
+    return tuple(common.all_reduce_mean(totals / len(supports)).tolist())
 
 
 def finetune(model: nn.Module, supports: common.TrainData, args: Args, run: common.RunDir) -> nn.Module:
-    """The official fine-tuning (snn_fine_tune): a copy of f and g trained with SuNCEt on class-stratified batches
-    of labelled images alone, BatchNorm frozen in eval mode (running statistics), LARS without weight decay, cosine
-    from --finetune-lr to --finetune-final-lr. Epoch e is seeded as epoch --epochs + e would be, so a resumed run
-    repeats it exactly. Returns the fine-tuned copy; logs one metrics line an epoch."""
+    """The official snn_fine_tune (module docstring), on class-stratified batches of `supports`; returns the tuned
+    copy, logs a line an epoch. Epoch e is seeded as epoch --epochs + e, so a resumed run repeats it exactly."""
     tuned = copy.deepcopy(model)
     if tuned.classifier is not None:  # the baseline's classifier takes no part in SuNCEt
         tuned.classifier.requires_grad_(False)
@@ -417,31 +351,26 @@ def finetune(model: nn.Module, supports: common.TrainData, args: Args, run: comm
     optimizer = common.LARS(common.param_groups(tuned, 0.0), lr=args.finetune_lr, momentum=args.momentum,
                             eta=args.lars_eta)
     steps = max(1, len(supports.train_set) // (args.classes_per_batch * args.supports_per_class))  # a pass
-    total, rank = args.finetune_epochs * steps, common.world()[0]
+    last = args.finetune_epochs * steps - 1  # the step that reaches --finetune-final-lr
     progress = common.Progress(args, epochs=args.epochs + args.finetune_epochs)
+    ddp_tuned.train()  # but BatchNorm keeps the statistics of training, as the official fine-tuning
+    ddp_tuned.apply(lambda m: m.eval() if isinstance(m, nn.modules.batchnorm._BatchNorm) else None)
     for epoch in range(args.epochs, args.epochs + args.finetune_epochs):
-        ddp_tuned.train()
-        for m in ddp_tuned.modules():  # BatchNorm keeps the statistics of training, as the official fine-tuning
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
         total_loss = torch.zeros((), device=args.device)
         for views, y in progress(support_batches(supports, args, epoch, steps)):
-            step = progress.step - args.epochs * steps  # of the fine-tuning
-            lr = common.set_lr(optimizer, common.warmup_cosine(step, total - 1, 0, args.finetune_lr,
-                                                               args.finetune_final_lr))
-            x = torch.cat(common.to_device(views, args))  # [V s, C, H, W]
+            step = progress.step - args.epochs * steps  # of the fine-tuning: cosine, no warm-up
+            lr = common.set_lr(optimizer, common.warmup_cosine(step, last, 0, args.finetune_lr, args.finetune_final_lr))
             with common.autocast(args):
-                z = ddp_tuned(x)  # [V s, D]
-            z_S = common.gather_with_grad(z)  # [V s W, D], this process's rows at rank * V s
+                z = ddp_tuned(torch.cat(common.to_device(views, args)))  # [V s, D]
             y_S = support_labels(common.to_device(y, args), args.support_views, args.classes_per_batch, 0.0)
-            loss = suncet_loss(z, z_S, y_S, args.temperature, offset=rank * len(z))
+            # the supports of all processes, with gradient: [V s W, D], this process's rows at rank * V s
+            loss = suncet_loss(z, common.gather_with_grad(z), y_S, args.temperature, offset=common.world()[0] * len(z))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total_loss += loss.detach()
             progress.update(loss, lr, len(z))
-        run.log(epoch=epoch + 1, finetune_loss=common.all_reduce_mean(total_loss / steps).item(),
-                **progress.summary())
+        run.log(epoch=epoch + 1, finetune_loss=common.all_reduce_mean(total_loss / steps).item(), **progress.summary())
     return tuned
 
 
@@ -453,9 +382,7 @@ def snn_accuracy(model: nn.Module, labelled_set, test_set, num_classes: int, arg
     return common.topk_accuracy(probs, y, (1,))[0]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------------------
+# -------- Main --------------------------------------------------------------------------------------------------------
 
 
 def main(args: Args):
@@ -468,15 +395,13 @@ def main(args: Args):
     support_set = common.Subset(common.training_and_eval_sets(args, support_views, None)[0], labelled)
     labelled_set = common.Subset(memory_set, labelled)
     if args.classes_per_batch > len(set(support_set.targets)):
-        common.fail(f"--classes-per-batch {args.classes_per_batch} is more than the {len(set(support_set.targets))} "
-                    f"classes of the labelled subset")
+        common.fail(f"--classes-per-batch {args.classes_per_batch} is more than the labelled subset's classes")
     train_data = common.TrainData(train_set, views, args)  # on the device (--data-path) or the CPU DataLoader
     supports = common.TrainData(support_set, support_views, args)
     run = common.RunDir(args, "paws")
 
-    model = PAWS(common.build_backbone(args.arch, info.channels, size), args.proj_dim,
-                 info.num_classes if args.supervised_only else 0)
-    model = common.prepare_model(model, args)
+    backbone = common.build_backbone(args.arch, info.channels, size)
+    model = common.prepare_model(PAWS(backbone, args.proj_dim, info.num_classes if args.supervised_only else 0), args)
     optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum,
                             eta=args.lars_eta)
     state = run.resume(model, optimizer)
@@ -484,7 +409,6 @@ def main(args: Args):
 
     steps = train_data.steps
     lr_at = common.lr_schedule(args, steps, args.lr, args.final_lr, args.start_lr)  # the official schedule
-
     evaluation = common.Evaluation(memory_set, test_set, info.num_classes, args)
     progress = common.Progress(args)
     common.print0(f"PAWS {args.arch} on {args.dataset}: {len(train_set)} images ({len(labelled)} labelled), "
@@ -500,9 +424,8 @@ def main(args: Args):
         run.log(epoch=epoch + 1, loss=ce + me_max if args.me_max else ce, knn_top1=knn_top1, ce=ce, me_max=me_max,
                 **progress.summary())
         run.save(epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict())
-    snn_top1 = snn_accuracy(model, labelled_set, test_set, info.num_classes, args)
-    common.print0(f"PAWS-NN top-1 ({len(labelled)} labelled images): {snn_top1:.4f}")
-    extra = {}
+    extra = {"snn_top1": snn_accuracy(model, labelled_set, test_set, info.num_classes, args)}
+    common.print0(f"PAWS-NN top-1 ({len(labelled)} labelled images): {extra['snn_top1']:.4f}")
     if args.finetune_epochs:
         tuned = copy.deepcopy(model)
         if "finetuned" in state:  # a resumed run whose fine-tuning had finished
@@ -516,11 +439,10 @@ def main(args: Args):
         extra["finetune_snn_top1"] = snn_accuracy(tuned, labelled_set, test_set, info.num_classes, args)
         common.print0(f"PAWS-NN top-1 after fine-tuning: {extra['finetune_snn_top1']:.4f}")
     if args.supervised_only:  # the baseline's own classifier, the other way it can use its labels
-        logits, y = common.extract_features(nn.Sequential(model.backbone, model.projector, model.classifier),
-                                            test_set, args)
+        logits, y = common.extract_features(nn.Sequential(*model.children()), test_set, args)
         extra["classifier_top1"] = common.topk_accuracy(logits, y, (1,))[0]
         common.print0(f"classifier top-1: {extra['classifier_top1']:.4f}")
-    evaluation.report(model.backbone, run, snn_top1=snn_top1, **extra)
+    evaluation.report(model.backbone, run, **extra)
     common.cleanup_distributed()
 
 

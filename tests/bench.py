@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import byol  # noqa: E402
 import common  # noqa: E402
+import conftest  # noqa: E402  (the tests' synthetic images)
 import instdisc  # noqa: E402
 import jem  # noqa: E402
 import moco  # noqa: E402
@@ -70,7 +71,7 @@ class Entry:
 
 def method_args(cls, bench, **kw):
     """The method's defaults with the benchmark's device, network, batch and speed options."""
-    return cls(dataset="synthetic", arch=bench.arch, batch_size=bench.batch_size, workers=bench.workers,
+    return cls(dataset="cifar10", arch=bench.arch, batch_size=bench.batch_size, workers=bench.workers,
                device=bench.device, amp=bench.amp, channels_last=bench.channels_last, compile=bench.compile,
                log_every=1e9, **kw)
 
@@ -354,7 +355,7 @@ def training_set(bench, data_args: common.Args, views):
     """The training images with the method's views: synthetic (made here, --images of them) or a CIFAR-10 image
     folder (a class-balanced --images of its train/)."""
     if bench.data == "synthetic":
-        return common.ImageTensorDataset(*common._synthetic(True, bench.images), transform=views)
+        return common.ImageTensorDataset(*conftest.synthetic(True, bench.images), transform=views)
     train = common.load_dataset(data_args, True, views)
     return common.Subset(train, common.balanced_subset(train.targets, bench.images)) if bench.images else train
 
@@ -370,10 +371,9 @@ def setup(bench, args: common.Args) -> torch.device:
 
 
 def run(bench) -> dict:
-    data_args = common.Args(dataset="synthetic" if bench.data == "synthetic" else "imagefolder",
-                            data_dir=bench.data_dir, device=bench.device)
+    data_args = common.Args(dataset="imagefolder", data_dir=bench.data_dir, device=bench.device)
     device = setup(bench, data_args)
-    info, size = common.dataset_info(data_args)
+    info, size = (conftest.SYNTHETIC_INFO, 16) if bench.data == "synthetic" else common.dataset_info(data_args)
     n = bench.batch_size * bench.steps
     results = {"config": {**vars(bench), "device": str(device), "torch": torch.__version__,
                           "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "image_size": size}}
@@ -444,7 +444,7 @@ def adversarial_costs(bench) -> dict:
     train_one_epoch over the same --steps fixed batches, the configurations interleaved round by round."""
     import adversarial  # the optional module of --adv-eps and --adv-bn
 
-    device = setup(bench, common.Args(dataset="synthetic", device=bench.device))
+    device = setup(bench, common.Args(device=bench.device))
     info, size, n = common.DATASETS["cifar10"], 32, bench.batch_size  # CIFAR-sized random images
     g = torch.Generator().manual_seed(0)
     x = [torch.randn(n, info.channels, size, size, generator=g).to(device) for _ in range(2 * bench.steps)]

@@ -4,6 +4,7 @@ two-process (gloo) harness of the checks that two processes on halves of a batch
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402  (the repository root on sys.path first)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per test worker: the workers already fill the cores
     torch.set_num_threads(1)
@@ -33,6 +36,44 @@ CIFAR10_DIRS = [Path(os.environ["CIFAR10_DIR"])] if os.environ.get("CIFAR10_DIR"
     ROOT / "data", ROOT.parent / "shared" / "data" / "cifar10"]
 
 
+def synthetic(train: bool = True, n: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """The tests' images: 10 classes, each a fixed random 16x16 colour pattern with noise and shifts, learnable in a
+    few steps; uint8 [n, 16, 16, 3] (512 to train, 128 to test) and labels."""
+    g = torch.Generator().manual_seed(1234)
+    prototypes = torch.rand(10, 16, 16, 3, generator=g)
+    n = n or (512 if train else 128)
+    g.manual_seed(1 if train else 2)
+    targets = torch.arange(n) % 10
+    shifts = torch.randint(-2, 3, (n, 2), generator=g)
+    images = torch.stack([prototypes[t].roll((int(s[0]), int(s[1])), dims=(0, 1)) for t, s in zip(targets, shifts)])
+    images = (0.7 * images + 0.3 * torch.rand(images.shape, generator=g)).mul(255).round().to(torch.uint8)
+    return images, targets.tolist()
+
+
+def _synthetic_folder() -> Path:
+    """synthetic() as an image folder (train/ and test/, a folder of PNG files per class), made once per machine."""
+    root = Path(tempfile.gettempdir()) / f"ssl-tests-synthetic-{os.getuid()}-v1"
+    if not root.is_dir():
+        from PIL import Image
+
+        part = Path(tempfile.mkdtemp(dir=root.parent))
+        for split, train in (("train", True), ("test", False)):
+            images, targets = synthetic(train)
+            for i, (image, label) in enumerate(zip(images, targets)):
+                (part / split / f"class{label}").mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image.numpy()).save(part / split / f"class{label}" / f"{i:04d}.png")
+        try:
+            part.rename(root)  # whole or not at all; another test process may have made it first
+        except OSError:
+            pass
+    return root
+
+
+SYNTHETIC = _synthetic_folder()
+SYNTHETIC_FLAGS = ["--dataset", "imagefolder", "--data-dir", str(SYNTHETIC)]  # the flags that train on it
+SYNTHETIC_INFO = common.DataInfo(10, 3, 16, (0.5,) * 3, (0.25,) * 3)  # its facts, for views made in a test
+
+
 def run_script(*argv, timeout=300, env_extra=None, cwd=None):
     """Run `python <argv>` from the repository root; returns the CompletedProcess (text output)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
@@ -49,7 +90,7 @@ def torchrun(*argv, nproc=2, timeout=300):
 
 @pytest.fixture
 def cifar10():
-    """The flags that read CIFAR-10 from the first of CIFAR10_DIRS that holds it; the test skips, saying why, without."""
+    """The flags that read CIFAR-10 from the first of CIFAR10_DIRS holding it; without, the test skips, saying why."""
     for root in CIFAR10_DIRS:
         if (root / "cifar-10-batches-py").is_dir():
             return ["--dataset", "cifar10", "--data-dir", str(root)]

@@ -13,7 +13,7 @@ import adversarial
 import common
 import instdisc
 import simclr
-from conftest import run_script, torchrun
+from conftest import SYNTHETIC_FLAGS, run_script, torchrun
 
 seeds = st.integers(0, 2**31 - 1)
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
@@ -132,7 +132,7 @@ def test_every_batchnorm_of_a_resnet_gets_a_twin():
     assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, 512)
 
 
-TINY_ADV = ["--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64", "--workers", "0", "--probe-epochs",
+TINY_ADV = [*SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "64", "--workers", "0", "--probe-epochs",
             "2", "--adv-eps", "0.03", "--adv-bn"]
 
 

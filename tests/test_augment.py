@@ -21,7 +21,7 @@ import instdisc
 import jem
 import paws
 import simclr
-from conftest import run_script
+from conftest import SYNTHETIC, SYNTHETIC_FLAGS, SYNTHETIC_INFO, run_script
 
 seeds = st.integers(0, 2**31 - 1)
 channels = st.sampled_from([1, 3])
@@ -369,8 +369,8 @@ def test_instdisc_view_translates_with_its_flip_left_out_or_put_last():
 
 
 def tiny_args(**kw):
-    return simclr.Args(**{"dataset": "synthetic", "arch": "tiny", "workers": 0, "batch_size": 32, "seed": 3,
-                          "device": "cpu", **kw})
+    return simclr.Args(**{"dataset": "imagefolder", "data_dir": str(SYNTHETIC), "arch": "tiny", "workers": 0,
+                          "batch_size": 32, "seed": 3, "device": "cpu", **kw})
 
 
 @given(n=st.integers(8, 80), batch=st.integers(1, 8).map(lambda k: 2 * k), epoch=st.integers(0, 5), seed=seeds)
@@ -439,7 +439,7 @@ def device_train_data(args, views):
 
 def test_an_epoch_of_views_does_not_depend_on_what_ran_before():
     """What --resume relies on: the views of epoch e are a function of (seed, epoch, rank) alone."""
-    views = common.MultiView([simclr.simclr_augment(common.DATASETS["synthetic"], 16, blur=0.5)] * 2)
+    views = common.MultiView([simclr.simclr_augment(SYNTHETIC_INFO, 16, blur=0.5)] * 2)
     data = device_train_data(tiny_args(data_path="device"), views)
     assert data.on_device
     first = [v for (v, _) in data.loader(2)]
@@ -456,7 +456,7 @@ def test_a_with_index_set_gives_the_cpu_batches_structure_on_the_device():
     """instdisc.py's batches are (x, y, i) with i the image's row in its memory bank: the device path must give
     one view tensor (not a list), and the same labels and positions, batch by batch, as the CPU DataLoader."""
     args = tiny_args(data_path="device", subset=96, batch_size=16)
-    view = instdisc.instdisc_augment(common.DATASETS["synthetic"], 16)
+    view = instdisc.instdisc_augment(SYNTHETIC_INFO, 16)
     train, _, _ = common.training_and_eval_sets(args, view, T.ToTensor())
     train = common.WithIndex(train)
     data = common.TrainData(train, view, args)
@@ -495,7 +495,7 @@ def test_device_path_and_cpu_path_give_simclr_the_same_loss():
     """Views that both paths make identically (a whole-image crop, flipped, solarised: no randomness left), so
     the same images in the same batches must give the same loss and the same weights after the epoch's two steps
     (more steps of LARS at this rate amplify the paths' 1e-7 differences in pixels past any useful tolerance)."""
-    info = common.DATASETS["synthetic"]
+    info = SYNTHETIC_INFO
     view = T.Compose([T.RandomResizedCrop(16, scale=(1.0, 1.0), ratio=(1.0, 1.0)), T.RandomHorizontalFlip(p=1.0),
                       T.RandomSolarize(128, p=1.0), common.normalize(info)])
     views = common.MultiView([view, T.Compose([T.RandomHorizontalFlip(p=1.0), common.normalize(info)])])
@@ -519,7 +519,7 @@ def test_device_path_and_cpu_path_give_simclr_the_same_loss():
 @pytest.mark.scripts
 def test_simclr_runs_on_the_device_data_path(tmp_path):
     run = tmp_path / "run"
-    out = run_script("simclr.py", "--dataset", "synthetic", "--arch", "tiny", "--epochs", "1", "--batch-size", "32",
+    out = run_script("simclr.py", *SYNTHETIC_FLAGS, "--arch", "tiny", "--epochs", "1", "--batch-size", "32",
                      "--workers", "0", "--data-path", "device", "--out-dir", run)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "training data on cpu: 512 images" in out.stdout
@@ -562,7 +562,7 @@ def test_each_method_trains_an_epoch_on_the_device_data_path(method, tmp_path):
     """One epoch of two steps on a 128-image subset, so each run takes seconds, with every batch from the
     device path: the CPU DataLoader refuses to be built."""
     run = tmp_path / "run"
-    out = run_script("-c", WITHOUT_TRAIN_LOADER, method, "--dataset", "synthetic", "--arch", "tiny", "--batch-size",
+    out = run_script("-c", WITHOUT_TRAIN_LOADER, method, *SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size",
                      "64", "--workers", "0", "--probe-epochs", "0", "--epochs", "1", "--subset", "128", "--eval-every",
                      "0", "--knn-k", "10", "--data-path", "device", "--out-dir", run, *DEVICE_METHODS[method])
     assert out.returncode == 0, out.stderr[-3000:]
@@ -588,7 +588,7 @@ simclr.main(common.parse(simclr.Args))
 
 @pytest.mark.scripts
 def test_a_run_on_the_device_path_resumes_to_the_same_weights(tmp_path):
-    argv = ["--dataset", "synthetic", "--arch", "tiny", "--epochs", "2", "--batch-size", "64", "--workers", "0",
+    argv = [*SYNTHETIC_FLAGS, "--arch", "tiny", "--epochs", "2", "--batch-size", "64", "--workers", "0",
             "--data-path", "device", "--eval-every", "0", "--probe-epochs", "0", "--knn-k", "10"]
     assert run_script("simclr.py", *argv, "--out-dir", tmp_path / "whole").returncode == 0
     cut = run_script("-c", STOP_AFTER_FIRST_EPOCH, *argv, "--out-dir", tmp_path / "cut")
@@ -604,7 +604,7 @@ def test_a_run_on_the_device_path_resumes_to_the_same_weights(tmp_path):
 
 @pytest.mark.scripts
 def test_bad_data_path_is_refused(tmp_path):
-    out = run_script("simclr.py", "--dataset", "synthetic", "--data-path", "bogus", "--out-dir", tmp_path / "run")
+    out = run_script("simclr.py", *SYNTHETIC_FLAGS, "--data-path", "bogus", "--out-dir", tmp_path / "run")
     assert out.returncode == 2
     assert "--data-path" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert not (tmp_path / "run").exists()

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import byol
 import common
-from conftest import init_gloo, run_script, shard, spawn
+from conftest import SYNTHETIC_INFO, init_gloo, run_script, shard, spawn, synthetic
 
 seeds = st.integers(0, 2**31 - 1)
 
@@ -246,8 +246,8 @@ def test_heads_as_the_official_mlp():
 
 
 def test_two_views_are_asymmetric_random_augmentations():
-    info = common.DATASETS["synthetic"]
-    img, _ = common.load_dataset(common.Args(dataset="synthetic"), True)[0]
+    info = SYNTHETIC_INFO
+    img, _ = common.ImageTensorDataset(*synthetic(True))[0]
     two = common.MultiView([byol.byol_augment(info, 16, 1.0, 0.0), byol.byol_augment(info, 16, 0.1, 0.2)])
     torch.manual_seed(0)
     v1, v2 = two(img)

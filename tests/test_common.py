@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import common
 import simclr
+from conftest import SYNTHETIC
 
 seeds = st.integers(0, 2**31 - 1)
 
@@ -199,7 +200,7 @@ def test_datasets_offline_and_index_wrapper():
     info, size = common.dataset_info(args)
     x, y2, i = common.WithIndex(common.load_dataset(args, True, common.normalize(info)))[5]
     assert x.shape == (1, 8, 8) and i == 5 and y2 == train[5][1]
-    syn = common.load_dataset(common.Args(dataset="synthetic"), True)
+    syn = common.load_dataset(common.Args(dataset="imagefolder", data_dir=str(SYNTHETIC)), True)
     assert len(syn) == 512 and syn[0][0].size == (16, 16) and syn[0][0].mode == "RGB"
 
 
@@ -273,7 +274,7 @@ def test_gathers_are_identity_on_one_process():
 
 
 def test_run_dir_refuses_to_overwrite_and_checks_checkpoints(tmp_path, capsys):
-    args = simclr.Args(dataset="synthetic", arch="tiny", out_dir=str(tmp_path / "run"))
+    args = simclr.Args(dataset="digits", arch="tiny", out_dir=str(tmp_path / "run"))
     run = common.RunDir(args, "simclr")
     assert json.loads((run.path / "args.json").read_text())["arch"] == "tiny"
     run.log(epoch=1, step=4, loss=1.5, extra=3)
@@ -290,7 +291,7 @@ def test_run_dir_refuses_to_overwrite_and_checks_checkpoints(tmp_path, capsys):
         common.load_checkpoint(run.checkpoint_path, "moco", args)
     assert "written by simclr.py, not moco.py" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # another architecture
-        common.load_checkpoint(run.checkpoint_path, "simclr", simclr.Args(dataset="synthetic", arch="resnet18"))
+        common.load_checkpoint(run.checkpoint_path, "simclr", simclr.Args(dataset="digits", arch="resnet18"))
     assert "--arch tiny" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in run.path.iterdir()} == before  # nothing written over
 
@@ -306,14 +307,15 @@ def test_help_names_each_default_once(capsys):
     with pytest.raises(SystemExit):
         common.parse(simclr.Args, ["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
-    assert "(default: runs/<method>-<date>-<time>)" in out and "(default: runs/<method>-<date>-<time>) (default" not in out
+    assert "(default: runs/<method>-<date>-<time>)" in out
+    assert "(default: runs/<method>-<date>-<time>) (default" not in out
     assert "cuda when available, else cpu)" in out and "else cpu) (default" not in out
     assert "(default: 0.5)" in out  # a field whose comment names no default gets it appended
 
 
 def test_args_json_records_the_directory_and_device_the_run_used(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = simclr.Args(dataset="synthetic", arch="tiny")
+    args = simclr.Args(dataset="digits", arch="tiny")
     common.setup_distributed(args)
     run = common.RunDir(args, "simclr")
     saved = json.loads((run.path / "args.json").read_text())

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import common
 import dpll
-from conftest import WORLD, init_gloo, run_script, shard, spawn
+from conftest import SYNTHETIC_INFO, WORLD, init_gloo, run_script, shard, spawn, synthetic
 
 seeds = st.integers(0, 2**31 - 1)
 
@@ -310,9 +310,9 @@ def test_views_follow_the_official_recipes():
 
 
 def test_three_views_are_different_and_seeded():
-    info = common.DATASETS["synthetic"]
-    img, _ = common.load_dataset(common.Args(dataset="synthetic"), True)[0]
-    weak, strong = dpll.dpll_views(info, 16, dpll.augment_recipe("synthetic", info, 16))
+    info = SYNTHETIC_INFO
+    img, _ = common.ImageTensorDataset(*synthetic(True))[0]
+    weak, strong = dpll.dpll_views(info, 16, dpll.augment_recipe("imagefolder", info, 16))
     three = common.MultiView([weak, strong, strong])
     torch.manual_seed(0)
     a = three(img)

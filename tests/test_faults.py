@@ -27,10 +27,11 @@ import torch
 from PIL import Image
 
 import common
+from conftest import SYNTHETIC_FLAGS
 
 ROOT = Path(__file__).resolve().parent.parent  # conftest.py puts it on sys.path, for `import common`
 TINY = ["--arch", "tiny", "--log-every", "0.5", "--probe-epochs", "1"]
-SYNTHETIC = ["simclr.py", "--dataset", "synthetic", "--batch-size", "64", "--workers", "0", *TINY]
+SYNTHETIC = ["simclr.py", *SYNTHETIC_FLAGS, "--batch-size", "64", "--workers", "0", *TINY]
 PATHS = [("cpu", 0), ("cpu", 2), ("device", 0), ("device", 2)]  # --data-path, --workers
 
 
@@ -413,7 +414,7 @@ def test_resume_starts_again_a_run_stopped_before_its_first_epoch(tmp_path, caps
 @pytest.mark.scripts
 def test_batch_larger_than_the_data_is_refused_before_the_run_directory(tmp_path):
     run = tmp_path / "run"
-    out = run_script("simclr.py", "--dataset", "synthetic", "--batch-size", "1024", "--workers", "0", *TINY,
+    out = run_script("simclr.py", *SYNTHETIC_FLAGS, "--batch-size", "1024", "--workers", "0", *TINY,
                      "--epochs", "1", "--out-dir", run)
     assert_refused(out, "--batch-size 1024 is larger than the training set (512 images)")
     assert not run.exists()
@@ -445,11 +446,11 @@ def test_checkpoint_of_another_model_is_refused_naming_the_key(tmp_path, capsys)
         model = simclr.SimCLR(common.build_backbone("tiny"), proj_dim)
         return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
-    args = simclr.Args(dataset="synthetic", arch="tiny", epochs=1, out_dir=str(tmp_path / "run"))
+    args = simclr.Args(dataset="digits", arch="tiny", epochs=1, out_dir=str(tmp_path / "run"))
     model, optimizer = model_and_optimizer(128)
     common.RunDir(args, "simclr").save(1, model=model.state_dict(), optimizer=optimizer.state_dict())
     before = snapshot(tmp_path / "run")
-    other = simclr.Args(dataset="synthetic", arch="tiny", epochs=2, out_dir=str(tmp_path / "run"), resume=True,
+    other = simclr.Args(dataset="digits", arch="tiny", epochs=2, out_dir=str(tmp_path / "run"), resume=True,
                         proj_dim=64)
     run = common.RunDir(other, "simclr")
     with pytest.raises(SystemExit) as exit_info:

@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
+from conftest import SYNTHETIC_FLAGS
 
 # ops whose result the host must wait for on CUDA
 SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "argwhere", "masked_select", "_unique",
@@ -85,7 +86,7 @@ class Copies(TorchFunctionMode):
 
 
 # a few steps of each method on tiny data: the flags that make its own parts small
-TINY = ["--dataset", "synthetic", "--arch", "tiny", "--batch-size", "32", "--subset", "128", "--epochs", "1",
+TINY = [*SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "32", "--subset", "128", "--epochs", "1",
         "--workers", "0", "--eval-every", "0", "--probe-epochs", "0", "--knn-k", "10", "--log-every", "1000"]
 METHODS = {
     "simclr": [],

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 import adversarial
 import common
 import instdisc
-from conftest import WORLD, init_gloo, run_script, shard, spawn
+from conftest import SYNTHETIC_FLAGS, SYNTHETIC_INFO, init_gloo, run_script, shard, spawn, synthetic
 
-INFO = common.DATASETS["synthetic"]  # the channel mean and std the adversarial view is made with
+INFO = common.DATASETS["imagefolder"]  # the channel mean and std the adversarial view is made with (_setup)
 temperatures = st.floats(0.05, 1.0)
 seeds = st.integers(0, 2**31 - 1)
 
@@ -231,7 +231,7 @@ def _setup(nce_k, proximal, adv_eps=0.0, n=20, d=5):
     bank = instdisc.MemoryBank(n, d, torch.Generator().manual_seed(1))
     bank.rng.manual_seed(2)  # the generator of the noise rows
     args = instdisc.Args(nce_k=nce_k, proximal=proximal, temperature=0.2, bank_momentum=0.5, adv_eps=adv_eps,
-                         adv_weight=0.7, dataset="synthetic", device="cpu")
+                         adv_weight=0.7, dataset="imagefolder", device="cpu")
     return model, bank, bank.noise, bank.rng, args
 
 
@@ -353,7 +353,7 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
 
 def _run(out_dir, epochs, resume=False):
     """instdisc.main in this process on tiny data, NCE on (its noise generator is the one a GPU made CUDA-shaped)."""
-    argv = ["--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64", "--subset", "256", "--workers", "0",
+    argv = [*SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "64", "--subset", "256", "--workers", "0",
             "--nce-k", "16", "--eval-every", "0", "--probe-epochs", "0", "--knn-k", "10", "--log-every", "1000",
             "--epochs", str(epochs), "--out-dir", str(out_dir)] + (["--resume"] if resume else [])
     instdisc.main(common.parse(instdisc.Args, argv))
@@ -386,8 +386,8 @@ def test_model_gives_unit_features_of_low_dim():
 
 
 def test_view_is_seeded_random_augmentation():
-    info = common.DATASETS["synthetic"]
-    img, _ = common.load_dataset(common.Args(dataset="synthetic"), True)[0]
+    info = SYNTHETIC_INFO
+    img, _ = common.ImageTensorDataset(*synthetic(True))[0]
     view = instdisc.instdisc_augment(info, 16)
     torch.manual_seed(0)
     a, b = view(img), view(img)

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 import common
 import jem
-from conftest import init_gloo, run_script, spawn, torchrun
+from conftest import SYNTHETIC, SYNTHETIC_FLAGS, init_gloo, run_script, spawn, torchrun
 
 seeds = st.integers(0, 2**31 - 1)
-TINY = ["--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64", "--workers", "0", "--log-every", "0.5",
+TINY = [*SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "64", "--workers", "0", "--log-every", "0.5",
         "--probe-epochs", "0", "--eval-every", "0", "--buffer-size", "256", "--sgld-steps", "2", "--queue-size", "128"]
 
 
@@ -282,7 +282,7 @@ def results(run):
 def test_each_objective_runs_end_to_end(objective, tmp_path):
     run = tmp_path / "run"
     out = run_script("jem.py", *TINY, "--objective", objective, "--epochs", "2", "--probe-epochs", "2",
-                     "--ood-dataset", "synthetic", "--out-dir", run)
+                     "--ood-dataset", "imagefolder", "--ood-data-dir", str(SYNTHETIC), "--out-dir", run)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "k-NN top-1: untrained" in out.stdout
     r = results(run)

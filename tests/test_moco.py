@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import common
 import moco
-from conftest import WORLD, TwoLayerEncoder, init_gloo, run_script, shard, spawn
+from conftest import SYNTHETIC_FLAGS, TwoLayerEncoder, WORLD, init_gloo, run_script, shard, spawn
 
 temperatures = st.floats(0.05, 2.0)
 seeds = st.integers(0, 2**31 - 1)
@@ -226,7 +226,7 @@ def test_args_reject_bad_values():
 
 def test_queue_not_divisible_by_the_batch_is_refused_from_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # in process: the script's own parse of its command line
-        common.parse(moco.Args, ["--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64", "--queue-size",
+        common.parse(moco.Args, [*SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "64", "--queue-size",
                                  "100", "--out-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--queue-size 100 must be a positive multiple of the 64 keys" in err

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import common
 import paws
-from conftest import WORLD, TwoLayerEncoder, init_gloo, run_script, shard, spawn
+from conftest import SYNTHETIC_FLAGS, TwoLayerEncoder, WORLD, init_gloo, run_script, shard, spawn, synthetic
 
 seeds = st.integers(0, 2**31 - 1)
 taus = st.floats(0.05, 1.0)
@@ -511,7 +511,7 @@ def test_finetuning_two_processes_on_halves_equal_one_process_on_all_supports(tm
             assert torch.allclose(got[rank]["grads"][name], p.grad, rtol=1e-5, atol=1e-7), name
 
 
-FINETUNE_RUN = ["--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64", "--workers", "0", "--subset", "256",
+FINETUNE_RUN = [*SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "64", "--workers", "0", "--subset", "256",
                 "--eval-subset", "128", "--knn-k", "10", "--num-labels", "100", "--supports-per-class", "4",
                 "--multicrop", "1", "--epochs", "1", "--probe-epochs", "0", "--eval-every", "0"]
 
@@ -563,7 +563,7 @@ def test_model_head_as_the_official_code():
 def test_views_two_global_and_multicrop():
     info = common.DATASETS["cifar10"]
     views, support_view = paws.paws_views(info, 32, 6, 0.5)
-    ds = common.load_dataset(common.Args(dataset="synthetic"), True)
+    ds = common.ImageTensorDataset(*synthetic(True))
     img = ds[0][0].resize((32, 32))
     torch.manual_seed(0)
     out = views(img)
@@ -577,7 +577,7 @@ def test_views_two_global_and_multicrop():
 @pytest.mark.scripts
 def test_supervised_only_baseline_reports_its_classifier(tmp_path):
     run = tmp_path / "run"
-    out = run_script("paws.py", "--dataset", "synthetic", "--arch", "tiny", "--batch-size", "64", "--workers", "0",
+    out = run_script("paws.py", *SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "64", "--workers", "0",
                      "--num-labels", "100", "--supports-per-class", "4", "--multicrop", "2", "--epochs", "1",
                      "--probe-epochs", "0", "--supervised-only", "--out-dir", run)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import common
 import simclr
+from conftest import SYNTHETIC_INFO, synthetic
 
 temperatures = st.floats(0.05, 2.0)
 seeds = st.integers(0, 2**31 - 1)
@@ -147,8 +148,8 @@ def test_model_shapes_and_head_as_the_official_code():
 
 
 def test_views_are_two_different_random_augmentations_of_one_image():
-    info = common.DATASETS["synthetic"]
-    ds = common.load_dataset(common.Args(dataset="synthetic"), True)
+    info = SYNTHETIC_INFO
+    ds = common.ImageTensorDataset(*synthetic(True))
     img, _ = ds[0]
     two = common.MultiView([simclr.simclr_augment(info, 16, 0.5, 0.5) for _ in range(2)])
     torch.manual_seed(0)
