@@ -420,10 +420,8 @@ def open_image(path: str) -> Image.Image:
 def _split(root: Path, train: bool) -> Path:
     names = ["train"] if train else ["val", "test"]
     split = next((root / n for n in names if (root / n).is_dir()), None)
-    if split is None:
-        fail(f"--dataset imagefolder needs {' or '.join(n + '/' for n in names)} under --data-dir {root} "
-             f"(one sub-folder per class inside)")
-    return split
+    return split or fail(f"--dataset imagefolder needs {' or '.join(n + '/' for n in names)} under --data-dir {root} "
+                         f"(one sub-folder per class inside)")
 
 
 def dataset_info(args: Args) -> tuple[DataInfo, int]:
@@ -609,12 +607,13 @@ class TrainData:
 class LARS(torch.optim.Optimizer):
     """LARS (You, Gitman & Ginsburg, 2017) as in SimCLR's official code. For a parameter w with gradient g:
         g <- g + wd w;  trust = eta ||w|| / ||g|| (1 if either is 0);  v <- momentum v + lr trust g;  w <- w - v
-    A group with lars_exclude (biases, normalisation) has neither decay nor trust. clip caps lr trust at lr (LARC)."""
+    (nesterov: w <- w - (momentum v + lr trust g)). A group with lars_exclude (biases, normalisation) has neither
+    decay nor trust. clip caps lr trust at lr, as NVIDIA's LARC (solo-learn's clip_lr)."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001,
-                 clip: bool = False):
+                 nesterov: bool = False, clip: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      lars_exclude=False, clip=clip))
+                                      nesterov=nesterov, lars_exclude=False, clip=clip))
 
     @torch.no_grad()
     def step(self):
@@ -631,13 +630,15 @@ class LARS(torch.optim.Optimizer):
                 if group.get("clip") and lr > 0:  # .get: checkpoints without the key
                     trust = (trust / lr).clamp(max=1.0)  # lr * this = min(eta ||w|| / ||g||, lr)
                 gs = torch._foreach_mul(gs, list(trust.unbind()))  # g * trust, one ratio per parameter
-            for w in ws:
-                if "momentum_buffer" not in self.state[w]:
-                    self.state[w]["momentum_buffer"] = torch.zeros_like(w)
+            for w in (w for w in ws if "momentum_buffer" not in self.state[w]):  # the first step: v = 0
+                self.state[w]["momentum_buffer"] = torch.zeros_like(w)
             vs = [self.state[w]["momentum_buffer"] for w in ws]
             torch._foreach_mul_(vs, momentum)
             torch._foreach_add_(vs, gs, alpha=lr)  # v <- momentum v + lr g
-            torch._foreach_sub_(ws, vs)  # w <- w - v
+            if group["nesterov"]:
+                torch._foreach_sub_(ws, torch._foreach_add(torch._foreach_mul(vs, momentum), gs, alpha=lr))
+            else:
+                torch._foreach_sub_(ws, vs)  # w <- w - v
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -697,8 +698,7 @@ def knn_scores(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Tenso
     scores = []
     for q in test_z.split(chunk):
         top_sim, top_idx = (q @ train_z.T).topk(min(k, len(train_z)), dim=1)  # [m, k] of the similarities [m, N]
-        votes = torch.zeros(len(q), num_classes, device=q.device, dtype=top_sim.dtype)
-        scores.append(votes.scatter_add_(1, train_y[top_idx], (top_sim / t).exp()))
+        scores.append(top_sim.new_zeros(len(q), num_classes).scatter_add_(1, train_y[top_idx], (top_sim / t).exp()))
     return torch.cat(scores)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -373,14 +374,15 @@ def test_the_same_seed_builds_the_same_network_on_both_data_paths(tmp_path, monk
 
 def test_losses_stay_float32_on_cuda_and_deterministic_asks_for_exact_kernels(monkeypatch):
     """setup_distributed leaves TF32 off for matrix products (the float32 losses and the k-NN are such products;
-    convolutions keep PyTorch's default), and --deterministic turns on cuDNN's and PyTorch's deterministic modes."""
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    convolutions keep PyTorch's default), and --deterministic turns on PyTorch's deterministic mode (which makes
+    cuDNN's convolutions deterministic too, and CUBLAS_WORKSPACE_CONFIG its matrix products)."""
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     common.setup_distributed(common.Args(device="cpu"))
     assert not torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
     assert not torch.are_deterministic_algorithms_enabled()
     try:
         common.setup_distributed(common.Args(device="cpu", deterministic=True))
-        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert torch.are_deterministic_algorithms_enabled() and os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8"
     finally:
         torch.use_deterministic_algorithms(False)
