@@ -3,18 +3,17 @@ or auto on CUDA). Optional: common.py imports this file only when a run takes th
 runs on the CPU DataLoader.
 
 A training set that fits in memory (CIFAR, STL-10, SVHN, MNIST-like, digits, an image folder of 64 px or less) is
-decoded once into a uint8 tensor on the device. Each batch's views are made by batched augmentation: every sample
-draws its own parameters from a seeded generator on the device, as torchvision's transforms do per image, but one
-batch is one set of tensor operations, of fixed shapes, so nothing waits for the host. The ops follow torchvision's
-tensor versions and take the same parameters (tests/test_augment.py compares them sample by sample).
+decoded once into a uint8 tensor on the device. Every sample draws its own view parameters from a seeded generator
+on the device, as torchvision's transforms do per image, but a batch is one set of tensor ops of fixed shapes, so
+nothing waits for the host. The ops follow torchvision's tensor versions (tests/test_augment.py compares them).
 
-What differs from the CPU path, which runs torchvision on PIL images: the views stay in float from the decoded image
-to the standardised view, where PIL rounds to 8 bits after every step; crops are resized without antialiasing; and
-the random numbers come from another generator, so the two paths draw different (equally distributed) views.
+Unlike the CPU path (torchvision on PIL images): the views stay in float where PIL rounds to 8 bits after every
+step, crops are resized without antialiasing, and another generator draws other (equally distributed) views.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -25,6 +24,14 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF2
 
 import common
+
+# ColorJitter's four factors, in its order, each with the range that leaves the image as it is
+JITTER = {"brightness": (1.0, 1.0), "contrast": (1.0, 1.0), "saturation": (1.0, 1.0), "hue": (0.0, 0.0)}
+# the steps with a batched version, by their place in a view (the flip aside), and the spec's field of each one's
+# probability (ColorJitter and GaussianBlur take their RandomApply's)
+STEPS = {T.Pad: (1, None), T.RandomResizedCrop: (2, None), T.RandomCrop: (2, None), T.ColorJitter: (3, "jitter"),
+         T.RandomGrayscale: (4, "grayscale"), T.GaussianBlur: (5, "blur"), T.RandomSolarize: (6, "solarize"),
+         T.RandomEqualize: (7, "equalize"), T.ToTensor: (8, None), T.Normalize: (9, None)}
 
 
 @dataclass(frozen=True)
@@ -66,49 +73,40 @@ class ViewSpec:
         ValueError for a step or an order without a batched version here. A RandomSolarize with `threshold_range`
         draws its threshold for each image in that range (paws.py's)."""
         fields, last = {}, 0
-        order = {T.Pad: 0.5, T.RandomResizedCrop: 1, T.RandomCrop: 1, T.ColorJitter: 2, T.RandomGrayscale: 3,
-                 T.GaussianBlur: 4, T.RandomSolarize: 5, T.RandomEqualize: 6, T.ToTensor: 7, T.Normalize: 8}
         for step in _flatten(transform):
             p = 1.0
             if isinstance(step, T.RandomApply) and len(step.transforms) == 1:
                 p, step = step.p, step.transforms[0]
-            kind = next((k for k in order if isinstance(step, k)), type(step))
+            kind = next((k for k in STEPS if isinstance(step, k)), type(step))
             if kind is T.RandomHorizontalFlip and p == 1.0:
                 fields["flip"] = step.p
                 continue
-            if kind not in order or order[kind] <= last or (p != 1.0 and kind not in (T.ColorJitter, T.GaussianBlur)):
+            place, chance = STEPS.get(kind, (0, None))
+            if place <= last or (p != 1.0 and kind not in (T.ColorJitter, T.GaussianBlur)):
                 raise ValueError(f"no batched version of {step!r} at this place in the views")
-            last = order[kind]
+            last = place
+            if chance:
+                fields[chance] = getattr(step, "p", p)  # the step's own, else its RandomApply's
             if kind is T.Pad or (kind is T.RandomCrop and step.padding):
-                padding = step.padding
-                if (kind is T.RandomCrop and step.pad_if_needed) or step.padding_mode != "reflect" or not (
-                        isinstance(padding, int) or len(set(padding)) == 1):
+                pads = {step.padding} if isinstance(step.padding, int) else set(step.padding)
+                if len(pads) > 1 or step.padding_mode != "reflect" or getattr(step, "pad_if_needed", False):
                     raise ValueError(f"the batched padded crop pads every side alike by reflection, not {step!r}")
-                fields["pad"] = padding if isinstance(padding, int) else padding[0]
-            if kind is T.RandomCrop:
-                if step.size[0] != step.size[1]:
-                    raise ValueError("the batched crop makes square views")
-                fields.update(size=step.size[0], crop="padded")
-            elif kind is T.RandomResizedCrop:
-                if step.size[0] != step.size[1] or step.interpolation != T.InterpolationMode.BILINEAR:
-                    raise ValueError("the batched crop makes square views with bilinear interpolation")
-                fields.update(size=step.size[0], scale=tuple(step.scale), ratio=tuple(step.ratio))
-            elif kind is T.ColorJitter:
-                fields.update(brightness=tuple(step.brightness or (1.0, 1.0)), jitter=p,
-                              contrast=tuple(step.contrast or (1.0, 1.0)),
-                              saturation=tuple(step.saturation or (1.0, 1.0)), hue=tuple(step.hue or (0.0, 0.0)))
-            elif kind is T.RandomGrayscale:
-                fields["grayscale"] = step.p
+                fields["pad"] = pads.pop()
+            if kind in (T.RandomCrop, T.RandomResizedCrop):
+                bilinear = getattr(step, "interpolation", T.InterpolationMode.BILINEAR) == T.InterpolationMode.BILINEAR
+                if step.size[0] != step.size[1] or not bilinear:
+                    raise ValueError(f"the batched crop makes square views, resized bilinearly, not {step!r}")
+                fields.update(size=step.size[0], **({"crop": "padded"} if kind is T.RandomCrop else
+                                                    {"scale": tuple(step.scale), "ratio": tuple(step.ratio)}))
+            elif kind is T.ColorJitter:  # a factor it leaves out (None) keeps its identity range
+                fields.update({k: tuple(getattr(step, k) or identity) for k, identity in JITTER.items()})
             elif kind is T.GaussianBlur:
                 if step.kernel_size[0] != step.kernel_size[1]:
                     raise ValueError("the batched blur has a square kernel")
-                fields.update(blur=p, blur_kernel=step.kernel_size[0], blur_sigma=tuple(step.sigma))
+                fields.update(blur_kernel=step.kernel_size[0], blur_sigma=tuple(step.sigma))
             elif kind is T.RandomSolarize:  # before ToTensor: on PIL images, whose threshold is in 8-bit units
                 drawn = tuple(v / 255 for v in getattr(step, "threshold_range", ()))  # then its threshold is unused
-                fields.update(solarize=step.p, **({"solarize_range": drawn} if drawn else
-                                                  {"solarize_threshold": step.threshold / 255}))
-            elif kind is T.RandomEqualize:
-                fields["equalize"] = step.p
+                fields.update({"solarize_range": drawn} if drawn else {"solarize_threshold": step.threshold / 255})
             elif kind is T.Normalize:
                 fields.update(mean=tuple(step.mean), std=tuple(step.std))
         if "size" not in fields or (fields.get("pad") and fields.get("crop") != "padded"):
@@ -122,8 +120,8 @@ def _flatten(transform) -> list:
 
 def view_specs(views) -> list[ViewSpec]:
     """The specs of a MultiView's transforms (or of one transform)."""
-    return [ViewSpec.from_torchvision(t) for t in (views.transforms if isinstance(views, common.MultiView) else
-                                                   [views])]
+    transforms = views.transforms if isinstance(views, common.MultiView) else [views]
+    return [ViewSpec.from_torchvision(t) for t in transforms]
 
 
 @dataclass
@@ -146,13 +144,12 @@ class ViewParams:
 
 
 def draw_params(spec: ViewSpec, batch: int, height: int, width: int, generator: torch.Generator) -> ViewParams:
-    """Per-sample parameters for `batch` views of images height x width, from `generator` (on the device).
-
-    The crop is torchvision's RandomResizedCrop.get_params, vectorised: ten candidate boxes per sample (area fraction
-    uniform in `scale`, aspect ratio log-uniform in `ratio`, sides rounded), the first that fits is kept, placed
-    uniformly: the distribution of torchvision's loop of up to ten tries. A sample whose ten candidates all fail gets
-    its fallback, the centred crop of the whole image clamped to `ratio`. A "padded" crop is RandomCrop.get_params on
-    the image padded by spec.pad: a size x size box at a uniform offset (ValueError when it cannot fit)."""
+    """Per-sample parameters for `batch` views of images height x width, from `generator` (on the device). The crop
+    is torchvision's RandomResizedCrop.get_params vectorised: ten candidate boxes per sample (area uniform in `scale`,
+    aspect ratio log-uniform in `ratio`, sides rounded), the first that fits placed uniformly, as its loop of up to ten
+    tries; where none fits, its fallback (the centred whole image clamped to `ratio`). A "padded" crop is
+    RandomCrop.get_params on the image padded by spec.pad: a size x size box at a uniform offset (ValueError when it
+    cannot fit)."""
     device = generator.device
 
     def uniform(low, high, *shape):
@@ -175,21 +172,16 @@ def draw_params(spec: ViewSpec, batch: int, height: int, width: int, generator: 
         fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # [B, 10]
         first = fits.int().argmax(1, keepdim=True)  # the first candidate that fits (0 when none does)
         w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]  # [B]
-        if width / height < min(spec.ratio):  # torchvision's fallback: the whole image, clamped to the ratios
-            fw, fh = width, round(width / min(spec.ratio))
-        elif width / height > max(spec.ratio):
-            fw, fh = round(height * max(spec.ratio)), height
-        else:
-            fw, fh = width, height
+        # torchvision's fallback: the whole image, clamped to the ratios
+        fw = round(height * max(spec.ratio)) if width / height > max(spec.ratio) else width
+        fh = round(width / min(spec.ratio)) if width / height < min(spec.ratio) else height
         found = fits.any(1)
         w, h = torch.where(found, w, fw), torch.where(found, h, fh)
         top = torch.where(found, (uniform(0, 1, batch) * (height - h + 1)).floor().long(), (height - h) // 2)
         left = torch.where(found, (uniform(0, 1, batch) * (width - w + 1)).floor().long(), (width - w) // 2)
     flip, jittered = coin(spec.flip), coin(spec.jitter)
-    jitter = torch.stack([torch.where(jittered, uniform(*spec.brightness, batch), 1.0),
-                          torch.where(jittered, uniform(*spec.contrast, batch), 1.0),
-                          torch.where(jittered, uniform(*spec.saturation, batch), 1.0),
-                          torch.where(jittered, uniform(*spec.hue, batch), 0.0)], 1)  # [B, 4]
+    jitter = torch.stack([torch.where(jittered, uniform(*getattr(spec, k), batch), identity[0])
+                          for k, identity in JITTER.items()], 1)  # [B, 4]
     order = torch.rand(batch, 4, generator=generator, device=device).argsort(1)  # a permutation each
     grayscale = coin(spec.grayscale)
     sigma = torch.where(coin(spec.blur), uniform(*spec.blur_sigma, batch), 0.0)
@@ -210,8 +202,7 @@ def apply_params(images: torch.Tensor, params: ViewParams, standardize: bool = T
         x = F.pad(x, (spec.pad,) * 4, mode="reflect")  # [B, C, H + 2 pad, W + 2 pad]
     x = resized_crop(x, p.top, p.left, p.height, p.width, spec.size, p.flip)  # [B, C, size, size]
     if spec.jitter > 0:
-        active = (spec.brightness != (1, 1), spec.contrast != (1, 1), spec.saturation != (1, 1), spec.hue != (0, 0))
-        x = color_jitter(x, p.jitter, p.order, active)
+        x = color_jitter(x, p.jitter, p.order, [getattr(spec, k) != identity for k, identity in JITTER.items()])
     if spec.grayscale > 0:
         x = torch.where(p.grayscale[:, None, None, None], rgb_to_grayscale(x).expand_as(x), x)
     if spec.blur > 0:
@@ -225,36 +216,26 @@ def apply_params(images: torch.Tensor, params: ViewParams, standardize: bool = T
     return x
 
 
-def _bilinear_taps(start: torch.Tensor, length: torch.Tensor, size: int, flip: torch.Tensor | None = None):
-    """For each sample's crop [start, start + length) of one axis: the two input pixels and the weight of the second
-    that make each of `size` output pixels, as torchvision's bilinear resize without antialiasing (output pixel i
-    reads the crop at (i + 0.5) * length / size - 0.5, clamped to the crop). [B] -> 3 x [B, size]"""
-    i = torch.arange(size, device=start.device, dtype=torch.float32)
-    pos = ((i + 0.5) * (length[:, None] / size) - 0.5).clamp(min=0)  # [B, size], in crop pixels
-    low = pos.floor()
-    weight, last = pos - low, length[:, None] - 1
-    low = torch.minimum(low.long(), last)
-    taps = [start[:, None] + low, start[:, None] + torch.minimum(low + 1, last), weight]
-    if flip is not None:  # a mirrored view reads its columns right to left
-        taps = [torch.where(flip[:, None], t.flip(1), t) for t in taps]
-    return taps
-
-
-def _resample(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, weight: torch.Tensor, dim: int):
-    """Linear interpolation of x [B, C, H, W] along `dim` (2: rows, 3: columns) at per-sample taps [B, S]."""
-    shape, out = [x.shape[0], 1, 1, 1], list(x.shape)
-    shape[dim] = out[dim] = low.shape[1]  # [B, 1, S, 1] or [B, 1, 1, S]
-    a = x.gather(dim, low.view(shape).expand(out))
-    b = x.gather(dim, high.view(shape).expand(out))
-    return torch.lerp(a, b, weight.view(shape))
-
-
 def resized_crop(x: torch.Tensor, top, left, height, width, size: int, flip=None) -> torch.Tensor:
     """Each sample's box (top, left, height, width: [B] integers) of x [B, C, H, W] resized to size x size, bilinear
-    without antialiasing, mirrored where flip [B] is set: torchvision's resized_crop(antialias=False) then hflip. Two
-    gathers per axis, not grid_sample, so that samples near the box's edges are clamped to it as torchvision's are."""
-    x = _resample(x, *_bilinear_taps(top, height, size), dim=2)  # [B, C, size, W]
-    return _resample(x, *_bilinear_taps(left, width, size, flip), dim=3)  # [B, C, size, size]
+    without antialiasing, mirrored where flip [B] is set: torchvision's resized_crop(antialias=False) then hflip.
+    Output pixel i of an axis interpolates the box at (i + 0.5) * length / size - 0.5, clamped to the box, between
+    its two neighbours: two gathers per axis, not grid_sample, so that samples near the box's edges are clamped to it
+    as torchvision's are."""
+    i = torch.arange(size, device=top.device, dtype=torch.float32)
+    for dim, start, length in ((2, top, height), (3, left, width)):  # rows: [B, C, size, W], then columns
+        pos = ((i + 0.5) * (length[:, None] / size) - 0.5).clamp(min=0)  # [B, size], in box pixels
+        low = pos.floor()
+        weight, last = pos - low, length[:, None] - 1
+        low = torch.minimum(low.long(), last)
+        low, high = start[:, None] + low, start[:, None] + torch.minimum(low + 1, last)  # [B, size] input pixels
+        if dim == 3 and flip is not None:  # a mirrored view reads its columns right to left
+            low, high, weight = (torch.where(flip[:, None], t.flip(1), t) for t in (low, high, weight))
+        shape, out = [x.shape[0], 1, 1, 1], list(x.shape)
+        shape[dim] = out[dim] = size  # [B, 1, size, 1] or [B, 1, 1, size]
+        a, b = (x.gather(dim, t.view(shape).expand(out)) for t in (low, high))
+        x = torch.lerp(a, b, weight.view(shape))
+    return x
 
 
 def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -358,29 +339,26 @@ class DeviceData:
         """The images of a training set of common.load_dataset (through Subset and WithIndex), in its order.
         ValueError when they cannot be held: too large, of differing sizes, larger than 64 px (an image folder of
         ImageNet scale stays on the DataLoader), or a dataset without raw images."""
-        base, indices, with_index = dataset, None, False
+        base, indices, with_index = dataset, list(range(len(dataset))), False
         while isinstance(base, (common.WithIndex, torch.utils.data.Subset)):
-            if isinstance(base, common.WithIndex):
-                with_index = True
-            else:
-                indices = list(base.indices) if indices is None else [base.indices[i] for i in indices]
-            base = base.dataset
-        indices = list(range(len(base))) if indices is None else indices
+            if isinstance(base, torch.utils.data.Subset):
+                indices = [base.indices[i] for i in indices]
+            with_index, base = with_index or isinstance(base, common.WithIndex), base.dataset
         targets = torch.as_tensor([base.targets[i] for i in indices], dtype=torch.long)
         if isinstance(base, common.ImageTensorDataset):
             source = base.images.permute(0, 3, 1, 2)  # [N, C, H, W]
         elif isinstance(base, torchvision.datasets.ImageFolder):
-            paths = [base.samples[i][0] for i in indices]
-            width, height = common.open_image(paths[0]).size
+            width, height = common.open_image(base.samples[indices[0]][0]).size
             if max(width, height) > 64:
                 raise ValueError(f"images of {width}x{height} px: the device copy is for small images (64 px or "
                                  f"less); an ImageNet-scale folder stays on the CPU DataLoader")
-            if len(paths) * 3 * width * height > max_bytes:
-                raise ValueError(f"{len(paths)} images do not fit in the memory set aside for them")
-            decode = T.Compose([common.open_image, T.PILToTensor()])  # as ImageFolder decodes: the same pixels
-            files = common.Batches(_Files(paths, decode), args, batch_size=256)
+            if len(indices) * 3 * width * height > max_bytes:
+                raise ValueError(f"{len(indices)} images do not fit in the memory set aside for them")
+            decoded = copy.copy(base)  # its files to tensors as ImageFolder decodes them: the same pixels
+            decoded.transform, decoded.target_transform = T.PILToTensor(), None
+            files = common.Batches(torch.utils.data.Subset(decoded, indices), args, batch_size=256)
             try:
-                return cls(torch.cat(list(files)).to(device), targets.to(device), with_index)  # [N, 3, H, W]
+                return cls(torch.cat([x for x, _ in files]).to(device), targets.to(device), with_index)  # [N, 3, H, W]
             except RuntimeError as err:  # stacking images of different sizes
                 raise ValueError(f"the images differ in size ({str(err).splitlines()[0]})") from None
         elif hasattr(getattr(base, "data", None), "shape"):  # torchvision's CIFAR, SVHN, STL-10, MNIST-like
@@ -397,18 +375,7 @@ class DeviceData:
         return cls(source[torch.as_tensor(indices)].contiguous().to(device), targets.to(device), with_index)
 
     def loader(self, epoch: int, args: common.Args, batches=None, salt: int = 0) -> DeviceLoader:
-        return DeviceLoader(self, self.specs, args, epoch, batches, salt)
-
-
-class _Files(torch.utils.data.Dataset):
-    def __init__(self, paths, decode):
-        self.paths, self.decode = paths, decode
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.decode(self.paths[i])
+        return DeviceLoader(self, args, epoch, batches, salt)
 
 
 def epoch_batches(n: int, args: common.Args, epoch: int) -> torch.Tensor:
@@ -425,13 +392,12 @@ def epoch_batches(n: int, args: common.Args, epoch: int) -> torch.Tensor:
 
 class DeviceLoader:
     """One epoch from a DeviceData, shaped as common.train_loader's batches: (views, labels), or (views, labels,
-    indices) for a WithIndex set, the views a list (one per spec) when `specs` is a list. The views come from a
-    generator on the device seeded by (--seed, epoch, rank), so --resume reproduces them. `batches` ([steps, b]
-    indices into `data`, default epoch_batches) gives a method's own sampler's batches; `salt` gives a second loader
-    of the same epoch its own random views."""
+    indices) for a WithIndex set, the views a list when its specs are. The views come from a generator on the device
+    seeded by (--seed, epoch, rank), so --resume reproduces them. `batches` ([steps, b] indices, default
+    epoch_batches): a method's own sampler's; `salt` gives a second loader of the same epoch its own views."""
 
-    def __init__(self, data: DeviceData, specs, args: common.Args, epoch: int, batches=None, salt: int = 0):
-        self.data, self.specs, self.epoch = data, specs, epoch
+    def __init__(self, data: DeviceData, args: common.Args, epoch: int, batches=None, salt: int = 0):
+        self.data, self.epoch = data, epoch
         self.batches = (epoch_batches(len(data), args, epoch) if batches is None
                         else torch.as_tensor(batches, dtype=torch.long).to(args.device))
         seed = common.epoch_seed(args.seed, epoch, common.world()[0])
@@ -442,11 +408,11 @@ class DeviceLoader:
         return len(self.batches)
 
     def __iter__(self):
-        specs = self.specs if isinstance(self.specs, list) else [self.specs]
+        specs = self.data.specs if isinstance(self.data.specs, list) else [self.data.specs]
         for idx in self.batches:
             images = self.data.images[idx]  # [b, C, H, W] uint8
             views = [apply_params(images, draw_params(s, len(idx), *images.shape[2:], self.generator)) for s in specs]
-            x = views if isinstance(self.specs, list) else views[0]
+            x = views if isinstance(self.data.specs, list) else views[0]
             yield (x, self.data.targets[idx], idx) if self.data.with_index else (x, self.data.targets[idx])
 
 
