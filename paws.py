@@ -45,6 +45,7 @@ Where this file differs from the official code, and why:
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,8 +211,7 @@ class PAWS(nn.Module):
 
     def __init__(self, backbone: nn.Module, proj_dim: int = 128, num_classes: int = 0):
         super().__init__()
-        self.backbone = backbone
-        d = backbone.out_dim
+        self.backbone, d = backbone, backbone.out_dim
         self.projector = nn.Sequential(
             nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True),
             nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True),
@@ -393,7 +393,8 @@ def main(args: Args):
     support_views = common.MultiView([support_view] * args.support_views)
     labelled = labelled_indices(train_set.targets, args)
     support_set = common.Subset(common.training_and_eval_sets(args, support_views, None)[0], labelled)
-    labelled_set = common.Subset(memory_set, labelled)
+    paws_nn = functools.partial(snn_accuracy, labelled_set=common.Subset(memory_set, labelled), test_set=test_set,
+                                num_classes=info.num_classes, args=args)  # network -> its PAWS-NN top-1
     if args.classes_per_batch > len(set(support_set.targets)):
         common.fail(f"--classes-per-batch {args.classes_per_batch} is more than the labelled subset's classes")
     train_data = common.TrainData(train_set, views, args)  # on the device (--data-path) or the CPU DataLoader
@@ -407,25 +408,24 @@ def main(args: Args):
     state = run.resume(model, optimizer)
     ddp_model = common.distribute(model, args)  # the model as trained: DDP on several processes
 
-    steps = train_data.steps
-    lr_at = common.lr_schedule(args, steps, args.lr, args.final_lr, args.start_lr)  # the official schedule
+    lr_at = common.lr_schedule(args, train_data.steps, args.lr, args.final_lr, args.start_lr)  # the official schedule
     evaluation = common.Evaluation(memory_set, test_set, info.num_classes, args)
     progress = common.Progress(args)
     common.print0(f"PAWS {args.arch} on {args.dataset}: {len(train_set)} images ({len(labelled)} labelled), "
-                  f"{steps} steps of {args.batch_size} + {args.classes_per_batch} x {args.supports_per_class} "
-                  f"supports per epoch, {common.world()[1]} process(es) on {args.device}")
-    if state["epoch"] == 0:
-        run.log(epoch=0, step=0, knn_top1=evaluation.knn(model.backbone))
+                  f"{train_data.steps} steps of {args.batch_size} + {args.classes_per_batch} x "
+                  f"{args.supports_per_class} supports per epoch, {common.world()[1]} process(es) on {args.device}")
+    if state["epoch"] == 0:  # the untrained network's k-NN and PAWS-NN
+        run.log(epoch=0, step=0, knn_top1=evaluation.knn(model.backbone), snn_top1=paws_nn(model))
     for epoch in range(state["epoch"], args.epochs):
         loader = None if args.supervised_only else train_data.loader(epoch)
-        ce, me_max = train_one_epoch(ddp_model, loader, support_batches(supports, args, epoch, steps), optimizer,
-                                     lr_at, progress, args)
+        ce, me_max = train_one_epoch(ddp_model, loader, support_batches(supports, args, epoch, train_data.steps),
+                                     optimizer, lr_at, progress, args)
         knn_top1 = evaluation.knn(model.backbone, epoch + 1) if evaluation.due(epoch) else None
         run.log(epoch=epoch + 1, loss=ce + me_max if args.me_max else ce, knn_top1=knn_top1, ce=ce, me_max=me_max,
                 **progress.summary())
         run.save(epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict())
-    extra = {"snn_top1": snn_accuracy(model, labelled_set, test_set, info.num_classes, args)}
-    common.print0(f"PAWS-NN top-1 ({len(labelled)} labelled images): {extra['snn_top1']:.4f}")
+    extra = {"snn_top1_untrained": run.history[0]["snn_top1"], "snn_top1": paws_nn(model)}
+    common.print0(f"PAWS-NN top-1: untrained {extra['snn_top1_untrained']:.4f} -> trained {extra['snn_top1']:.4f}")
     if args.finetune_epochs:
         tuned = copy.deepcopy(model)
         if "finetuned" in state:  # a resumed run whose fine-tuning had finished
@@ -436,7 +436,7 @@ def main(args: Args):
             tuned = finetune(model, common.TrainData(finetune_set, finetune_views, args), args, run)
             run.save(args.epochs, force=True, model=model.state_dict(), optimizer=optimizer.state_dict(),
                      finetuned=tuned.state_dict())
-        extra["finetune_snn_top1"] = snn_accuracy(tuned, labelled_set, test_set, info.num_classes, args)
+        extra["finetune_snn_top1"] = paws_nn(tuned)
         common.print0(f"PAWS-NN top-1 after fine-tuning: {extra['finetune_snn_top1']:.4f}")
     if args.supervised_only:  # the baseline's own classifier, the other way it can use its labels
         logits, y = common.extract_features(nn.Sequential(*model.children()), test_set, args)

@@ -489,8 +489,9 @@ def adversarial_costs(bench) -> dict:
 def adversarial_table(results: dict, bench) -> str:
     lines = []
     for method in ("simclr", "instdisc"):
-        lines += [f"{method}: {bench.arch}, batch {bench.batch_size}, {results['config']['device']} "
-                  f"({results['config']['threads']} thread(s)), median of {bench.repeats} rounds of {bench.steps} steps",
+        config = results["config"]
+        lines += [f"{method}: {bench.arch}, batch {bench.batch_size}, {config['device']} ({config['threads']} "
+                  f"thread(s)), median of {bench.repeats} rounds of {bench.steps} steps",
                   f"{'':<34}{'ms/step':>10}{'ratio':>8}"]
         for name, row in results[method].items():
             lines.append(f"{name:<34}{row['ms_per_step']:>10,.1f}{row['vs_plain']:>8.2f}")
@@ -502,8 +503,8 @@ def table(results: dict) -> str:
     lines = []
     for method in c["method"]:
         lines += [f"{method}: {c['arch']}, batch {c['batch_size']}, {c['image_size']} px {c['data']} "
-                  f"({c['images'] or 'all'} images), {c['device']} ({c['threads']} thread{'s' if c['threads'] != 1 else ''}), DataLoader with "
-                  f"{c['workers']} workers",
+                  f"({c['images'] or 'all'} images), {c['device']} ({c['threads']} thread"
+                  f"{'s' if c['threads'] != 1 else ''}), DataLoader with {c['workers']} workers",
                   f"{'median of ' + str(c['repeats']) + ' rounds of ' + str(c['steps']) + ' steps':<34}"
                   f"{'images/s':>10}{'ratio':>8}"]
         for name, (label, ratio) in LABELS.items():

@@ -263,7 +263,7 @@ def test_resnet_stems_and_wide_resnet_options():
     blocks = [m for m in common.build_backbone("wrn34_10").modules() if isinstance(m, common._WideBlock)]
     assert len(blocks) == 15  # (34 - 4) / 6 = 5 blocks in each of 3 groups
 
-# ---------------------------------------------------------------------------------------------------- distributed (one process)
+# ------------------------------------------------------------------------------------------- distributed (one process)
 
 
 def test_gathers_are_identity_on_one_process():

@@ -34,11 +34,11 @@ def nt_xent_reference(z1, z2, tau):
     def sim(u, v):
         return float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
 
-    def l(i, j):
+    def pair_loss(i, j):
         denominator = sum(math.exp(sim(zs[i], zs[k]) / tau) for k in range(2 * n) if k != i)
         return -math.log(math.exp(sim(zs[i], zs[j]) / tau) / denominator)
 
-    return sum(l(2 * k, 2 * k + 1) + l(2 * k + 1, 2 * k) for k in range(n)) / (2 * n)
+    return sum(pair_loss(2 * k, 2 * k + 1) + pair_loss(2 * k + 1, 2 * k) for k in range(n)) / (2 * n)
 
 
 @given(n=st.integers(1, 8), d=st.integers(1, 12), tau=temperatures, seed=seeds)

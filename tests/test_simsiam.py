@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import common
 import simsiam
-from conftest import WORLD, init_gloo, run_script, shard, spawn
+from conftest import init_gloo, run_script, shard, spawn
 
 seeds = st.integers(0, 2**31 - 1)
 
