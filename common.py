@@ -77,7 +77,7 @@ class Args:
     save_every: int = 1  # write checkpoint.pt every this many epochs (and always after the last)
     seed: int = 0  # seed of every random draw (data order, augmentation, initialisation)
     device: str = ""  # cuda, cuda:N or cpu (default: cuda when available, else cpu)
-    threads: int = 0  # threads of each process's CPU operators (default: 1 on a CPU, faster and robust to load; 4)
+    threads: int = 0  # CPU threads of each process (default 1 on a CPU: faster, robust to load; 4 with a GPU)
     amp: bool = False  # bfloat16 autocast for the networks (losses stay float32; CUDA convolutions use TF32 anyway)
     compile: bool = False  # torch.compile the model
     channels_last: bool = False  # channels-last memory format for the convolutions

@@ -333,10 +333,11 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
 
 @pytest.mark.slow
 def test_byol_cifar10_subset_beats_the_untrained_network(cifar10, tmp_path):
-    # tiny network, 5,000 training images (500 a class), 1,000 test images, a few epochs (see CIFAR_EPOCHS)
+    # tiny network, 5,000 training images (500 a class), all 10,000 test images (BYOL's early gain is small: on 1,000
+    # it drowns in their sampling error), a few epochs (see CIFAR_EPOCHS)
     run = tmp_path / "run"
     out = run_script("byol.py", *cifar10, "--arch", "tiny",
-                     "--subset", "5000", "--eval-subset", "1000", "--epochs", str(CIFAR_EPOCHS), "--warmup-epochs",
+                     "--subset", "5000", "--eval-subset", "0", "--epochs", str(CIFAR_EPOCHS), "--warmup-epochs",
                      "1", "--batch-size", "256", "--workers", "2", "--eval-every", "0", "--probe-epochs", "0",
                      "--out-dir", run, timeout=1800, env_extra={"OMP_NUM_THREADS": "2"})
     assert out.returncode == 0, out.stderr[-3000:]
@@ -345,6 +346,8 @@ def test_byol_cifar10_subset_beats_the_untrained_network(cifar10, tmp_path):
     assert r["knn_top1"] - r["knn_top1_untrained"] >= MARGIN_CIFAR
 
 
-# measured (CIFAR-10 subset, tiny network, batch 256, 4 epochs, CPU): k-NN 0.313 -> 0.327 (+0.014)
-CIFAR_EPOCHS = 4
-MARGIN_CIFAR = 0.007
+# measured (tiny network, batch 256, 10 epochs, CPU, 2026-12-03): k-NN 0.2951 -> 0.3167 (+0.022) from the image folder,
+# 0.2915 -> 0.3230 (+0.032) from torchvision's format (another subset); every second epoch higher. At 4 epochs on 1,000
+# test images: +0.014 and +0.001. Asserted: about half the smaller gain.
+CIFAR_EPOCHS = 10
+MARGIN_CIFAR = 0.01

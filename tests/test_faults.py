@@ -591,22 +591,29 @@ def wait_for_checkpoint(nodes: TwoNodes, run: Path, timeout: float = 240):
     time.sleep(0.5)  # into the next epoch
 
 
+def signal_node_1(tmp_path, run, sig, timeout):
+    """Two nodes train into `run`; after the first checkpoint node 1's process (not the rendezvous host) gets `sig`.
+    Returns the seconds node 0 took to end after it, having printed its one lost-peer line."""
+    nodes = TwoNodes(tmp_path, two_node_argv(run), signal.Signals(sig).name).start()
+    try:
+        worker = nodes.worker(1)
+        wait_for_checkpoint(nodes, run)
+        sent = time.time()
+        os.kill(worker, sig)
+        nodes.agents[0].wait(timeout=timeout)
+        took = time.time() - sent
+    finally:
+        nodes.close()
+    line = lost_peer_line(nodes.err(0).read_text(), run)
+    print(f"survivor ended {took:.1f} s after {signal.Signals(sig).name}: {line}")
+    return took
+
+
 @pytest.mark.scripts
 @pytest.mark.xdist_group("two_nodes")
 def test_lost_node_ends_the_survivor_in_one_line_and_resume_finishes(tmp_path):
     run = tmp_path / "run"
-    nodes = TwoNodes(tmp_path, two_node_argv(run), "kill").start()
-    try:
-        workers = [nodes.worker(0), nodes.worker(1)]
-        wait_for_checkpoint(nodes, run)
-        killed = time.time()
-        os.kill(workers[1], signal.SIGKILL)  # node 1, which does not host the rendezvous, dies
-        nodes.agents[0].wait(timeout=60)
-        took = time.time() - killed
-    finally:
-        nodes.close()
-    line = lost_peer_line(nodes.err(0).read_text(), run)
-    print(f"survivor ended {took:.1f} s after the kill: {line}")
+    took = signal_node_1(tmp_path, run, signal.SIGKILL, timeout=60)  # node 1 dies
     assert took < 30
     saved = torch.load(run / "checkpoint.pt", weights_only=True)["epoch"]
     assert 1 <= saved < EPOCHS
@@ -624,19 +631,7 @@ def test_lost_node_ends_the_survivor_in_one_line_and_resume_finishes(tmp_path):
 @pytest.mark.scripts
 @pytest.mark.xdist_group("two_nodes")
 def test_frozen_node_ends_the_survivor_in_one_line(tmp_path):
-    run = tmp_path / "run"
-    nodes = TwoNodes(tmp_path, two_node_argv(run), "stop").start()
-    try:
-        workers = [nodes.worker(0), nodes.worker(1)]
-        wait_for_checkpoint(nodes, run)
-        frozen = time.time()
-        os.kill(workers[1], signal.SIGSTOP)  # node 1's process freezes: no error, no answer
-        nodes.agents[0].wait(timeout=DIST_TIMEOUT + 60)
-        took = time.time() - frozen
-    finally:
-        nodes.close()
-    line = lost_peer_line(nodes.err(0).read_text(), run)
-    print(f"survivor ended {took:.1f} s after the freeze: {line}")
+    took = signal_node_1(tmp_path, tmp_path / "run", signal.SIGSTOP, timeout=DIST_TIMEOUT + 60)  # frozen, silent
     assert took < DIST_TIMEOUT + 15
 
 

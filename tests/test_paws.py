@@ -605,9 +605,9 @@ def test_args_reject_bad_values():
 @pytest.mark.slow
 def test_paws_cifar10_subset_beats_the_untrained_network(cifar10, tmp_path):
     # tiny network, 5,000 training images of which 40 labelled (4 a class), 1,000 test images, 6 epochs; 2 multi-crops
-    # (not 6) and 4 supports a class (not 64) to fit the budget. Measured once: k-NN 0.313 -> 0.344, PAWS-NN 0.164
-    # (chance 0.10). The supervised-only baseline (--supervised-only, same steps and supports) measured 0.377 k-NN
-    # and 0.226 PAWS-NN in this budget: PAWS does not overtake it in 6 epochs, so no assertion is made about it.
+    # (not 6) and 4 supports a class (not 64) to fit the budget. PAWS-NN, what PAWS trains for, against the untrained
+    # network's; the k-NN of the encoder must not fall. The supervised-only baseline (same steps and supports) is not
+    # compared: PAWS does not overtake it in 6 epochs (measured once: k-NN 0.377, PAWS-NN 0.226).
     run = tmp_path / "run"
     out = run_script("paws.py", *cifar10, "--arch", "tiny", "--subset", "5000",
                      "--eval-subset", "1000", "--batch-size", "256", "--workers", "2", "--eval-every", "0",
@@ -617,14 +617,14 @@ def test_paws_cifar10_subset_beats_the_untrained_network(cifar10, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads((run / "results.json").read_text())
     print(f"CIFAR-10 subset, 40 labels: k-NN top-1 untrained {r['knn_top1_untrained']:.4f} -> trained "
-          f"{r['knn_top1']:.4f}; PAWS-NN {r['snn_top1']:.4f}")
-    assert r["knn_top1"] - r["knn_top1_untrained"] >= MARGIN_KNN
-    assert r["snn_top1"] >= SNN_FLOOR
+          f"{r['knn_top1']:.4f}; PAWS-NN untrained {r['snn_top1_untrained']:.4f} -> trained {r['snn_top1']:.4f}")
+    assert r["snn_top1"] - r["snn_top1_untrained"] >= MARGIN_SNN
+    assert r["knn_top1"] >= r["knn_top1_untrained"]
 
 
-# measured: k-NN 0.313 -> 0.344 (+0.031), PAWS-NN 0.164; asserted: about half the k-NN gain, PAWS-NN above chance
-MARGIN_KNN = 0.015
-SNN_FLOOR = 0.13
+# measured (2026-12-03): from the image folder PAWS-NN 0.117 -> 0.151 (+0.034), k-NN 0.313 -> 0.343; from torchvision's
+# format (another subset) PAWS-NN 0.146 -> 0.194 (+0.048), k-NN 0.299 -> 0.313. Asserted: half the smaller PAWS-NN gain
+MARGIN_SNN = 0.017
 
 
 @pytest.mark.slow
