@@ -417,12 +417,12 @@ def test_args_reject_bad_values():
 
 @pytest.mark.slow
 def test_instdisc_cifar10_subset_beats_the_untrained_network(cifar10, tmp_path):
-    # tiny network, 5,000 training images, 1,000 test images, the official recipe (full softmax, lr 0.03, its step
+    # tiny network, 5,000 training images, all 10,000 test images, the official recipe (full softmax, lr 0.03, its step
     # schedule scaled to 20 epochs): about 4 minutes on 2 cores. A memory-bank method learns slowly at first: each
     # row is refreshed once an epoch and starts random, so the bank k-NN starts near chance.
     run = tmp_path / "run"
     out = run_script("instdisc.py", *cifar10, "--arch", "tiny",
-                     "--subset", "5000", "--eval-subset", "1000", "--epochs", "20", "--batch-size", "256",
+                     "--subset", "5000", "--eval-subset", "0", "--epochs", "20", "--batch-size", "256",
                      "--workers", "2", "--eval-every", "0", "--probe-epochs", "0", "--out-dir", run,
                      timeout=1800, env_extra={"OMP_NUM_THREADS": "2"})
     assert out.returncode == 0, out.stderr[-3000:]
@@ -434,6 +434,8 @@ def test_instdisc_cifar10_subset_beats_the_untrained_network(cifar10, tmp_path):
     assert bank[-1] - bank[0] >= MARGIN_BANK  # the bank fills with the learnt features
 
 
-# measured: k-NN 0.313 -> 0.339 (+0.026); bank k-NN 0.130 after epoch 1 -> 0.240 after epoch 20 (+0.110)
-MARGIN_CIFAR = 0.013
+# measured (CPU, 2026-12-03): k-NN 0.2951 -> 0.3133 (+0.018) from the image folder, 0.2915 -> 0.3134 (+0.022) from
+# torchvision's format (it falls below the untrained network's for the first ten epochs, then passes it); bank k-NN
+# 0.144 -> 0.242 and 0.166 -> 0.241 from epoch 1 to 20. Asserted: about half the smaller gains.
+MARGIN_CIFAR = 0.01
 MARGIN_BANK = 0.05

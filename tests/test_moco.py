@@ -304,10 +304,11 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
 
 @pytest.mark.slow
 def test_moco_cifar10_subset_beats_the_untrained_network(cifar10, tmp_path):
-    # tiny network, 5,000 training images, 1,000 test images, a few epochs at twice the demo's learning rate
+    # tiny network, 5,000 training images, all 10,000 test images (on 1,000 the gain is within a few times their
+    # sampling error), a few epochs at twice the demo's learning rate
     run = tmp_path / "run"
     out = run_script("moco.py", *cifar10, "--arch", "tiny",
-                     "--subset", "5000", "--eval-subset", "1000", "--epochs", EPOCHS, "--batch-size", "256",
+                     "--subset", "5000", "--eval-subset", "0", "--epochs", EPOCHS, "--batch-size", "256",
                      "--queue-size", "2048", "--lr", LR, "--workers", "2", "--eval-every", "0", "--probe-epochs", "0",
                      "--out-dir", run, timeout=1800, env_extra={"OMP_NUM_THREADS": "2"})
     assert out.returncode == 0, out.stderr[-3000:]
@@ -317,4 +318,6 @@ def test_moco_cifar10_subset_beats_the_untrained_network(cifar10, tmp_path):
 
 
 EPOCHS, LR = "4", "0.24"
-MARGIN_CIFAR = 0.025  # measured: 0.313 -> 0.367 (+0.054) in 4 epochs
+# measured (tiny network, batch 256, 4 epochs, CPU, 2026-12-03): k-NN 0.2951 -> 0.3281 (+0.033) from the image folder,
+# 0.2915 -> 0.3260 (+0.035) from torchvision's format. Asserted: about half the smaller gain.
+MARGIN_CIFAR = 0.015
