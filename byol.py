@@ -186,27 +186,44 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 # -------- Training ----------------------------------------------------------------------------------------------------
 
 
+def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
+    """The official optimiser: LARS on theta only (the target xi has no gradient) with lr = base_lr * N / 256;
+    biases and BatchNorm (param_groups' second group) neither decayed nor adapted; clipped as solo-learn's."""
+    base_lr = args.lr * args.batch_size / 256  # the official linear scaling rule
+    return common.LARS(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=args.momentum,
+                       eta=args.lars_eta, clip=args.lars_clip)  # param_groups takes only theta: xi has no grad
+
+
+def train_step(model: nn.Module, batch, optimizer, tau: float, args: Args) -> torch.Tensor:
+    """One step of BYOL on one batch: L(p1, z'2) + L(p2, z'1), one LARS step on theta, then xi <- tau xi +
+    (1 - tau) theta with this step's tau. `model` is the network as trained (DDP on several processes). Returns
+    this process's loss (on the device, detached): a mean over its pairs, whose mean over processes is the global
+    batch's loss."""
+    (x1, x2), _ = batch
+    x1, x2 = common.to_device([x1, x2], args)  # [n, C, H, W] each
+    with common.autocast(args):
+        p1, p2, z1, z2 = model(x1, x2)  # [n, proj_dim] each; z1, z2 without gradient
+    # symmetrised: view 1's prediction regresses view 2's target projection and the other way round. The loss
+    # is a per-pair mean, so DDP's average of the processes' gradients is the gradient of the global batch.
+    loss = byol_loss(p1, z2) + byol_loss(p2, z1)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    common.unwrap(model).update_target(tau)  # after theta's update, as the official code
+    return loss.detach()
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common.Progress, args: Args) -> float:
-    """One pass over this process's share of the data; returns the epoch's mean loss (global batch).
-    `model` is the network as trained (DDP on several processes)."""
+    """One pass over this process's share of the data; returns the epoch's mean loss (global batch)."""
     model.train()  # the target too: batch statistics in both networks, as the official code
     total_steps = args.epochs * len(loader)
     total = torch.zeros((), device=args.device)
-    for (x1, x2), _ in progress(loader):
+    for batch in progress(loader):
         lr = common.set_lr(optimizer, lr_at(progress.step))
-        x1, x2 = common.to_device([x1, x2], args)  # [n, C, H, W] each
-        with common.autocast(args):
-            p1, p2, z1, z2 = model(x1, x2)  # [n, proj_dim] each; z1, z2 without gradient
-        # symmetrised: view 1's prediction regresses view 2's target projection and the other way round. The loss
-        # is a per-pair mean, so DDP's average of the processes' gradients is the gradient of the global batch.
-        loss = byol_loss(p1, z2) + byol_loss(p2, z1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        tau = target_momentum(progress.step, total_steps, args.tau_base)  # this step's, after theta's update
-        common.unwrap(model).update_target(tau)
-        total += loss.detach()
-        progress.update(loss, lr, len(x1))
+        tau = target_momentum(progress.step, total_steps, args.tau_base)  # this step's
+        loss = train_step(model, batch, optimizer, tau, args)
+        total += loss
+        progress.update(loss, lr, len(batch[1]))  # the images in this process's batch
     return common.all_reduce_mean(total / len(loader)).item()
 
 
@@ -225,9 +242,8 @@ def main(args: Args):
 
     model = BYOL(common.build_backbone(args.arch, info.channels, size), args.proj_hidden_dim, args.proj_dim)
     model = common.prepare_model(model, args)
-    base_lr = args.lr * args.batch_size / 256  # the official linear scaling rule
-    optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=args.momentum,
-                            eta=args.lars_eta, clip=args.lars_clip)  # param_groups takes only theta: xi has no grad
+    optimizer = build_optimizer(model, args)
+    base_lr = optimizer.defaults["lr"]  # the scaled rate the schedule starts from
     start = run.resume(model, optimizer)["epoch"]  # the target network is part of the model's state_dict
     ddp_model = common.distribute(model, args)  # the model as trained: DDP on several processes
 

@@ -193,26 +193,42 @@ def clae_loss(model: nn.Module, x1: torch.Tensor, z1: torch.Tensor, args: Args) 
 # -------- Training ----------------------------------------------------------------------------------------------------
 
 
+def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
+    """The paper's optimiser: LARS with lr = base_lr * N / 256; biases and BatchNorm (param_groups' second group)
+    neither decayed nor adapted; the frozen bias of the head's last BatchNorm left out."""
+    base_lr = args.lr * args.batch_size / 256  # the official linear scaling rule
+    return common.LARS(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=args.momentum,
+                       eta=args.lars_eta)
+
+
+def train_step(model: nn.Module, batch, optimizer, args: Args) -> torch.Tensor:
+    """One step of SimCLR on one batch: z = g(f(x)) for both views, L = NT-Xent over the global batch, one LARS step.
+    `model` is the network as trained (DDP on several processes). Returns the loss of the global batch (on the
+    device, detached)."""
+    (x1, x2), _ = batch
+    # both views in one forward pass, so BatchNorm normalises them together as in the official code
+    x = torch.cat(common.to_device([x1, x2], args))  # [2n, C, H, W]
+    with common.autocast(args):
+        z1, z2 = rearrange(model(x), "(v n) d -> v n d", v=2)  # [n, proj_dim] each
+    # the global batch: all processes' embeddings, with gradient, so each anchor has 2N - 2 negatives
+    loss = nt_xent(common.gather_with_grad(z1), common.gather_with_grad(z2), args.temperature)
+    if args.adv_eps > 0:
+        loss = loss + args.adv_weight * clae_loss(model, x[:len(x1)], z1, args)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common.Progress, args: Args) -> float:
-    """One pass over this process's share of the data; returns the epoch's mean loss (global batch).
-    `model` is the network as trained (DDP on several processes)."""
+    """One pass over this process's share of the data; returns the epoch's mean loss (global batch)."""
     model.train()
     total = torch.zeros((), device=args.device)
-    for (x1, x2), _ in progress(loader):
+    for batch in progress(loader):
         lr = common.set_lr(optimizer, lr_at(progress.step))
-        # both views in one forward pass, so BatchNorm normalises them together as in the official code
-        x = torch.cat(common.to_device([x1, x2], args))  # [2n, C, H, W]
-        with common.autocast(args):
-            z1, z2 = rearrange(model(x), "(v n) d -> v n d", v=2)  # [n, proj_dim] each
-        # the global batch: all processes' embeddings, with gradient, so each anchor has 2N - 2 negatives
-        loss = nt_xent(common.gather_with_grad(z1), common.gather_with_grad(z2), args.temperature)
-        if args.adv_eps > 0:
-            loss = loss + args.adv_weight * clae_loss(model, x[:len(x1)], z1, args)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
-        progress.update(loss, lr, len(x1))
+        loss = train_step(model, batch, optimizer, args)
+        total += loss
+        progress.update(loss, lr, len(batch[1]))  # the images in this process's batch
     return (total / len(loader)).item()
 
 
@@ -235,9 +251,8 @@ def main(args: Args):
 
         backbone = adversarial.dual_batchnorm(backbone)
     model = common.prepare_model(SimCLR(backbone, args.proj_dim, args.proj_layers), args)
-    base_lr = args.lr * args.batch_size / 256  # the official linear scaling rule
-    optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=args.momentum,
-                            eta=args.lars_eta)
+    optimizer = build_optimizer(model, args)
+    base_lr = optimizer.defaults["lr"]  # the scaled rate the schedule starts from
     start = run.resume(model, optimizer)["epoch"]
     ddp_model = common.distribute(model, args)  # the model as trained: DDP on several processes
 

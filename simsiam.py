@@ -154,25 +154,47 @@ def output_std(z: torch.Tensor) -> torch.Tensor:
 # -------- Training ----------------------------------------------------------------------------------------------------
 
 
+def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
+    """The official optimiser: SGD with momentum and weight decay on every parameter, lr = base_lr * N / 256, in two
+    groups: the encoder (backbone and projector) and the predictor, whose lr stays at base_lr with --fix-pred-lr."""
+    base_lr = args.lr * args.batch_size / 256  # the paper's linear scaling rule
+    encoder = [*model.backbone.parameters(), *model.projector.parameters()]
+    predictor = {"params": list(model.predictor.parameters())}
+    if args.fix_pred_lr:
+        predictor["fixed_lr"] = base_lr  # the official fix_lr group: the predictor's lr is never decayed
+    return torch.optim.SGD([{"params": encoder}, predictor], lr=base_lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay)
+
+
+def train_step(model: nn.Module, batch, optimizer, args: Args) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of SimSiam on one batch: L = 1/2 D(p1, stopgrad(z2)) + 1/2 D(p2, stopgrad(z1)), one SGD step.
+    `model` is the network as trained (DDP on several processes). Returns this process's loss (a mean over its
+    pairs, whose mean over processes is the global batch's loss) and the std of its z1/|z1| (the collapse monitor),
+    on the device, detached."""
+    (x1, x2), _ = batch
+    x1, x2 = common.to_device([x1, x2], args)  # [n, C, H, W] each
+    with common.autocast(args):
+        p1, p2, z1, z2 = model(x1, x2)  # [n, proj_dim] each
+    # a per-pair mean: DDP's average of the processes' gradients is the gradient of the global batch's loss
+    loss = simsiam_loss(p1, p2, z1, z2, stop_grad=args.stop_grad)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), output_std(z1)
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common.Progress,
                     args: Args) -> tuple[float, float]:
     """One pass over this process's share of the data; returns the epoch's mean loss (global batch) and the mean
-    std of z/|z| (the collapse monitor). `model` is the network as trained (DDP on several processes)."""
+    std of z/|z| (the collapse monitor)."""
     model.train()
     total, total_std = torch.zeros((), device=args.device), torch.zeros((), device=args.device)
-    for (x1, x2), _ in progress(loader):
+    for batch in progress(loader):
         lr = common.set_lr(optimizer, lr_at(progress.step))  # the predictor keeps its fixed_lr
-        x1, x2 = common.to_device([x1, x2], args)  # [n, C, H, W] each
-        with common.autocast(args):
-            p1, p2, z1, z2 = model(x1, x2)  # [n, proj_dim] each
-        # a per-pair mean: DDP's average of the processes' gradients is the gradient of the global batch's loss
-        loss = simsiam_loss(p1, p2, z1, z2, stop_grad=args.stop_grad)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
-        total_std += output_std(z1)
-        progress.update(loss, lr, len(x1))
+        loss, z_std = train_step(model, batch, optimizer, args)
+        total += loss
+        total_std += z_std
+        progress.update(loss, lr, len(batch[1]))  # the images in this process's batch
     return (common.all_reduce_mean(total / len(loader)).item(),
             common.all_reduce_mean(total_std / len(loader)).item())
 
@@ -191,13 +213,8 @@ def main(args: Args):
 
     backbone = common.build_backbone(args.arch, info.channels, size, zero_init_residual=True)
     model = common.prepare_model(SimSiam(backbone, args.proj_dim, args.pred_dim, args.proj_layers), args)
-    base_lr = args.lr * args.batch_size / 256  # the paper's linear scaling rule
-    encoder = [*model.backbone.parameters(), *model.projector.parameters()]
-    predictor = {"params": list(model.predictor.parameters())}
-    if args.fix_pred_lr:
-        predictor["fixed_lr"] = base_lr  # the official fix_lr group: the predictor's lr is never decayed
-    optimizer = torch.optim.SGD([{"params": encoder}, predictor], lr=base_lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = build_optimizer(model, args)
+    base_lr = optimizer.defaults["lr"]  # the scaled rate the schedule starts from
     start = run.resume(model, optimizer)["epoch"]
     ddp_model = common.distribute(model, args)  # the model as trained: DDP on several processes
 

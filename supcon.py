@@ -182,26 +182,41 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor | None = None, temp
 # -------- Training ----------------------------------------------------------------------------------------------------
 
 
+def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
+    """The official optimiser: SGD with momentum, weight decay on every parameter, the lr of the recipe's batch
+    as given (not scaled)."""
+    base_lr = args.lr  # the official recipe gives the learning rate of its batch directly
+    return torch.optim.SGD(model.parameters(), lr=base_lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def train_step(model: nn.Module, batch, optimizer, args: Args) -> torch.Tensor:
+    """One step of SupCon on one batch: z = Proj(Enc(x)) for both views, L_out over the global batch with its labels
+    (none for --method simclr), one SGD step. `model` is the network as trained (DDP on several processes).
+    Returns the loss of the global batch (on the device, detached)."""
+    (x1, x2), y = batch
+    # both views in one forward pass, so BatchNorm normalises them together as in the official code
+    x = torch.cat(common.to_device([x1, x2], args))  # [2n, C, H, W]
+    with common.autocast(args):
+        z1, z2 = rearrange(model(x), "(v n) d -> v n d", v=2)  # [n, proj_dim] each
+    # the global batch: all processes' embeddings (with gradient) and labels (without)
+    features = torch.stack([common.gather_with_grad(z1), common.gather_with_grad(z2)], dim=1)  # [N, 2, D]
+    labels = common.gather_no_grad(common.to_device(y, args)) if args.method == "supcon" else None  # [N]
+    loss = supcon_loss(features, labels, args.temperature, args.base_temperature, args.contrast_mode)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common.Progress, args: Args) -> float:
-    """One pass over this process's share of the data; returns the epoch's mean loss (global batch).
-    `model` is the network as trained (DDP on several processes)."""
+    """One pass over this process's share of the data; returns the epoch's mean loss (global batch)."""
     model.train()
     total = torch.zeros((), device=args.device)
-    for (x1, x2), y in progress(loader):
+    for batch in progress(loader):
         lr = common.set_lr(optimizer, lr_at(progress.step))
-        # both views in one forward pass, so BatchNorm normalises them together as in the official code
-        x = torch.cat(common.to_device([x1, x2], args))  # [2n, C, H, W]
-        with common.autocast(args):
-            z1, z2 = rearrange(model(x), "(v n) d -> v n d", v=2)  # [n, proj_dim] each
-        # the global batch: all processes' embeddings (with gradient) and labels (without)
-        features = torch.stack([common.gather_with_grad(z1), common.gather_with_grad(z2)], dim=1)  # [N, 2, D]
-        labels = common.gather_no_grad(common.to_device(y, args)) if args.method == "supcon" else None  # [N]
-        loss = supcon_loss(features, labels, args.temperature, args.base_temperature, args.contrast_mode)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
-        progress.update(loss, lr, len(x1))
+        loss = train_step(model, batch, optimizer, args)
+        total += loss
+        progress.update(loss, lr, len(batch[1]))  # the images in this process's batch
     return (total / len(loader)).item()
 
 
@@ -218,9 +233,8 @@ def main(args: Args):
 
     backbone = common.build_backbone(args.arch, info.channels, size)
     model = common.prepare_model(SupCon(backbone, args.proj_dim), args)
-    base_lr = args.lr  # the official recipe gives the learning rate of its batch directly
-    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = build_optimizer(model, args)
+    base_lr = optimizer.defaults["lr"]  # the rate the schedule starts from
     start = run.resume(model, optimizer)["epoch"]
     ddp_model = common.distribute(model, args)  # the model as trained: DDP on several processes
 
