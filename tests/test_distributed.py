@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 import common
 import simclr
@@ -42,35 +41,47 @@ def test_gather_with_grad_returns_the_global_gradient(tmp_path):
 
 def _batch():
     g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 3, 4, 4, generator=g), torch.randn(8, 3, 4, 4, generator=g)  # two views of 8 images
+    x1, x2 = torch.randn(8, 3, 4, 4, generator=g), torch.randn(8, 3, 4, 4, generator=g)  # two views of 8 images
+    return x1, x2, torch.arange(8)
 
 
-def _simclr_step(model, x1, x2, tau):
-    """SimCLR's step as train_one_epoch does it: one forward of both views, gather, NT-Xent, backward."""
-    z1, z2 = model(torch.cat([x1, x2])).chunk(2)
-    loss = simclr.nt_xent(common.gather_with_grad(z1), common.gather_with_grad(z2), tau)
-    loss.backward()
-    return loss
+ARGS = simclr.Args(device="cpu", temperature=0.3, sync_bn=True)  # --sync-bn: the head's BatchNorm on the global batch
+
+
+def _simclr_model():
+    """SimCLR's own head (Linear + BatchNorm layers) on a small encoder: one process or two with --sync-bn compute
+    the same function of the batch."""
+    torch.manual_seed(0)
+    return simclr.SimCLR(TwoLayerEncoder(), proj_dim=6, proj_layers=2)
+
+
+def _step(net, model, x1, x2, y):
+    """simclr.train_step once with plain SGD; returns the loss, the gradients and the state after the step."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = simclr.train_step(net, ((x1, x2), y), optimizer, ARGS)
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    return loss, grads, {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def _ddp_worker(rank, store, out):
     init_gloo(rank, store)
-    torch.manual_seed(0)
-    model = nn.parallel.DistributedDataParallel(TwoLayerEncoder())
-    x1, x2 = _batch()
-    loss = _simclr_step(model, shard(x1, rank), shard(x2, rank), 0.5)
-    grads = {k: p.grad for k, p in model.module.named_parameters()}
-    torch.save({"loss": loss.detach(), "grads": grads}, f"{out}/{rank}.pt")
+    model = _simclr_model()
+    net = common.distribute(model, ARGS)  # DDP, every BatchNorm a GlobalBatchNorm
+    loss, grads, state = _step(net, model, *(shard(t, rank) for t in _batch()))
+    torch.save({"loss": loss, "grads": grads, "state": state}, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
+    # SimCLR's own train_step: the embeddings gathered with gradient (each anchor's 2N - 2 negatives), the loss of
+    # the global batch on every process, DDP's average of the gradients, BatchNorm over both views of all images
     results = spawn(_ddp_worker, tmp_path)
-    torch.manual_seed(0)
-    model = TwoLayerEncoder()
-    x1, x2 = _batch()
-    loss = _simclr_step(model, x1, x2, 0.5)
+    model = _simclr_model()
+    loss, grads, state = _step(model, model, *_batch())
+    assert any("running_var" in k for k in state), "the head has BatchNorm statistics to compare"
     for got in results:
         assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
-        for name, p in model.named_parameters():
-            assert torch.allclose(got["grads"][name], p.grad, rtol=1e-5, atol=1e-7), name
+        for name, g in grads.items():  # float32 sums in another order: to 1e-6 of the largest entry (or of 1)
+            assert torch.allclose(got["grads"][name], g, rtol=1e-5, atol=1e-6 * max(1.0, g.abs().max().item())), name
+        for name, v in state.items():  # the weights after the step and the BatchNorm statistics
+            assert torch.allclose(got["state"][name].double(), v.double(), rtol=1e-5, atol=1e-6), name
