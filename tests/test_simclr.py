@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import common
 import simclr
-from conftest import SYNTHETIC_INFO, synthetic
+from conftest import SYNTHETIC_INFO, TwoLayerEncoder, synthetic
 
 temperatures = st.floats(0.05, 2.0)
 seeds = st.integers(0, 2**31 - 1)
@@ -168,3 +168,89 @@ def test_args_reject_bad_values():
     simclr.Args().check()
     with pytest.raises(ValueError, match="2 images per process"):
         simclr.Args(batch_size=2).check(world_size=2)
+
+
+# ---- the training step, the epoch loop and the optimiser, as main runs them ------------------------------------------
+
+
+def step_model():
+    """SimCLR's own head (Linear + BatchNorm) on a small encoder, in float64."""
+    torch.manual_seed(0)
+    return simclr.SimCLR(TwoLayerEncoder(), proj_dim=6, proj_layers=2).double()
+
+
+def step_batch(n=5):
+    """What the loader yields: two views of n distinct images, and labels (unused by SimCLR)."""
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = (torch.randn(n, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    return (x1, x2), torch.arange(n)
+
+
+@pytest.mark.parametrize("adv_eps", [0.0, 0.03])
+def test_train_step_is_nt_xent_of_the_views_paired_by_image(adv_eps):
+    # the step against NT-Xent on embeddings made here from the same weights: view 1 of image k paired with view 2
+    # of image k, both views through one forward (one BatchNorm over the 2n), the temperature of args, and CLAE's
+    # term with its weight; then one SGD step from gradients cleared of the previous step's
+    args = simclr.Args(device="cpu", temperature=0.3, adv_eps=adv_eps, adv_weight=0.7)
+    model, reference = step_model(), step_model()
+    (x1, x2), y = step_batch()
+    n = len(x1)
+    z = reference(torch.cat([x1, x2]))  # [2n, 6]
+    expected = simclr.nt_xent(z[:n], z[n:], 0.3)
+    if adv_eps:
+        expected = expected + 0.7 * simclr.clae_loss(reference, x1, z[:n], args)
+    expected.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for p in trained:
+        p.grad = torch.randn_like(p)  # a previous step's gradient, which the step must clear
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = simclr.train_step(model, ((x1, x2), y), torch.optim.SGD(trained, lr=0.1), args)
+    assert not loss.requires_grad and loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    for p, q, p0 in zip(model.parameters(), reference.parameters(), before):
+        if not q.requires_grad:
+            assert p.grad is None and torch.equal(p, p0)  # the last BatchNorm's frozen bias
+            continue
+        assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(p, p0 - 0.1 * q.grad, rtol=1e-12, atol=1e-14)
+    for b, c in zip(model.buffers(), reference.buffers()):  # BatchNorm statistics of the same forward passes
+        assert torch.allclose(b.double(), c.double(), rtol=1e-12, atol=1e-14)
+
+
+class Epoch(list):
+    """An epoch's batches as its loader gives them (Progress reads the epoch)."""
+    epoch = 1
+
+
+def test_epoch_loop_sets_each_steps_lr_and_returns_the_mean_loss(monkeypatch):
+    args = simclr.Args(device="cpu", temperature=0.3, epochs=2, log_every=1e9)
+    model = step_model()
+    optimizer = simclr.build_optimizer(model, args)
+    seen, real_step = [], simclr.train_step
+
+    def step(*a):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        seen[-1].append(real_step(*a))
+        return seen[-1][-1]
+
+    monkeypatch.setattr(simclr, "train_step", step)
+    loader = Epoch([step_batch(4), step_batch(5)])
+    mean = simclr.train_one_epoch(model, loader, optimizer, lambda s: 0.25 * s, common.Progress(args), args)
+    assert [s[:-1] for s in seen] == [[0.5, 0.5], [0.75, 0.75]]  # steps 2 and 3: epoch 1 of 2 batches
+    assert mean == pytest.approx((seen[0][-1] + seen[1][-1]).item() / 2, rel=1e-6)  # summed in float32
+    assert model.training
+
+
+def test_optimizer_as_main_builds_it():
+    args = simclr.Args(lr=0.3, batch_size=1024, weight_decay=1e-3, momentum=0.8, lars_eta=0.01)
+    model = simclr.SimCLR(common.build_backbone("tiny", 3), proj_dim=16, proj_layers=2)
+    optimizer = simclr.build_optimizer(model, args)
+    assert isinstance(optimizer, common.LARS) and optimizer.defaults["lr"] == pytest.approx(0.3 * 1024 / 256)
+    weights, excluded = optimizer.param_groups
+    frozen = model.projector[-1].bias
+    assert {id(p) for p in weights["params"]} == {id(p) for p in model.parameters() if p.ndim > 1}
+    assert {id(p) for p in excluded["params"]} == {id(p) for p in model.parameters() if p.ndim == 1} - {id(frozen)}
+    assert weights["weight_decay"] == 1e-3 and not weights["lars_exclude"]
+    assert excluded["weight_decay"] == 0 and excluded["lars_exclude"]  # biases and BatchNorm: no decay, no trust
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(1.2) and group["momentum"] == 0.8 and group["eta"] == 0.01
+        assert not group["nesterov"] and not group["clip"]
