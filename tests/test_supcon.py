@@ -194,48 +194,128 @@ def test_args_reject_bad_values():
     supcon.Args().check()
 
 
+# ---- the training step, the epoch loop and the optimiser, as main runs them ------------------------------------------
+
+# (--method, --contrast-mode): labels reach the loss only with supcon; 'one' anchors only view 1
+MODES = [("supcon", "all"), ("supcon", "one"), ("simclr", "all")]
+
+
+def step_model(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = supcon.SupCon(TwoLayerEncoder(), proj_dim=6).to(dtype)
+    with torch.no_grad():  # doubled weights spread the embeddings over the sphere: pairs and labels show in the loss
+        for p in model.parameters():
+            p.mul_(2)
+    return model
+
+
+def step_batch(dtype=torch.float64):
+    """What the loader yields: two views of 8 distinct images and their labels, repeated within and across halves."""
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(8, 3, 4, 4, generator=g, dtype=dtype), torch.randn(8, 3, 4, 4, generator=g, dtype=dtype)
+    return (x1, x2), torch.tensor([0, 1, 1, 2, 0, 3, 3, 3])
+
+
+def step_args(method, mode):
+    return supcon.Args(device="cpu", method=method, contrast_mode=mode, temperature=0.2, base_temperature=0.15)
+
+
+@pytest.mark.parametrize("method, mode", MODES)
+def test_train_step_is_l_out_of_the_views_paired_by_image_with_the_labels(method, mode):
+    # the step against L_out on features built here from the same weights: [N, 2, D] with view 1 then view 2 of
+    # each image, the labels (supcon) or none (simclr), the temperatures and contrast mode of args; gradients cleared
+    # of the previous step's, then one SGD step
+    model, reference = step_model(), step_model()
+    (x1, x2), y = step_batch()
+    z = reference(torch.cat([x1, x2]))  # [16, 6], one forward as the official code
+    features = torch.stack([z[:8], z[8:]], dim=1)  # [8, 2, 6]: image k's two views
+    expected = supcon.supcon_loss(features, y if method == "supcon" else None, 0.2, 0.15, mode)
+    expected.backward()
+    other = supcon.supcon_loss(features.detach(), y if method == "simclr" else None, 0.2, 0.15, mode)
+    assert not torch.allclose(other, expected.detach(), rtol=1e-3)  # the labels make a difference here
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)  # a previous step's gradient, which the step must clear
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = supcon.train_step(model, ((x1, x2), y), torch.optim.SGD(model.parameters(), lr=0.1),
+                             step_args(method, mode))
+    assert not loss.requires_grad and loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    for p, q, p0 in zip(model.parameters(), reference.parameters(), before):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(p, p0 - 0.1 * q.grad, rtol=1e-12, atol=1e-14)
+
+
+class Epoch(list):
+    """An epoch's batches as its loader gives them (Progress reads the epoch)."""
+    epoch = 1
+
+
+def test_epoch_loop_sets_each_steps_lr_and_returns_the_mean_loss(monkeypatch):
+    args = supcon.Args(device="cpu", epochs=2, log_every=1e9)
+    model = step_model()
+    optimizer = supcon.build_optimizer(model, args)
+    seen, real_step = [], supcon.train_step
+
+    def step(*a):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        seen[-1].append(real_step(*a))
+        return seen[-1][-1]
+
+    monkeypatch.setattr(supcon, "train_step", step)
+    loader = Epoch([step_batch(), step_batch()])
+    mean = supcon.train_one_epoch(model, loader, optimizer, lambda s: 0.25 * s, common.Progress(args), args)
+    assert [s[:-1] for s in seen] == [[0.5], [0.75]]  # steps 2 and 3: epoch 1 of 2 batches
+    assert mean == pytest.approx((seen[0][-1] + seen[1][-1]).item() / 2, rel=1e-6)  # summed in float32
+    assert model.training
+
+
+def test_optimizer_as_main_builds_it():
+    args = supcon.Args(lr=0.3, batch_size=512, weight_decay=1e-3, momentum=0.8)
+    model = supcon.SupCon(common.build_backbone("tiny", 3), proj_dim=16)
+    optimizer = supcon.build_optimizer(model, args)
+    assert type(optimizer) is torch.optim.SGD and len(optimizer.param_groups) == 1
+    (group,) = optimizer.param_groups
+    assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]  # decay on every parameter
+    assert group["lr"] == 0.3 and optimizer.defaults["lr"] == 0.3  # the recipe's rate, not scaled by the batch
+    assert group["momentum"] == 0.8 and group["weight_decay"] == 1e-3 and not group["nesterov"]
+
+
 # ---- two processes on halves of the batch equal one process on the whole batch -------------------------------
 
 
-def _batch():
-    g = torch.Generator().manual_seed(1)
-    x1, x2 = torch.randn(8, 3, 4, 4, generator=g), torch.randn(8, 3, 4, 4, generator=g)
-    return x1, x2, torch.tensor([0, 1, 1, 2, 0, 3, 3, 3])  # labels with repeats across the two halves
-
-
-def _step(model, x1, x2, y, mode):
-    """The training step as supcon.train_one_epoch does it: one forward, gather embeddings and labels, loss."""
-    z1, z2 = model(torch.cat([x1, x2])).chunk(2)
-    features = torch.stack([common.gather_with_grad(z1), common.gather_with_grad(z2)], dim=1)
-    loss = supcon.supcon_loss(features, common.gather_no_grad(y), 0.1, 0.07, mode)
-    loss.backward()
-    return loss
+def _step(net, model, batch, method, mode):
+    """supcon.train_step once with plain SGD; returns the loss, the gradients and the weights after the step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = supcon.train_step(net, batch, optimizer, step_args(method, mode))
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    return loss, grads, {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def _worker(rank, store, out):
     init_gloo(rank, store)
     saved = {}
-    for mode in ("all", "one"):
-        torch.manual_seed(0)
-        model = nn.parallel.DistributedDataParallel(TwoLayerEncoder())
-        x1, x2, y = _batch()
-        loss = _step(model, shard(x1, rank), shard(x2, rank), shard(y, rank), mode)
-        saved[mode] = {"loss": loss.detach(), "grads": {k: p.grad for k, p in model.module.named_parameters()}}
+    for method, mode in MODES:
+        model = step_model(torch.float32)
+        net = common.distribute(model, supcon.Args(device="cpu"))  # DDP
+        (x1, x2), y = step_batch(torch.float32)
+        loss, grads, state = _step(net, model, ((shard(x1, rank), shard(x2, rank)), shard(y, rank)), method, mode)
+        saved[method + mode] = {"loss": loss, "grads": grads, "state": state}
     torch.save(saved, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
+    # supcon.train_step: embeddings gathered with gradient and labels without, the loss of the global batch
     results = spawn(_worker, tmp_path)
-    for mode in ("all", "one"):
-        torch.manual_seed(0)
-        model = TwoLayerEncoder()
-        loss = _step(model, *_batch(), mode)
+    for method, mode in MODES:
+        model = step_model(torch.float32)
+        loss, grads, state = _step(model, model, step_batch(torch.float32), method, mode)
         for saved in results:
-            got = saved[mode]
+            got = saved[method + mode]
             assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
-            for name, p in model.named_parameters():
-                assert torch.allclose(got["grads"][name], p.grad, rtol=1e-5, atol=1e-7), (mode, name)
+            for name, g in grads.items():
+                assert torch.allclose(got["grads"][name], g, rtol=1e-5, atol=1e-7), (method, mode, name)
+            for name, v in state.items():
+                assert torch.allclose(got["state"][name], v, rtol=1e-5, atol=1e-7), (method, mode, name)
 
 
 # ---- learning check ----------------------------------------------------------------------------------------------
