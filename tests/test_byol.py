@@ -269,63 +269,136 @@ def test_args_reject_bad_values():
         byol.Args(batch_size=2).check(world_size=2)
 
 
-# ---------------------------------------------------------------------------------------------------- distributed
+# ---------------------------------------------------------------------------------------------------- training
 
 
-def toy_byol():
-    """BYOL on a BatchNorm-free toy encoder, its heads' BatchNorm removed too, so that the two-process check is about
-    the gradient average and the EMA alone. BatchNorm over the global batch (--sync-bn, common.GlobalBatchNorm on the
-    CPU) is checked, statistics included, in test_simsiam.py."""
+def toy_byol(dtype=torch.float32):
+    """BYOL with its own heads (BatchNorm included) on a small encoder, the target moved away from the online
+    network, as after some training, so that theta and xi differ in every parameter."""
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.Tanh())
     encoder.out_dim = 16
     model = byol.BYOL(encoder, proj_hidden_dim=12, proj_dim=6)
-    for head in (model.projector, model.predictor, model.target_projector):
-        head[1] = nn.Identity()
-    with torch.no_grad():  # a target different from the online network, as after some training
+    with torch.no_grad():
         for xi in model.target_parameters():
-            xi.mul_(0.5)
-    return model
+            xi.mul_(0.5).add_(0.1)
+    return model.to(dtype)
 
 
-def toy_batch():
+def toy_batch(dtype=torch.float32):
+    """What the loader yields: two views of 8 distinct images, and labels (unused by BYOL)."""
     g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 3, 4, 4, generator=g), torch.randn(8, 3, 4, 4, generator=g)
+    x1, x2 = torch.randn(8, 3, 4, 4, generator=g, dtype=dtype), torch.randn(8, 3, 4, 4, generator=g, dtype=dtype)
+    return (x1, x2), torch.arange(8)
 
 
-def byol_step(net, model, x1, x2, tau):
-    """train_one_epoch's step: forward both views, symmetrised loss, backward, LARS step, EMA of the target."""
+def test_train_step_regresses_each_prediction_on_the_other_views_target_then_moves_the_target_by_tau():
+    # the step against the loss built here from the same weights: p1 regresses the target's z'2 and p2 regresses
+    # z'1 (both directions summed), the target detached; one SGD step on theta from cleared gradients; then
+    # xi <- tau xi + (1 - tau) theta with the updated theta and this step's tau (0.7: m and 1 - m differ)
+    model, reference = toy_byol(torch.float64), toy_byol(torch.float64)
+    (x1, x2), y = toy_batch(torch.float64)
+    p1, p2 = (reference.predictor(reference.projector(reference.backbone(x))) for x in (x1, x2))
+    z1, z2 = (reference.target_projector(reference.target_backbone(x)) for x in (x1, x2))
+    expected = byol.byol_loss(p1, z2.detach()) + byol.byol_loss(p2, z1.detach())
+    expected.backward()
+    theta = model.online_parameters() + list(model.predictor.parameters())
+    for p in theta:
+        p.grad = torch.randn_like(p)  # a previous step's gradient, which the step must clear
+    theta_before, xi_before = [p.detach().clone() for p in theta], [x.clone() for x in model.target_parameters()]
+    loss = byol.train_step(model, ((x1, x2), y), torch.optim.SGD(theta, lr=0.1), 0.7, byol.Args(device="cpu"))
+    assert not loss.requires_grad and loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    reference_theta = reference.online_parameters() + list(reference.predictor.parameters())
+    for p, q, p0 in zip(theta, reference_theta, theta_before):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(p, p0 - 0.1 * q.grad, rtol=1e-12, atol=1e-14)
+    for xi, x0, p in zip(model.target_parameters(), xi_before, model.online_parameters()):
+        assert xi.grad is None and not xi.requires_grad
+        assert torch.allclose(xi, 0.7 * x0 + 0.3 * p, rtol=1e-12, atol=1e-14)  # theta after its update
+    for b, c in zip(model.buffers(), reference.buffers()):  # both networks' BatchNorm: one pass of each view
+        assert torch.allclose(b.double(), c.double(), rtol=1e-12, atol=1e-14)
+
+
+class Epoch(list):
+    """An epoch's batches as its loader gives them (Progress reads the epoch)."""
+    epoch = 1
+
+
+def test_epoch_loop_passes_each_steps_lr_and_tau_and_returns_the_mean_loss(monkeypatch):
+    args = byol.Args(device="cpu", epochs=3, tau_base=0.9, log_every=1e9)
+    model = toy_byol(torch.float64)
+    optimizer = byol.build_optimizer(model, args)
+    seen, real_step = [], byol.train_step
+
+    def step(net, batch, opt, tau, a):
+        seen.append([group["lr"] for group in opt.param_groups] + [tau])
+        seen[-1].append(real_step(net, batch, opt, tau, a))
+        return seen[-1][-1]
+
+    monkeypatch.setattr(byol, "train_step", step)
+    loader = Epoch([toy_batch(torch.float64), toy_batch(torch.float64)])
+    mean = byol.train_one_epoch(model, loader, optimizer, lambda s: 0.25 * s, common.Progress(args), args)
+    # steps 2 and 3 of 3 epochs of 2: the paper's tau at k of K = 6
+    assert [s[:-1] for s in seen] == [[0.5, 0.5, byol.target_momentum(2, 6, 0.9)],
+                                      [0.75, 0.75, byol.target_momentum(3, 6, 0.9)]]
+    assert mean == pytest.approx((seen[0][-1] + seen[1][-1]).item() / 2, rel=1e-6)  # summed in float32
+    assert model.training
+
+
+def test_optimizer_as_main_builds_it():
+    args = byol.Args(lr=0.3, batch_size=1024, weight_decay=1e-3, momentum=0.8, lars_eta=0.01, lars_clip=False)
+    model = tiny_byol()
+    optimizer = byol.build_optimizer(model, args)
+    assert isinstance(optimizer, common.LARS) and optimizer.defaults["lr"] == pytest.approx(0.3 * 1024 / 256)
+    weights, excluded = optimizer.param_groups
+    theta = model.online_parameters() + list(model.predictor.parameters())  # the target xi is not trained
+    assert {id(p) for p in weights["params"]} == {id(p) for p in theta if p.ndim > 1}
+    assert {id(p) for p in excluded["params"]} == {id(p) for p in theta if p.ndim == 1}
+    assert weights["weight_decay"] == 1e-3 and not weights["lars_exclude"]
+    assert excluded["weight_decay"] == 0 and excluded["lars_exclude"]  # biases and BatchNorm: no decay, no trust
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(1.2) and group["momentum"] == 0.8 and group["eta"] == 0.01
+        assert not group["clip"] and not group["nesterov"]
+    assert all(group["clip"] for group in byol.build_optimizer(model, byol.Args()).param_groups)  # the default
+
+
+# ---------------------------------------------------------------------------------------------------- distributed
+
+
+ARGS = byol.Args(device="cpu", sync_bn=True)  # --sync-bn: every BatchNorm (both networks) on the global batch
+
+
+def byol_step(net, model, batch):
+    """byol.train_step once with LARS, tau 0.9; returns the loss, the gradients and the state after the step."""
     optimizer = common.LARS(common.param_groups(model, 1e-4), lr=0.5, momentum=0.9, eta=0.02, clip=True)
-    p1, p2, z1, z2 = net(x1, x2)
-    loss = byol.byol_loss(p1, z2) + byol.byol_loss(p2, z1)
-    loss.backward()
+    loss = byol.train_step(net, batch, optimizer, 0.9, ARGS)
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
-    optimizer.step()
-    model.update_target(tau)
-    return loss.detach(), grads
+    return loss, grads, {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def _ddp_worker(rank, store, out):
     init_gloo(rank, store)
     model = toy_byol()
-    net = nn.parallel.DistributedDataParallel(model)
-    x1, x2 = (shard(x, rank) for x in toy_batch())
-    loss, grads = byol_step(net, model, x1, x2, 0.9)
-    torch.save({"loss": common.all_reduce_mean(loss), "grads": grads, "state": model.state_dict()},
-               f"{out}/{rank}.pt")
+    net = common.distribute(model, ARGS)  # DDP, every BatchNorm a GlobalBatchNorm
+    (x1, x2), y = toy_batch()
+    loss, grads, state = byol_step(net, model, ((shard(x1, rank), shard(x2, rank)), shard(y, rank)))
+    torch.save({"loss": common.all_reduce_mean(loss), "grads": grads, "state": state}, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
+    # byol.train_step: DDP's average of the halves' gradients, BatchNorm over each view of the global batch in both
+    # networks, the same LARS step and EMA on every process
     results = spawn(_ddp_worker, tmp_path)
     model = toy_byol()
-    loss, grads = byol_step(model, model, *toy_batch(), 0.9)
+    loss, grads, state = byol_step(model, model, toy_batch())
+    assert any("target_projector.1.running_var" in k for k in state), "the target has BatchNorm statistics"
     for got in results:
         assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-6)  # mean of the halves' means
-        for name, g in grads.items():
-            assert torch.allclose(got["grads"][name], g, rtol=1e-5, atol=1e-7), name
-        for name, v in model.state_dict().items():  # theta after the step and xi after the EMA, on every process
-            assert torch.allclose(got["state"][name], v, rtol=1e-5, atol=1e-6), name
+        for name, g in grads.items():  # float32 sums in another order: to 1e-5 of the largest entry (or of 1)
+            assert torch.allclose(got["grads"][name], g, rtol=1e-5, atol=1e-5 * max(1.0, g.abs().max().item())), name
+        for name, v in state.items():  # theta after the step, xi after the EMA, both networks' BatchNorm statistics
+            assert torch.allclose(got["state"][name].double(), v.double(), rtol=1e-5, atol=1e-6), name
 
 
 # ---------------------------------------------------------------------------------------------------- learning

@@ -81,7 +81,7 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
     assert any("running_var" in k for k in state), "the head has BatchNorm statistics to compare"
     for got in results:
         assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
-        for name, g in grads.items():  # float32 sums in another order: to 1e-6 of the largest entry (or of 1)
-            assert torch.allclose(got["grads"][name], g, rtol=1e-5, atol=1e-6 * max(1.0, g.abs().max().item())), name
+        for name, g in grads.items():  # float32 sums in another order: to 1e-5 of the largest entry (or of 1)
+            assert torch.allclose(got["grads"][name], g, rtol=1e-5, atol=1e-5 * max(1.0, g.abs().max().item())), name
         for name, v in state.items():  # the weights after the step and the BatchNorm statistics
             assert torch.allclose(got["state"][name].double(), v.double(), rtol=1e-5, atol=1e-6), name
