@@ -336,6 +336,7 @@ def test_epoch_loop_passes_each_steps_lr_and_tau_and_returns_the_mean_loss(monke
         return seen[-1][-1]
 
     monkeypatch.setattr(byol, "train_step", step)
+    model.eval()  # the loop must put it in training mode (BatchNorm on batch statistics)
     loader = Epoch([toy_batch(torch.float64), toy_batch(torch.float64)])
     mean = byol.train_one_epoch(model, loader, optimizer, lambda s: 0.25 * s, common.Progress(args), args)
     # steps 2 and 3 of 3 epochs of 2: the paper's tau at k of K = 6

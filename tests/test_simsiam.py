@@ -247,6 +247,7 @@ def test_epoch_loop_sets_each_steps_lr_and_returns_the_mean_loss_and_std(monkeyp
         return seen[-1][-2:]
 
     monkeypatch.setattr(simsiam, "train_step", step)
+    model.eval()  # the loop must put it in training mode (BatchNorm on batch statistics)
     loader = Epoch([toy_batch(torch.float64), toy_batch(torch.float64)])
     mean, z_std = simsiam.train_one_epoch(model, loader, optimizer, lambda s: 0.25 * s, common.Progress(args), args)
     assert [s[:2] for s in seen] == [[0.5, 0.1], [0.75, 0.1]]  # steps 2 and 3; the predictor's lr fixed

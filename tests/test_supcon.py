@@ -261,6 +261,7 @@ def test_epoch_loop_sets_each_steps_lr_and_returns_the_mean_loss(monkeypatch):
         return seen[-1][-1]
 
     monkeypatch.setattr(supcon, "train_step", step)
+    model.eval()  # the loop must put it in training mode (BatchNorm on batch statistics)
     loader = Epoch([step_batch(), step_batch()])
     mean = supcon.train_one_epoch(model, loader, optimizer, lambda s: 0.25 * s, common.Progress(args), args)
     assert [s[:-1] for s in seen] == [[0.5], [0.75]]  # steps 2 and 3: epoch 1 of 2 batches
