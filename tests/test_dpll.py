@@ -430,6 +430,8 @@ def test_step_equals_the_hand_built_objective_then_updates_the_targets_it_read()
     expected_sup, expected_cont = dpll.sup_loss(probs[0], S[index]), dpll.cont_loss(logits, before[index])
     (expected_sup + 0.7 * expected_cont).backward()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)  # a previous step's gradient: the step must clear it
     losses = dpll.train_step(model, (views, torch.zeros(N), index), opt, S, targets, 0.7, _args())
     expected = torch.stack([expected_sup + 0.7 * expected_cont, expected_sup, expected_cont]).detach()
     assert not losses.requires_grad and torch.allclose(losses, expected, rtol=1e-12, atol=0)

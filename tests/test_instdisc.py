@@ -279,6 +279,8 @@ def test_step_equals_the_loss_of_hand_built_bank_rows_then_writes_the_bank(nce_k
     expected = expected + instdisc.proximal_term(v, before[i], 2.0)
     expected.backward()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)  # a previous step's gradient: the step must clear it
     loss = instdisc.train_step(model, (x, torch.zeros(8), i), opt, bank, args)
     assert not loss.requires_grad and torch.allclose(loss, expected.detach(), rtol=1e-12, atol=0)
     for p, q, p0 in zip(model.parameters(), reference.parameters(), params_before):

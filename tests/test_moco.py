@@ -271,6 +271,8 @@ def test_step_equals_the_loss_of_hand_built_queries_keys_and_queue_and_updates_t
         expected = expected + moco.moco_loss(F.normalize(f_q(x2), dim=1), k1, queue_before, 0.2)
     expected.backward()
     optimizer = torch.optim.SGD(moco.build_optimizer(model, args).param_groups[0]["params"], lr=0.1)
+    for p in model.encoder_q.parameters():
+        p.grad = torch.ones_like(p)  # a previous step's gradient: the step must clear it
     loss = moco.train_step(model, batch, optimizer, args)
     assert not loss.requires_grad
     assert torch.allclose(loss, expected.detach(), rtol=1e-12, atol=0)
