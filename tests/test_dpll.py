@@ -4,6 +4,7 @@ weight ramp, the views, two processes against one, and (slow) learning from cand
 import copy
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 import common
 import dpll
-from conftest import SYNTHETIC_INFO, WORLD, init_gloo, run_script, shard, spawn, synthetic
+from conftest import SYNTHETIC_FLAGS, SYNTHETIC_INFO, WORLD, init_gloo, run_script, shard, spawn, synthetic
 
 seeds = st.integers(0, 2**31 - 1)
 
@@ -486,6 +487,28 @@ def test_build_optimizer_is_sgd_with_decay_on_every_parameter():
     group = optimizer.param_groups[0]
     assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]  # biases and norms decay too
     assert group["lr"] == 0.1 and group["momentum"] == 0.9 and group["weight_decay"] == 1e-4
+
+
+def _main(out_dir, epochs, resume=False):
+    """dpll.main in this process on 100 synthetic images (3 steps of 32 an epoch: 4 images left out of each epoch)."""
+    argv = [*SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "32", "--subset", "100", "--workers", "0", "--q", "0.3",
+            "--ramp-epochs", "2", "--eval-every", "0", "--probe-epochs", "0", "--knn-k", "10", "--log-every", "1000",
+            "--epochs", str(epochs), "--out-dir", str(out_dir)] + (["--resume"] if resume else [])
+    dpll.main(common.parse(dpll.Args, argv))
+    return torch.load(out_dir / "checkpoint.pt", weights_only=True)
+
+
+def test_main_starts_the_targets_uniform_on_the_candidates_and_resumes_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # set back what setup_distributed may install
+    whole = _main(tmp_path / "whole", 2)
+    S, t = whole["candidates"], whole["targets"]
+    assert torch.allclose(t.sum(1), torch.ones(len(t))) and not t[~S].any()  # distributions on the candidates
+    uniform = (t == S / S.sum(1, keepdim=True)).all(1)  # the rows no batch has reached: as main started them
+    assert 0 < uniform.sum() < len(t)
+    _main(tmp_path / "cut", 1)
+    resumed = _main(tmp_path / "cut", 2, resume=True)
+    assert torch.equal(resumed["candidates"], S) and torch.equal(resumed["targets"], t)  # the table goes on
+    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

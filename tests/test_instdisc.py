@@ -4,6 +4,7 @@ hand-written backward, the alias sampler, the memory bank, two processes against
 import copy
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -418,6 +419,15 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path):
     assert resumed["epoch"] == 2
     assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
     assert torch.equal(whole["bank"]["memory"], resumed["bank"]["memory"])
+
+
+def test_main_draws_new_noise_rows_at_every_step_and_epoch(tmp_path, monkeypatch):
+    draws, draw_noise = [], instdisc.MemoryBank.draw_noise
+    monkeypatch.setattr(instdisc.MemoryBank, "draw_noise",
+                        lambda bank, rows, m: draws.append(draw_noise(bank, rows, m)) or draws[-1])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # set back what setup_distributed may install
+    _run(tmp_path, 2)  # 4 steps an epoch
+    assert len(draws) == 8 and len({tuple(d.flatten().tolist()) for d in draws}) == 8
 
 
 # ---------------------------------------------------------------------------------------------------- model, views
