@@ -302,20 +302,22 @@ def test_build_optimizer_holds_the_query_encoder_at_the_scaled_rate():
     assert group["momentum"] == 0.9 and group["weight_decay"] == 5e-4 and not group["nesterov"]
 
 
-def test_main_splits_batchnorm_into_bn_splits_groups_on_one_process(tmp_path, monkeypatch):
-    splits = []
+def test_main_splits_batchnorm_on_one_process_and_schedules_the_scaled_rate(tmp_path, monkeypatch):
+    splits, lrs, set_lr = [], [], common.set_lr
 
     def split_batchnorm(module, num_splits, split=moco.split_batchnorm):
         splits.append(num_splits)
         return split(module, num_splits)
 
     monkeypatch.setattr(moco, "split_batchnorm", split_batchnorm)
+    monkeypatch.setattr(common, "set_lr", lambda optimizer, lr: lrs.append(lr) or set_lr(optimizer, lr))
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # set back what setup_distributed may install
     moco.main(common.parse(moco.Args, [
         *SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "32", "--queue-size", "64", "--bn-splits", "4",
         "--subset", "64", "--epochs", "1", "--workers", "0", "--eval-every", "0", "--probe-epochs", "0",
         "--knn-k", "10", "--log-every", "1000", "--out-dir", str(tmp_path)]))
     assert splits[0] == 4  # main's call; the rest are its recursion into the backbone
+    assert lrs[0] == pytest.approx(0.06 * 32 / 512)  # the cosine starts at the demo's lr x batch / 512
 
 
 # ---- two processes on halves of the batch equal one process on the whole batch -------------------------------
