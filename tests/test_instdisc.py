@@ -421,13 +421,15 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path):
     assert torch.equal(whole["bank"]["memory"], resumed["bank"]["memory"])
 
 
-def test_main_draws_new_noise_rows_at_every_step_and_epoch(tmp_path, monkeypatch):
-    draws, draw_noise = [], instdisc.MemoryBank.draw_noise
+def test_main_draws_new_noise_rows_at_every_step_and_epoch_and_follows_the_schedule(tmp_path, monkeypatch):
+    draws, draw_noise, lrs, set_lr = [], instdisc.MemoryBank.draw_noise, [], common.set_lr
     monkeypatch.setattr(instdisc.MemoryBank, "draw_noise",
                         lambda bank, rows, m: draws.append(draw_noise(bank, rows, m)) or draws[-1])
+    monkeypatch.setattr(common, "set_lr", lambda optimizer, lr: lrs.append(lr) or set_lr(optimizer, lr))
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # set back what setup_distributed may install
     _run(tmp_path, 2)  # 4 steps an epoch
     assert len(draws) == 8 and len({tuple(d.flatten().tolist()) for d in draws}) == 8
+    assert lrs == pytest.approx([0.03] * 4 + [0.003] * 4)  # of 2 epochs, x0.1 from round(0.6 x 2) = epoch 1 on
 
 
 # ---------------------------------------------------------------------------------------------------- model, views
