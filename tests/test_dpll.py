@@ -492,15 +492,18 @@ def test_build_optimizer_is_sgd_with_decay_on_every_parameter():
 def _main(out_dir, epochs, resume=False):
     """dpll.main in this process on 100 synthetic images (3 steps of 32 an epoch: 4 images left out of each epoch)."""
     argv = [*SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "32", "--subset", "100", "--workers", "0", "--q", "0.3",
-            "--ramp-epochs", "2", "--eval-every", "0", "--probe-epochs", "0", "--knn-k", "10", "--log-every", "1000",
-            "--epochs", str(epochs), "--out-dir", str(out_dir)] + (["--resume"] if resume else [])
+            "--ramp-epochs", "2", "--milestones", "1", "--eval-every", "0", "--probe-epochs", "0", "--knn-k", "10",
+            "--log-every", "1000", "--epochs", str(epochs), "--out-dir", str(out_dir)] + (["--resume"] if resume else [])
     dpll.main(common.parse(dpll.Args, argv))
     return torch.load(out_dir / "checkpoint.pt", weights_only=True)
 
 
-def test_main_starts_the_targets_uniform_on_the_candidates_and_resumes_them(tmp_path, monkeypatch):
+def test_main_starts_the_targets_uniform_on_the_candidates_follows_the_steps_and_resumes(tmp_path, monkeypatch):
+    lrs, set_lr = [], common.set_lr
+    monkeypatch.setattr(common, "set_lr", lambda optimizer, lr: lrs.append(lr) or set_lr(optimizer, lr))
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # set back what setup_distributed may install
     whole = _main(tmp_path / "whole", 2)
+    assert lrs == pytest.approx([0.1] * 3 + [0.01] * 3)  # x lr_decay from the milestone (epoch 1) on
     S, t = whole["candidates"], whole["targets"]
     assert torch.allclose(t.sum(1), torch.ones(len(t))) and not t[~S].any()  # distributions on the candidates
     uniform = (t == S / S.sum(1, keepdim=True)).all(1)  # the rows no batch has reached: as main started them
