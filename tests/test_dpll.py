@@ -493,7 +493,7 @@ def _main(out_dir, epochs, resume=False):
     """dpll.main in this process on 100 synthetic images (3 steps of 32 an epoch: 4 images left out of each epoch)."""
     argv = [*SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "32", "--subset", "100", "--workers", "0", "--q", "0.3",
             "--ramp-epochs", "2", "--milestones", "1", "--eval-every", "0", "--probe-epochs", "0", "--knn-k", "10",
-            "--log-every", "1000", "--epochs", str(epochs), "--out-dir", str(out_dir)] + (["--resume"] if resume else [])
+            "--log-every", "1000", "--epochs", str(epochs), "--out-dir", str(out_dir)] + ["--resume"] * resume
     dpll.main(common.parse(dpll.Args, argv))
     return torch.load(out_dir / "checkpoint.pt", weights_only=True)
 
