@@ -309,6 +309,8 @@ def test_train_step_is_the_weighted_objective_and_updates_buffer_and_queue(objec
     old_queue = None if queue is None else queue.logits.clone()
     expected_model = copy.deepcopy(model)
     chains = jem.ReplayBuffer(16, (3, 4, 4), reinit_freq=0.3)  # to draw from the old chains (its own are replaced)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)  # a previous step's gradient: the step starts afresh
     torch.manual_seed(42)
     loss = jem.train_step(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.0), buffer, queue, args)
 
@@ -367,7 +369,7 @@ def test_main_trains_with_the_objectives_state_and_its_optimiser(objective, tmp_
     """What main hands the epoch loop: a replay buffer of --buffer-size chains for the SGLD objectives, a queue of
     --queue-size for HDGE's, none otherwise; the optimiser of build_optimizer over the model's parameters."""
     args = common.parse(jem.Args, [*TINY, "--objective", objective, "--lr", "3e-4", "--epochs", "1",
-                                   "--out-dir", str(tmp_path / "run")])
+                                   "--reinit-freq", "0.2", "--out-dir", str(tmp_path / "run")])
     got = {}
 
     def first_epoch(model, loader, optimizer, lr_at, progress, args, buffer, queue):
@@ -380,7 +382,7 @@ def test_main_trains_with_the_objectives_state_and_its_optimiser(objective, tmp_
     sgld, hdge = objective in ("jem", "hdge+sgld"), objective.startswith("hdge")
     assert (got["buffer"] is not None) == sgld and (got["queue"] is not None) == hdge
     if sgld:
-        assert got["buffer"].x.shape == (256, 3, 16, 16) and got["buffer"].reinit_freq == 0.05
+        assert got["buffer"].x.shape == (256, 3, 16, 16) and got["buffer"].reinit_freq == 0.2
     if hdge:
         assert got["queue"].logits.shape == (10, 128)
     group, = got["optimizer"].param_groups

@@ -458,6 +458,8 @@ def test_train_step_is_the_paws_objective_on_views_paired_as_the_paper(me_max):
     args = paws.Args(**STEP_ARGS, me_max=me_max)
     views, support_views, y, model = _step_inputs()
     expected_model = copy.deepcopy(model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)  # a previous step's gradient: the step starts afresh
     loss, terms = paws.train_step(model, (views, None), torch.optim.SGD(model.parameters(), lr=0.0),
                                   (support_views, y), args)
     n = len(views[0])
