@@ -360,6 +360,35 @@ def test_build_optimizer_is_the_official_adam_over_every_parameter():
     assert (group["lr"], group["betas"], group["weight_decay"]) == (3e-4, (0.9, 0.999), 1e-5)
 
 
+class _Epoch(list):
+    """An epoch's batches as the loop reads them: a list with its epoch."""
+    epoch = 1
+
+
+def test_train_one_epoch_sets_each_steps_lr_then_steps_with_the_state(monkeypatch):
+    """The loop: lr_at(global step) set before each step, each batch with the buffer and queue, the mean loss
+    returned; a bad loss stops the epoch (the steps here are recorded, not run)."""
+    args = jem.Args(device="cpu", epochs=3, log_every=1e9)
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loader = _Epoch([(torch.full((2, 1), float(i)), torch.zeros(2, dtype=torch.long)) for i in range(3)])
+    buffer, queue, calls = object(), object(), []
+
+    def step(model_, batch, optimizer_, buffer_, queue_, args_):
+        assert buffer_ is buffer and queue_ is queue
+        calls.append((batch[0][0, 0].item(), optimizer_.param_groups[0]["lr"]))
+        return torch.tensor(float(len(calls)))
+
+    monkeypatch.setattr(jem, "train_step", step)
+    loss = jem.train_one_epoch(model, loader, optimizer, lambda t: 0.1 * t + 0.01, common.Progress(args), args,
+                               buffer, queue)
+    assert [c[0] for c in calls] == [0.0, 1.0, 2.0] and loss == pytest.approx(2.0)
+    assert [c[1] for c in calls] == pytest.approx([0.31, 0.41, 0.51])  # epoch 1 of 3 steps: steps 3, 4, 5
+    monkeypatch.setattr(jem, "train_step", lambda *a: torch.tensor(float("inf")))
+    with pytest.raises(jem.Diverged):
+        jem.train_one_epoch(model, loader, optimizer, lambda t: 0.1, common.Progress(args), args, None, None)
+
+
 class _Stop(Exception):
     pass
 

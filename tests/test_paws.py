@@ -524,6 +524,61 @@ def test_build_optimizer_is_lars_with_biases_and_norms_excluded_and_the_unscaled
         assert (group["lr"], group["momentum"], group["eta"], group["nesterov"]) == (2.5, 0.8, 0.02, False)
 
 
+class _Epoch(list):
+    """An epoch's batches as the loop reads them: a list with its epoch."""
+    epoch = 1
+
+
+def test_train_one_epoch_sets_each_steps_lr_then_steps_on_the_paired_batches(monkeypatch):
+    """The loop: lr_at(global step) set before each step, support batch i paired with unlabelled batch i, the mean
+    of the steps' terms returned (the steps here are recorded, not run)."""
+    args = paws.Args(device="cpu", epochs=3, log_every=1e9)
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    supports = _Epoch([([torch.full((2, 1), float(i))], torch.zeros(2)) for i in range(3)])
+    unlabelled = _Epoch([([torch.full((5, 1), 10.0 + i)] * 4, None) for i in range(3)])
+    calls = []
+
+    def step(model_, batch, optimizer_, support_batch, args_):
+        calls.append((batch[0][0][0, 0].item(), support_batch[0][0][0, 0].item(), optimizer_.param_groups[0]["lr"]))
+        return torch.tensor(1.0), torch.tensor([float(len(calls)), -2.0 * len(calls)])
+
+    monkeypatch.setattr(paws, "train_step", step)
+    ce, me_max = paws.train_one_epoch(model, unlabelled, supports, optimizer, lambda t: 0.1 * t + 0.01,
+                                      common.Progress(args), args)
+    assert [c[:2] for c in calls] == [(10.0, 0.0), (11.0, 1.0), (12.0, 2.0)]
+    assert [c[2] for c in calls] == pytest.approx([0.31, 0.41, 0.51])  # epoch 1 of 3 steps: steps 3, 4, 5
+    assert (ce, me_max) == pytest.approx((2.0, -4.0))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_main_trains_each_epoch_on_its_own_batches_with_build_optimizer(tmp_path, monkeypatch):
+    """What main hands the loop in its second epoch: that epoch's unlabelled loader and support batches, the LARS of
+    build_optimizer over every parameter, the model as trained."""
+    args = common.parse(paws.Args, [*FINETUNE_RUN[:-6], "--epochs", "2", "--probe-epochs", "0", "--eval-every", "0",
+                                    "--weight-decay", "1e-3", "--out-dir", str(tmp_path / "run")])
+    got = []
+
+    def epoch(model, loader, supports, optimizer, lr_at, progress, args):
+        got.append(dict(model=model, loader=loader, supports=supports, optimizer=optimizer))
+        if len(got) == 2:
+            raise _Stop
+        for _ in progress(_Epoch([None])):  # an epoch's progress for main's log line
+            progress.update(torch.zeros(()), 0.0, 1)
+        return 0.0, 0.0
+
+    monkeypatch.setattr(paws, "train_one_epoch", epoch)
+    with pytest.raises(_Stop):
+        paws.main(args)
+    assert [g["loader"].epoch for g in got] == [0, 1] and [g["supports"].epoch for g in got] == [0, 1]
+    optimizer, model = got[1]["optimizer"], common.unwrap(got[1]["model"])
+    assert isinstance(optimizer, common.LARS) and optimizer.param_groups[0]["weight_decay"] == 1e-3
+    assert sorted(id(p) for g in optimizer.param_groups for p in g["params"]) == sorted(map(id, model.parameters()))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fine-tuning: the SuNCEt loss, two processes against one, the run
 # ---------------------------------------------------------------------------------------------------------------
