@@ -248,47 +248,57 @@ def consistency_weight(epoch: float, lam: float, ramp_epochs: float) -> float:
 # -------- Training ----------------------------------------------------------------------------------------------------
 
 
-def dpll_step(model: nn.Module, views: list[torch.Tensor], index: torch.Tensor, candidates: torch.Tensor,
-              targets: torch.Tensor, lam: float, args: Args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward and losses of one batch; updates the global `targets` in place (every process, same rows).
-    views: 3 x [n, C, H, W]; index: [n] rows of this process's images. Returns (L, L_sup, L_cont)."""
-    with common.autocast(args):
-        logits = model(*views)  # [3, n, K]
-    logits = logits.float()
-    probs = logits.softmax(dim=-1)  # [3, n, K]
+def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
+    """The optimiser main builds: SGD with momentum, weight decay on every parameter (the official optimiser), the
+    learning rate not scaled with the batch."""
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def train_step(model: nn.Module, batch, optimizer, candidates: torch.Tensor, targets: torch.Tensor, lam: float,
+               args: Args) -> torch.Tensor:
+    """One step of DPLL on one batch: L = L_sup + lambda(e) L_cont against the targets t_i as they are, then
+    t_i <- the views' normalised geometric mean on S_i (the global `targets` in place, the same rows on every
+    process; --naive: the baseline's loss, no targets). `model` is the network as trained (DDP on several processes).
+    Returns [L, L_sup, L_cont] of the global batch (on the device, detached)."""
+    views, _, index = batch
+    views, index = common.to_device(views, args), common.to_device(index, args)  # 3 x [n, C, H, W], [n]
     S = candidates[index]  # [n, K]
-    loss_sup = sup_loss(probs[0], S)  # on the weak view
-    loss_cont = cont_loss(logits, targets[index])  # a copy of the rows: the update below does not touch it
-    # t_i <- normalised geometric mean of the views' predictions on S_i; without gradient, and on every process
-    # for the images of the whole global batch, so the table stays identical everywhere
-    new = update_targets(probs.detach(), S)  # [n, K]
-    targets.index_copy_(0, common.gather_no_grad(index), common.gather_no_grad(new))
-    return loss_sup + lam * loss_cont, loss_sup.detach(), loss_cont.detach()
+    if args.naive:
+        with common.autocast(args):
+            logits = model(views[0])  # [n, K]
+        loss = naive_loss(logits, S)
+        loss_sup = loss_cont = loss.new_zeros(())
+    else:
+        with common.autocast(args):
+            logits = model(*views)  # [3, n, K]
+        logits = _float(logits)  # float32 under autocast (float64 stays float64)
+        probs = logits.softmax(dim=-1)  # [3, n, K]
+        loss_sup = sup_loss(probs[0], S)  # on the weak view
+        loss_cont = cont_loss(logits, targets[index])  # a copy of the rows: the update below does not touch it
+        loss = loss_sup + lam * loss_cont
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if not args.naive:
+        # t_i <- normalised geometric mean of the views' predictions on S_i; without gradient, and on every process
+        # for the images of the whole global batch, so the table stays identical everywhere
+        new = update_targets(probs.detach(), S)  # [n, K]
+        targets.index_copy_(0, common.gather_no_grad(index), common.gather_no_grad(new))
+    return common.all_reduce_mean(torch.stack([loss, loss_sup, loss_cont]).detach())
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common.Progress, args: Args,
                     candidates: torch.Tensor, targets: torch.Tensor) -> dict:
-    """One pass over this process's share of the data; returns the epoch's mean losses (global batch).
-    `model` is the network as trained (DDP on several processes)."""
+    """One pass over this process's share of the data; returns the epoch's mean losses (global batch)."""
     model.train()
     lam = consistency_weight(loader.epoch, args.lam, args.ramp_epochs)
     totals = torch.zeros(3, device=args.device)  # L, L_sup, L_cont
-    for views, _, index in progress(loader):
+    for batch in progress(loader):
         lr = common.set_lr(optimizer, lr_at(progress.step))
-        views, index = common.to_device(views, args), common.to_device(index, args)
-        if args.naive:
-            with common.autocast(args):
-                logits = model(views[0])  # [n, K]
-            loss = naive_loss(logits, candidates[index])
-            loss_sup = loss_cont = torch.zeros((), device=args.device)
-        else:
-            loss, loss_sup, loss_cont = dpll_step(model, views, index, candidates, targets, lam, args)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        totals += torch.stack([loss.detach(), loss_sup, loss_cont])
-        progress.update(loss, lr, len(index))
-    loss, loss_sup, loss_cont = (common.all_reduce_mean(totals) / len(loader)).tolist()
+        losses = train_step(model, batch, optimizer, candidates, targets, lam, args)
+        totals += losses
+        progress.update(losses[0], lr, len(batch[2]))
+    loss, loss_sup, loss_cont = (totals / len(loader)).tolist()
     return {"loss": loss} if args.naive else {"loss": loss, "sup_loss": loss_sup, "cont_loss": loss_cont}
 
 
@@ -315,8 +325,7 @@ def main(args: Args):
 
     model = common.prepare_model(Classifier(common.build_backbone(args.arch, info.channels, size),
                                             info.num_classes), args)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = build_optimizer(model, args)
     state = run.resume(model, optimizer)
     # candidate sets S (drawn once, seeded, identical on every process) and targets t, uniform over S at first
     y_true = torch.as_tensor(train_set.targets)

@@ -315,10 +315,18 @@ def clae_loss(model: nn.Module, x: torch.Tensor, instance_loss, args: Args) -> t
     return instance_loss(v_adv)
 
 
-def train_step(model: nn.Module, bank: MemoryBank, optimizer, x: torch.Tensor, i: torch.Tensor,
-               args: Args) -> torch.Tensor:
-    """One step on this process's n images x (bank rows i); returns the global batch's mean loss (detached).
-    `model` is the network as trained (DDP on several processes)."""
+def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
+    """The optimiser main builds: SGD with momentum, weight decay on every parameter (the official code); the bank is
+    not a parameter."""
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def train_step(model: nn.Module, batch, optimizer, bank: MemoryBank, args: Args) -> torch.Tensor:
+    """One step of InstDisc on one batch: J of v = f(x) against the bank's rows (+ proximal term), then
+    v_i <- normalise(m_b v_i + (1 - m_b) f(x_i)). `model` is the network as trained (DDP on several processes).
+    Returns the loss of the global batch (on the device, detached)."""
+    x, _, i = batch
+    x, i = common.to_device(x, args), common.to_device(i, args)  # [n, C, H, W] images, [n] their bank rows
     with common.autocast(args):
         v = model(x)  # [n, D] f(x), L2-normalised
     n, (rank, world) = len(bank.memory), common.world()
@@ -350,15 +358,14 @@ def train_step(model: nn.Module, bank: MemoryBank, optimizer, x: torch.Tensor, i
 
 def train_one_epoch(model: nn.Module, bank: MemoryBank, loader, optimizer, lr_at, progress: common.Progress,
                     args: Args) -> float:
-    """One pass over this process's share of the data; returns the epoch's mean loss (global batch).
-    `model` is the network as trained (DDP on several processes)."""
+    """One pass over this process's share of the data; returns the epoch's mean loss (global batch)."""
     model.train()
     total = torch.zeros((), device=args.device)
-    for x, _, i in progress(loader):
+    for batch in progress(loader):
         lr = common.set_lr(optimizer, lr_at(progress.step))
-        loss = train_step(model, bank, optimizer, common.to_device(x, args), common.to_device(i, args), args)
+        loss = train_step(model, batch, optimizer, bank, args)
         total += loss
-        progress.update(loss, lr, len(x))
+        progress.update(loss, lr, len(batch[0]))
     return (total / len(loader)).item()
 
 
@@ -407,8 +414,7 @@ def main(args: Args):
     model = common.prepare_model(InstDisc(backbone, args.low_dim), args)
     # the same bank on every process: drawn from a generator seeded alike, not per rank
     bank = MemoryBank(len(train_set), args.low_dim, torch.Generator().manual_seed(args.seed)).to(args.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = build_optimizer(model, args)
     state = run.resume(model, optimizer)
     if "bank" in state:
         bank.load_state_dict(state["bank"])

@@ -263,6 +263,40 @@ class Diverged(Exception):
     """A loss that is not finite or exceeds --diverge-at."""
 
 
+def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
+    """Adam over every parameter, as the official code (betas 0.9, 0.999; --weight-decay, officially 0)."""
+    return torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+
+
+def train_step(model: nn.Module, batch, optimizer, buffer: ReplayBuffer | None, queue: LogitQueue | None,
+               args: Args) -> torch.Tensor:
+    """One step of JEM on one batch (x, y): L = CE + L_p(x) on SGLD samples from `buffer` (written back with them)
+    + L_HDGE against `queue` (then given this batch's logits), each term with its weight; `buffer`, `queue` None
+    drop their terms. `model` is the network as trained (DDP on several processes). Returns the loss (detached)."""
+    x, y = common.to_device(batch, args)  # [n, C, H, W], [n]
+    x = x + args.sigma * torch.randn_like(x)  # the official inputs: in [-1, 1] plus Gaussian noise
+    n = len(x)
+    if buffer is not None:  # x_q: samples of p(x) from the replay buffer, without gradient
+        x0, idx = buffer.sample(n)
+        x_q = sgld_sample(common.unwrap(model), x0, args.sgld_steps, args.sgld_step_size, args.sgld_noise)
+        buffer.write(idx, x_q)
+        x = torch.cat([x, x_q])  # [2n, C, H, W]: one forward pass
+    with common.autocast(args):
+        logits = model(x)  # [n or 2n, C]
+    logits, logits_q = logits[:n], logits[n:]
+    loss = args.p_y_x_weight * F.cross_entropy(logits.float(), y)  # -log p(y|x)
+    if buffer is not None:
+        loss = loss + args.p_x_weight * px_loss(logits, logits_q)  # -log p(x), by contrastive divergence
+    if queue is not None:
+        loss = loss + args.hdge_weight * hdge_loss(logits, y, queue.logits, args.hdge_temperature,
+                                                   args.hdge_mask == "official")
+        queue.push(common.gather_no_grad(logits.detach().float()))  # the global batch, after its use
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common.Progress, args: Args,
                     buffer: ReplayBuffer | None, queue: LogitQueue | None) -> float:
     """One pass over this process's share of the data; returns the epoch's mean loss (global batch). Raises Diverged.
@@ -273,32 +307,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common
     bad_loss = torch.zeros((), device=args.device)  # its loss
     for x, y in progress(loader):
         lr = common.set_lr(optimizer, lr_at(progress.step))
-        x, y = common.to_device([x, y], args)  # [n, C, H, W], [n]
-        x = x + args.sigma * torch.randn_like(x)  # the official inputs: in [-1, 1] plus Gaussian noise
-        n = len(x)
-        if buffer is not None:  # x_q: samples of p(x) from the replay buffer, without gradient
-            x0, idx = buffer.sample(n)
-            x_q = sgld_sample(common.unwrap(model), x0, args.sgld_steps, args.sgld_step_size, args.sgld_noise)
-            buffer.write(idx, x_q)
-            x = torch.cat([x, x_q])  # [2n, C, H, W]: one forward pass
-        with common.autocast(args):
-            logits = model(x)  # [n or 2n, C]
-        logits, logits_q = logits[:n], logits[n:]
-        loss = args.p_y_x_weight * F.cross_entropy(logits.float(), y)  # -log p(y|x)
-        if buffer is not None:
-            loss = loss + args.p_x_weight * px_loss(logits, logits_q)  # -log p(x), by contrastive divergence
-        if queue is not None:
-            loss = loss + args.hdge_weight * hdge_loss(logits, y, queue.logits, args.hdge_temperature,
-                                                       args.hdge_mask == "official")
-            queue.push(common.gather_no_grad(logits.detach().float()))  # the global batch, after its use
+        loss = train_step(model, (x, y), optimizer, buffer, queue, args)
         # divergence: the first bad step is noted on the device (the step does not wait for the host), ...
         first = (~torch.isfinite(loss.detach()) | (loss.detach().abs() > args.diverge_at)) & (bad_step < 0)
         bad_step, bad_loss = torch.where(first, progress.i, bad_step), torch.where(first, loss.detach(), bad_loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
         total += loss.detach()
-        progress.update(loss, lr, n)
+        progress.update(loss, lr, len(y))
         # ... read back every 50 steps and at the end (before a checkpoint): every process stops, nothing bad saved
         if (progress.i + 1) % 50 == 0 or progress.i + 1 == len(loader):
             check_divergence(bad_step, bad_loss, loader.epoch)
@@ -405,7 +419,7 @@ def main(args: Args):
     backbone = common.build_backbone(args.arch, info.channels, size, norm=args.norm, act="leaky")
     model = JEM(without_batchnorm(backbone) if args.norm == "none" else backbone, info.num_classes)
     model = common.prepare_model(model, args)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    optimizer = build_optimizer(model, args)
     state = run.resume(model, optimizer)
     sgld, hdge = args.objective in ("jem", "hdge+sgld"), args.objective.startswith("hdge")
     buffer = ReplayBuffer(args.buffer_size // common.world()[1], (info.channels, size, size), args.reinit_freq,

@@ -238,32 +238,47 @@ def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature
 # -------- Training ----------------------------------------------------------------------------------------------------
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common.Progress, args: Args) -> float:
-    """One pass over this process's share of the data; returns the epoch's mean loss (global batch).
-    `model` is the query encoder as trained (DDP on several processes)."""
-    model.train()
+def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
+    """The optimiser main builds: SGD with momentum and weight decay on every parameter of the query encoder (the key
+    encoder follows by momentum only), at the demo's linear rule lr x batch / 512 (0.06 at 512, 0.03 at 256)."""
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr * args.batch_size / 512,
+                           momentum=args.sgd_momentum, weight_decay=args.weight_decay)
+
+
+def train_step(model: nn.Module, batch, optimizer, args: Args) -> torch.Tensor:
+    """One step of MoCo on one batch: theta_k <- m theta_k + (1 - m) theta_q, then L(q, k, queue), then enqueue k.
+    `model` is the query encoder as trained (DDP on several processes). Returns the loss of the global batch (on the
+    device, detached)."""
     moco = common.unwrap(model)  # the key encoder and the queue, used outside DDP's gradient synchronisation
-    total = torch.zeros((), device=args.device)
-    for (x1, x2), _ in progress(loader):
-        lr = common.set_lr(optimizer, lr_at(progress.step))
-        x1, x2 = common.to_device([x1, x2], args)  # [n, C, H, W] each
-        momentum_update(moco.encoder_q, moco.encoder_k, args.momentum)  # first, as the official code
-        with common.autocast(args):
-            q1, k2 = model(x1), moco.keys(x2)  # [n, D] each; keys without gradient
-            if args.symmetric:
-                q2, k1 = model(x2), moco.keys(x1)
-        queue = moco.queue.clone()  # this step's negatives, kept apart from the enqueue below
-        loss = moco_loss(q1, k2, queue, args.temperature)
+    (x1, x2), _ = batch
+    x1, x2 = common.to_device([x1, x2], args)  # [n, C, H, W] each
+    momentum_update(moco.encoder_q, moco.encoder_k, args.momentum)  # first, as the official code
+    with common.autocast(args):
+        q1, k2 = model(x1), moco.keys(x2)  # [n, D] each; keys without gradient
         if args.symmetric:
-            loss = loss + moco_loss(q2, k1, queue, args.temperature)  # the demo sums the two directions
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        for k in ([k1, k2] if args.symmetric else [k2]):  # the demo enqueues k1's keys, then k2's
-            moco.dequeue_and_enqueue(k)  # each gathered over the processes, so in the global batch's order
-        total += loss.detach()
-        progress.update(loss, lr, len(x1))
-    return common.all_reduce_mean(total / len(loader)).item()  # each process averaged its own queries
+            q2, k1 = model(x2), moco.keys(x1)
+    queue = moco.queue.clone()  # this step's negatives, kept apart from the enqueue below
+    loss = moco_loss(q1, k2, queue, args.temperature)
+    if args.symmetric:
+        loss = loss + moco_loss(q2, k1, queue, args.temperature)  # the demo sums the two directions
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    for k in ([k1, k2] if args.symmetric else [k2]):  # the demo enqueues k1's keys, then k2's
+        moco.dequeue_and_enqueue(k)  # each gathered over the processes, so in the global batch's order
+    return common.all_reduce_mean(loss.detach())  # each process averaged its own queries
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common.Progress, args: Args) -> float:
+    """One pass over this process's share of the data; returns the epoch's mean loss (global batch)."""
+    model.train()
+    total = torch.zeros((), device=args.device)
+    for batch in progress(loader):
+        lr = common.set_lr(optimizer, lr_at(progress.step))
+        loss = train_step(model, batch, optimizer, args)
+        total += loss
+        progress.update(loss, lr, len(batch[1]))
+    return (total / len(loader)).item()
 
 
 # -------- Main --------------------------------------------------------------------------------------------------------
@@ -281,13 +296,11 @@ def main(args: Args):
     backbone = split_batchnorm(common.build_backbone(args.arch, info.channels, size),
                                args.bn_splits if common.world()[1] == 1 else 1)
     model = common.prepare_model(MoCo(backbone, args.proj_dim, args.mlp, args.queue_size), args)
-    base_lr = args.lr * args.batch_size / 512  # the demo's linear rule: 0.06 at 512, 0.03 at 256
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=base_lr,
-                                momentum=args.sgd_momentum, weight_decay=args.weight_decay)
+    optimizer = build_optimizer(model, args)
     start = run.resume(model, optimizer)["epoch"]  # the key encoder and the queue are in the model's state
     ddp_model = common.distribute(model, args)  # the model as trained: DDP on several processes
 
-    lr_at = common.lr_schedule(args, train_data.steps, base_lr)
+    lr_at = common.lr_schedule(args, train_data.steps, optimizer.defaults["lr"])  # the scaled base lr
     evaluation = common.Evaluation(memory_set, test_set, info.num_classes, args)
     progress = common.Progress(args)
     common.print0(f"MoCo {args.arch} on {args.dataset}: {len(train_set)} images, {train_data.steps} steps of "

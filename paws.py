@@ -306,6 +306,41 @@ def support_batches(supports: common.TrainData, args: Args, epoch: int, steps: i
     return common.Batches(supports.train_set, args, epoch, batch_sampler=sampler, generator=generator)
 
 
+def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
+    """LARS, biases and norms neither decayed nor adapted; --lr not scaled with the batch, as the official code."""
+    return common.LARS(common.param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum,
+                       eta=args.lars_eta)
+
+
+def train_step(model: nn.Module, batch, optimizer, support_batch, args: Args) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of PAWS on unlabelled views `batch` and `support_batch` (views, labels): L = CE + ME-MAX against the
+    supports of all processes. `model` is the network as trained (DDP on several processes). Returns the loss and
+    its terms (CE, ME-MAX) [2] (on the device, detached); with --supervised-only `batch` is unused."""
+    (support_views, y), (views, _) = support_batch, batch
+    x_S, y = torch.cat(common.to_device(support_views, args)), common.to_device(y, args)  # [V s, C, H, W], [s]
+    if args.supervised_only:
+        with common.autocast(args):
+            logits = model(x_S, logits=True)  # [V s, num_classes]
+        ce = F.cross_entropy(logits.float(), y.repeat(args.support_views), label_smoothing=args.label_smoothing)
+        loss, me_max = ce, torch.zeros((), device=args.device)
+    else:
+        x = common.to_device(views, args)  # 2 + M tensors [n, C, H, W]
+        n = len(x[0])
+        with common.autocast(args):
+            # global views and supports in one pass (BatchNorm over both), multi-crops in a second, as official
+            z = model(torch.cat(x[:2] + [x_S]))  # [2n + V s, D]
+            z_views = torch.cat([z[:2 * n], model(torch.cat(x[2:]))]) if args.multicrop else z[:2 * n]
+        # the supports of all processes, with gradient, so every anchor is classified by the global support set
+        z_S = common.gather_with_grad(z[2 * n:])
+        y_S = support_labels(y, args.support_views, args.classes_per_batch, args.label_smoothing)
+        ce, me_max = paws_loss(z_views, z_S, y_S, args.temperature, args.sharpen, args.multicrop)
+        loss = ce + me_max if args.me_max else ce
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), torch.stack([ce, me_max]).detach()
+
+
 def train_one_epoch(model: nn.Module, loader, supports, optimizer, lr_at, progress: common.Progress,
                     args: Args) -> tuple[float, float]:
     """One pass over this process's unlabelled data (`loader`; None with --supervised-only: the supports alone) and
@@ -313,31 +348,11 @@ def train_one_epoch(model: nn.Module, loader, supports, optimizer, lr_at, progre
     model.train()
     totals = torch.zeros(2, device=args.device)  # sums of CE and ME-MAX
     unlabelled = loader if loader is not None else [(None, None)] * len(supports)
-    for (support_views, y), (views, _) in zip(progress(supports), unlabelled):
+    for support_batch, batch in zip(progress(supports), unlabelled):
         lr = common.set_lr(optimizer, lr_at(progress.step))
-        x_S, y = torch.cat(common.to_device(support_views, args)), common.to_device(y, args)  # [V s, C, H, W], [s]
-        if args.supervised_only:
-            with common.autocast(args):
-                logits = model(x_S, logits=True)  # [V s, num_classes]
-            ce = F.cross_entropy(logits.float(), y.repeat(args.support_views), label_smoothing=args.label_smoothing)
-            loss, me_max, n = ce, torch.zeros((), device=args.device), 0
-        else:
-            x = common.to_device(views, args)  # 2 + M tensors [n, C, H, W]
-            n = len(x[0])
-            with common.autocast(args):
-                # global views and supports in one pass (BatchNorm over both), multi-crops in a second, as official
-                z = model(torch.cat(x[:2] + [x_S]))  # [2n + V s, D]
-                z_views = torch.cat([z[:2 * n], model(torch.cat(x[2:]))]) if args.multicrop else z[:2 * n]
-            # the supports of all processes, with gradient, so every anchor is classified by the global support set
-            z_S = common.gather_with_grad(z[2 * n:])
-            y_S = support_labels(y, args.support_views, args.classes_per_batch, args.label_smoothing)
-            ce, me_max = paws_loss(z_views, z_S, y_S, args.temperature, args.sharpen, args.multicrop)
-            loss = ce + me_max if args.me_max else ce
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        totals += torch.stack([ce.detach(), me_max.detach()])
-        progress.update(loss, lr, n + len(y))
+        loss, terms = train_step(model, batch, optimizer, support_batch, args)
+        totals += terms
+        progress.update(loss, lr, len(support_batch[1]) + (len(batch[0][0]) if loader is not None else 0))
     return tuple(common.all_reduce_mean(totals / len(supports)).tolist())
 
 
@@ -403,8 +418,7 @@ def main(args: Args):
 
     backbone = common.build_backbone(args.arch, info.channels, size)
     model = common.prepare_model(PAWS(backbone, args.proj_dim, info.num_classes if args.supervised_only else 0), args)
-    optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum,
-                            eta=args.lars_eta)
+    optimizer = build_optimizer(model, args)
     state = run.resume(model, optimizer)
     ddp_model = common.distribute(model, args)  # the model as trained: DDP on several processes
 

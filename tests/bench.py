@@ -255,7 +255,7 @@ def instdisc_entry(bench, info: common.DataInfo, size: int, images: int) -> Entr
 
     def floor(x):  # the step without its loader: forward and backward on the one view, the bank's update
         x = common.to_device(x, args)
-        instdisc.train_step(net, bank, optimizer, x, rows[:len(x)], args)
+        instdisc.train_step(net, (x, None, rows[:len(x)]), optimizer, bank, args)
 
     return Entry(views, step, floor, indexed=True)
 

@@ -386,3 +386,147 @@ def test_losses_stay_float32_on_cuda_and_deterministic_asks_for_exact_kernels(mo
         assert torch.are_deterministic_algorithms_enabled() and os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8"
     finally:
         torch.use_deterministic_algorithms(False)
+
+# ---------------------------------------------------------------------------------------------------- GlobalBatchNorm
+
+
+def _batchnorm_case():
+    """A batch of 12 images (3 channels, 2x2, far from zero mean), a fixed random weighting of the outputs, and a
+    BatchNorm2d with affine parameters away from 1 and 0 and a momentum other than 0.5."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 3, 2, 2, generator=g) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1) + 3.0
+    w = torch.randn(12, 3, 2, 2, generator=g)
+    bn = nn.BatchNorm2d(3, momentum=0.3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, 1.5, 2.0])), bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    return x, w, bn
+
+
+def _batchnorm_worker(rank, store, out):
+    from conftest import init_gloo, shard
+
+    init_gloo(rank, store)
+    x, w, bn = _batchnorm_case()
+    net = nn.Sequential(bn)
+    common.distribute(net, common.Args(device="cpu", sync_bn=True))  # turns the BatchNorm into a GlobalBatchNorm
+    x = shard(x, rank).requires_grad_(True)
+    y = net(x)
+    (y * shard(w, rank)).sum().backward()  # this process's share of the loss on the whole batch
+    torch.save({"cls": type(bn).__name__, "y": y.detach(), "x_grad": x.grad, "weight_grad": bn.weight.grad,
+                "bias_grad": bn.bias.grad, "running_mean": bn.running_mean, "running_var": bn.running_var,
+                "tracked": bn.num_batches_tracked}, f"{out}/{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_global_batchnorm_on_two_processes_equals_one_batchnorm_on_the_whole_batch(tmp_path):
+    """Two gloo processes with --sync-bn on the halves of a batch against nn.BatchNorm2d on the whole batch: output,
+    input gradient (each process's rows get the gradient of the global loss, through the global statistics), weight
+    and bias gradients (summed over the processes), running mean and unbiased running variance."""
+    from conftest import WORLD, shard, spawn
+
+    got = spawn(_batchnorm_worker, tmp_path)
+    x, w, bn = _batchnorm_case()
+    x.requires_grad_(True)
+    y = bn(x)
+    (y * w).sum().backward()
+    for rank in range(WORLD):
+        r = got[rank]
+        assert r["cls"] == "GlobalBatchNorm"
+        assert torch.allclose(r["y"], shard(y.detach(), rank), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(r["x_grad"], shard(x.grad, rank), rtol=1e-4, atol=1e-5)
+        assert torch.allclose(r["running_mean"], bn.running_mean, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(r["running_var"], bn.running_var, rtol=1e-5, atol=1e-6)
+        assert int(r["tracked"]) == int(bn.num_batches_tracked) == 1
+    for name in ("weight", "bias"):
+        assert torch.allclose(got[0][f"{name}_grad"] + got[1][f"{name}_grad"], getattr(bn, name).grad, rtol=1e-5,
+                              atol=1e-5), name
+
+
+def test_distribute_turns_batchnorm_global_only_with_sync_bn_on_several_processes(monkeypatch):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm1d(4))
+    common.distribute(net, common.Args(device="cpu", sync_bn=True))  # one process: nothing to synchronise
+    assert [type(m) for m in net[1:]] == [nn.BatchNorm2d, nn.BatchNorm1d]
+
+# ---------------------------------------------------------------------------------------------------- optimiser pieces
+
+
+def test_param_groups_leave_frozen_parameters_out_and_mark_only_the_excluded_group():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.LayerNorm(3), nn.Linear(3, 2, bias=False))
+    model[0].requires_grad_(False)  # frozen: in no group
+    decay, excluded = common.param_groups(model, 0.25)
+    assert [id(p) for p in decay["params"]] == [id(model[3].weight)]
+    assert [id(p) for p in excluded["params"]] == [id(p) for p in (*model[1].parameters(), *model[2].parameters())]
+    assert decay["weight_decay"] == 0.25 and not decay.get("lars_exclude", False)
+    assert excluded["weight_decay"] == 0.0 and excluded["lars_exclude"] is True
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_lars_on_a_models_param_groups_equals_transcription(clip):
+    """common.LARS over common.param_groups of a network, two steps: weights decayed and scaled by their trust ratio
+    eta |w| / |g + wd w| times lr (with clip: the least of
+    that ratio and lr), biases and norm parameters plain momentum SGD, as transcribed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).double()
+    params = list(model.parameters())
+    lr, momentum, wd, eta = 0.7, 0.9, 0.1, 0.02
+    opt = common.LARS(common.param_groups(model, wd), lr=lr, momentum=momentum, eta=eta, clip=clip)
+    ws = [p.detach().clone() for p in params]
+    vs = [torch.zeros_like(w) for w in ws]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) * (10 if clip else 1) for p in params]
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        opt.step()
+        for i, (w, v, gr) in enumerate(zip(ws, vs, grads)):
+            if w.ndim > 1:  # a weight: decay and trust
+                gr = gr + wd * w
+                trust = eta * w.norm() / gr.norm()
+                local_lr = min(trust, lr) if clip else lr * trust  # clip: LARC's min(eta |w| / |g|, lr)
+            else:  # a bias or a norm parameter: neither
+                local_lr = lr
+            v.mul_(momentum).add_(local_lr * gr)
+            w.sub_(v)
+    for p, w in zip(params, ws):
+        assert torch.allclose(p.detach(), w, rtol=1e-10, atol=1e-12)
+
+
+def test_set_lr_sets_every_group_but_a_fixed_rate_and_the_step_uses_it():
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "fixed_lr": 0.05}], lr=1.0)
+    assert common.set_lr(opt, 0.3) == 0.3
+    assert [group["lr"] for group in opt.param_groups] == [0.3, 0.05]
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    opt.step()
+    assert torch.allclose(a.detach(), torch.full((2,), 0.7)) and torch.allclose(b.detach(), torch.full((2,), 0.95))
+    common.set_lr(opt, 0.1)
+    assert [group["lr"] for group in opt.param_groups] == [0.1, 0.05]
+
+
+def test_warmup_cosine_equals_transcription_at_every_step():
+    total, warmup, base, final, start = 50, 10, 2.0, 0.1, 0.4
+    for step in range(total + 3):
+        if step < warmup:
+            expected = start + (base - start) * step / warmup
+        else:
+            t = min(1.0, (step - warmup) / (total - warmup))
+            expected = final + (base - final) * (1 + math.cos(math.pi * t)) / 2
+        assert common.warmup_cosine(step, total, warmup, base, final, start) == pytest.approx(expected, abs=1e-12)
+
+
+def test_train_loader_splits_each_epoch_into_disjoint_shards_reshuffled_by_epoch(monkeypatch):
+    """Two processes' loaders of an epoch: batches of batch_size / 2, together every image at most once (full
+    batches only), the same for the same seed and epoch, another order in another epoch."""
+    dataset = torch.utils.data.TensorDataset(torch.arange(44))
+    args = common.Args(device="cpu", batch_size=8, workers=0, seed=3)
+
+    def epoch_of(rank, epoch):
+        monkeypatch.setattr(common, "world", lambda: (rank, 2))
+        return [batch[0].tolist() for batch in common.train_loader(dataset, args, epoch)]
+
+    shards = [epoch_of(rank, 0) for rank in range(2)]
+    assert all(len(b) == 4 for s in shards for b in s) and len(shards[0]) == len(shards[1]) == 5
+    seen = [i for s in shards for b in s for i in b]
+    assert len(seen) == len(set(seen)) == 40
+    assert shards[0] == epoch_of(0, 0) and epoch_of(0, 1) != shards[0]
+    assert common.epoch_seed(3, 1, 0) not in (common.epoch_seed(3, 0, 0), common.epoch_seed(3, 1, 1))

@@ -1,8 +1,10 @@
 """Properties of DPLL (dpll.py): candidate sets, the supervised and consistency losses, the target update, the
 weight ramp, the views, two processes against one, and (slow) learning from candidate sets on a CIFAR-10 subset."""
 
+import copy
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from hypothesis import strategies as st
 
 import common
 import dpll
-from conftest import SYNTHETIC_INFO, WORLD, init_gloo, run_script, shard, spawn, synthetic
+from conftest import SYNTHETIC_FLAGS, SYNTHETIC_INFO, WORLD, init_gloo, run_script, shard, spawn, synthetic
 
 seeds = st.integers(0, 2**31 - 1)
 
@@ -373,10 +375,8 @@ def _problem():
     return views, index, S, targets.float()
 
 
-def _step(model, views, index, S, targets):
-    loss, _, _ = dpll.dpll_step(model, views, index, S, targets, 0.7, dpll.Args(device="cpu"))
-    loss.backward()
-    return loss
+def _args(**kw):
+    return dpll.Args(device="cpu", log_every=1e9, **kw)
 
 
 def _worker(rank, store, out):
@@ -384,8 +384,10 @@ def _worker(rank, store, out):
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(dpll.Classifier(_Backbone(), K))
     views, index, S, targets = _problem()
-    loss = _step(model, [shard(v, rank) for v in views], shard(index, rank), S, targets)
-    torch.save({"loss": loss.detach(), "targets": targets,
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves the gradients to read
+    batch = ([shard(v, rank) for v in views], torch.zeros(N // WORLD), shard(index, rank))
+    losses = dpll.train_step(model, batch, opt, S, targets, 0.7, _args())
+    torch.save({"losses": losses, "targets": targets,
                 "grads": {k: p.grad for k, p in model.module.named_parameters()}}, f"{out}/{rank}.pt")
     torch_dist.destroy_process_group()
 
@@ -396,15 +398,120 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
     model = dpll.Classifier(_Backbone(), K)
     views, index, S, targets = _problem()
     before = targets.clone()
-    loss = _step(model, views, index, S, targets)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    losses = dpll.train_step(model, (views, torch.zeros(N), index), opt, S, targets, 0.7, _args())
     changed = (targets != before).any(1)
     assert changed[index].all() and not changed[~torch.isin(torch.arange(2 * N), index)].any()
-    # the mean over the whole batch is the mean of the halves' means; DDP averages the gradients
-    assert (got[0]["loss"] + got[1]["loss"]).item() / 2 == pytest.approx(loss.item(), rel=1e-6)
     for r in range(WORLD):
+        # the mean over the whole batch, on every process (each averaged its half; DDP averages the gradients)
+        assert torch.allclose(got[r]["losses"], losses, rtol=1e-6)
         assert torch.allclose(got[r]["targets"], targets, atol=1e-7)  # one table, the same on every process
         for name, p in model.named_parameters():
             assert torch.allclose(got[r]["grads"][name], p.grad, rtol=1e-5, atol=1e-7), name
+
+
+def _step_problem():
+    """A float64 classifier, three distinct views of N images, and targets that are not uniform on the candidates
+    (so the table read before and after this step's update differ)."""
+    torch.manual_seed(0)
+    model = dpll.Classifier(_Backbone(), K).double()
+    views, index, S, _ = _problem()
+    g = torch.Generator().manual_seed(4)
+    targets = (torch.rand(2 * N, K, generator=g, dtype=torch.float64) + 0.1) * S
+    return model, [v.double() for v in views], index, S, targets / targets.sum(1, keepdim=True)
+
+
+def test_step_equals_the_hand_built_objective_then_updates_the_targets_it_read():
+    model, views, index, S, targets = _step_problem()
+    before, reference = targets.clone(), copy.deepcopy(model)
+    params_before = [p.clone() for p in model.parameters()]
+    # expected: L_sup on the weak view, L_cont of all three views against the targets as they were, weight 0.7
+    logits = torch.stack([reference(v) for v in views])  # [3, N, K]
+    probs = logits.softmax(-1)
+    expected_sup, expected_cont = dpll.sup_loss(probs[0], S[index]), dpll.cont_loss(logits, before[index])
+    (expected_sup + 0.7 * expected_cont).backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)  # a previous step's gradient: the step must clear it
+    losses = dpll.train_step(model, (views, torch.zeros(N), index), opt, S, targets, 0.7, _args())
+    expected = torch.stack([expected_sup + 0.7 * expected_cont, expected_sup, expected_cont]).detach()
+    assert not losses.requires_grad and torch.allclose(losses, expected, rtol=1e-12, atol=0)
+    for p, q, p0 in zip(model.parameters(), reference.parameters(), params_before):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(p, p0 - 0.1 * q.grad, rtol=1e-10, atol=1e-12)  # the optimiser took the step
+    # then the table: this step's rows from all three views' predictions (before the optimiser step), the rest as was
+    written = before.clone()
+    written[index] = dpll.update_targets(probs.detach(), S[index])
+    assert torch.allclose(targets, written, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(written[index], before[index], atol=1e-3)  # a table left as it was would fail
+
+
+def test_naive_step_is_cross_entropy_on_the_weak_view_and_leaves_the_targets():
+    model, views, index, S, targets = _step_problem()
+    before, reference = targets.clone(), copy.deepcopy(model)
+    expected = dpll.naive_loss(reference(views[0]), S[index])
+    expected.backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    losses = dpll.train_step(model, (views[:1], torch.zeros(N), index), opt, S, targets, 0.7, _args(naive=True))
+    assert torch.allclose(losses, torch.stack([expected.detach(), torch.zeros(()), torch.zeros(())]), rtol=1e-12)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+    assert torch.equal(targets, before)
+
+
+class _Epoch(list):
+    """A list of batches as the loader of epoch 3."""
+
+    epoch = 3
+
+
+def test_epoch_weighs_the_consistency_loss_by_the_ramp_of_its_epoch():
+    # lambda(3) = 0.8 x 3 / 10 = 0.24: the epoch's one step equals the hand-built objective at that weight
+    model, views, index, S, targets = _step_problem()
+    reference, before = copy.deepcopy(model), targets.clone()
+    logits = torch.stack([reference(v) for v in views])
+    sup, cont = dpll.sup_loss(logits[0].softmax(-1), S[index]), dpll.cont_loss(logits, before[index])
+    args = _args(lam=0.8, ramp_epochs=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    losses = dpll.train_one_epoch(model, _Epoch([(views, torch.zeros(N), index)]), opt, lambda step: 0.0,
+                                  common.Progress(args), args, S, targets)
+    assert losses["loss"] == pytest.approx((sup + 0.24 * cont).item(), rel=1e-6)  # the epoch sums in float32
+    assert losses["sup_loss"] == pytest.approx(sup.item(), rel=1e-6)
+    assert losses["cont_loss"] == pytest.approx(cont.item(), rel=1e-6)
+
+
+def test_build_optimizer_is_sgd_with_decay_on_every_parameter():
+    model = dpll.Classifier(common.build_backbone("tiny"), K)
+    optimizer = dpll.build_optimizer(model, dpll.Args(lr=0.1, momentum=0.9, weight_decay=1e-4))
+    assert isinstance(optimizer, torch.optim.SGD) and len(optimizer.param_groups) == 1
+    group = optimizer.param_groups[0]
+    assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]  # biases and norms decay too
+    assert group["lr"] == 0.1 and group["momentum"] == 0.9 and group["weight_decay"] == 1e-4
+
+
+def _main(out_dir, epochs, resume=False):
+    """dpll.main in this process on 100 synthetic images (3 steps of 32 an epoch: 4 images left out of each epoch)."""
+    argv = [*SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "32", "--subset", "100", "--workers", "0", "--q", "0.3",
+            "--ramp-epochs", "2", "--milestones", "1", "--eval-every", "0", "--probe-epochs", "0", "--knn-k", "10",
+            "--log-every", "1000", "--epochs", str(epochs), "--out-dir", str(out_dir)] + ["--resume"] * resume
+    dpll.main(common.parse(dpll.Args, argv))
+    return torch.load(out_dir / "checkpoint.pt", weights_only=True)
+
+
+def test_main_starts_the_targets_uniform_on_the_candidates_follows_the_steps_and_resumes(tmp_path, monkeypatch):
+    lrs, set_lr = [], common.set_lr
+    monkeypatch.setattr(common, "set_lr", lambda optimizer, lr: lrs.append(lr) or set_lr(optimizer, lr))
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # set back what setup_distributed may install
+    whole = _main(tmp_path / "whole", 2)
+    assert lrs == pytest.approx([0.1] * 3 + [0.01] * 3)  # x lr_decay from the milestone (epoch 1) on
+    S, t = whole["candidates"], whole["targets"]
+    assert torch.allclose(t.sum(1), torch.ones(len(t))) and not t[~S].any()  # distributions on the candidates
+    uniform = (t == S / S.sum(1, keepdim=True)).all(1)  # the rows no batch has reached: as main started them
+    assert 0 < uniform.sum() < len(t)
+    _main(tmp_path / "cut", 1)
+    resumed = _main(tmp_path / "cut", 2, resume=True)
+    assert torch.equal(resumed["candidates"], S) and torch.equal(resumed["targets"], t)  # the table goes on
+    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ hand-written backward, the alias sampler, the memory bank, two processes against
 import copy
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -251,12 +252,56 @@ def test_memory_bank_rows_stay_unit_and_update_once_per_step():
         expected = before.clone()
         expected[i] = F.normalize(0.5 * before[i] + 0.5 * f, dim=1)  # one momentum update, no more
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        instdisc.train_step(model, bank, opt, x, i, args)
+        instdisc.train_step(model, (x, None, i), opt, bank, args)
         assert torch.allclose(bank.memory, expected, atol=1e-6)
         untouched = torch.ones(20, dtype=torch.bool)
         untouched[i] = False
         assert torch.equal(bank.memory[untouched], before[untouched])
         assert not bank.memory.requires_grad and all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("nce_k", [0, 6])
+def test_step_equals_the_loss_of_hand_built_bank_rows_then_writes_the_bank(nce_k):
+    # float64, Z fixed (its estimate has its own test), proximal term on, bank momentum 0.7 (so m_b and 1 - m_b differ)
+    model, bank, sampler, rng, args = _setup(nce_k, 2.0)
+    model.double()
+    bank.memory, bank.Z, args.bank_momentum = bank.memory.double(), 37.0, 0.7
+    x, i = _batch()
+    x = x.double()
+    before, reference = bank.memory.clone(), copy.deepcopy(model)
+    params_before = [p.clone() for p in model.parameters()]
+    # expected: the bank as it was before the step (read before written), the step's noise rows replayed
+    v = reference(x)  # [8, D]
+    if nce_k:
+        noise = sampler.draw(8 * nce_k, torch.Generator().manual_seed(2)).view(8, nce_k)
+        expected = instdisc.nce_loss(v, before[torch.cat([i[:, None], noise], 1)], 0.2, 37.0, 20)
+    else:
+        expected = instdisc.softmax_loss(v, before, i, 0.2)
+    expected = expected + instdisc.proximal_term(v, before[i], 2.0)
+    expected.backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)  # a previous step's gradient: the step must clear it
+    loss = instdisc.train_step(model, (x, torch.zeros(8), i), opt, bank, args)
+    assert not loss.requires_grad and torch.allclose(loss, expected.detach(), rtol=1e-12, atol=0)
+    for p, q, p0 in zip(model.parameters(), reference.parameters(), params_before):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(p, p0 - 0.1 * q.grad, rtol=1e-10, atol=1e-12)  # the optimiser took the step
+    # then the bank: this step's features in rows i with momentum 0.7, re-normalised; the other rows untouched
+    written = before.clone()
+    written[i] = F.normalize(0.7 * before[i] + 0.3 * v.detach(), dim=1)
+    assert torch.allclose(bank.memory, written, rtol=0, atol=1e-7) and bank.Z == 37.0  # v passes as float32
+    assert not torch.allclose(written, before, rtol=0, atol=1e-3)  # a bank left as it was would fail
+
+
+def test_build_optimizer_is_sgd_with_decay_on_every_parameter():
+    model = instdisc.InstDisc(common.build_backbone("tiny"), low_dim=16)
+    args = instdisc.Args(lr=0.03, momentum=0.9, weight_decay=5e-4)
+    optimizer = instdisc.build_optimizer(model, args)
+    assert isinstance(optimizer, torch.optim.SGD) and len(optimizer.param_groups) == 1
+    group = optimizer.param_groups[0]
+    assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]  # biases and norms decay too
+    assert group["lr"] == 0.03 and group["momentum"] == 0.9 and group["weight_decay"] == 5e-4
 
 
 def test_z_is_estimated_from_the_first_batch_then_fixed():
@@ -269,11 +314,11 @@ def test_z_is_estimated_from_the_first_batch_then_fixed():
     with torch.no_grad():
         weight = bank.memory[torch.cat([i[:, None], noise], 1)]
         expected = 20 * torch.exp(torch.einsum("bjd,bd->bj", weight, model(x)) / 0.2).mean().item()
-    instdisc.train_step(model, bank, opt, x, i, args)
+    instdisc.train_step(model, (x, None, i), opt, bank, args)
     assert bank.Z == pytest.approx(expected, rel=1e-6)
     z = bank.Z
     for _ in range(3):
-        instdisc.train_step(model, bank, opt, x, i, args)
+        instdisc.train_step(model, (x, None, i), opt, bank, args)
     assert bank.Z == z
 
 
@@ -286,7 +331,7 @@ def test_clae_step_adds_the_loss_of_a_fixed_adversarial_view_and_no_gradient_fro
         reference = copy.deepcopy(model)
         bank_before = bank.memory.clone()
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves the gradients to read
-        instdisc.train_step(model, bank, opt, x, i, args)
+        instdisc.train_step(model, (x, None, i), opt, bank, args)
         g = torch.Generator().manual_seed(2)  # replay the step's noise draw
         noise = sampler.draw(8 * nce_k, g).view(8, nce_k) if nce_k else None
 
@@ -327,7 +372,7 @@ def _worker(rank, store, out):
         net = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         x, i = _batch()
-        losses = [instdisc.train_step(net, bank, opt, shard(x, rank), shard(i, rank), args)
+        losses = [instdisc.train_step(net, (shard(x, rank), None, shard(i, rank)), opt, bank, args)
                   for _ in range(2)]  # step 2 reads step 1's bank
         saved[f"{nce_k}-{adv_eps}"] = {"losses": torch.stack(losses), "bank": bank.memory, "Z": bank.Z,
                                        "params": model.state_dict()}
@@ -341,7 +386,7 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
         model, bank, sampler, rng, args = _setup(nce_k, proximal, adv_eps)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         x, i = _batch()
-        losses = torch.stack([instdisc.train_step(model, bank, opt, x, i, args) for _ in range(2)])
+        losses = torch.stack([instdisc.train_step(model, (x, None, i), opt, bank, args) for _ in range(2)])
         for saved in results:
             got = saved[f"{nce_k}-{adv_eps}"]
             assert torch.allclose(got["bank"], bank.memory, atol=1e-6)  # the same global bank on every process
@@ -374,6 +419,17 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path):
     assert resumed["epoch"] == 2
     assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
     assert torch.equal(whole["bank"]["memory"], resumed["bank"]["memory"])
+
+
+def test_main_draws_new_noise_rows_at_every_step_and_epoch_and_follows_the_schedule(tmp_path, monkeypatch):
+    draws, draw_noise, lrs, set_lr = [], instdisc.MemoryBank.draw_noise, [], common.set_lr
+    monkeypatch.setattr(instdisc.MemoryBank, "draw_noise",
+                        lambda bank, rows, m: draws.append(draw_noise(bank, rows, m)) or draws[-1])
+    monkeypatch.setattr(common, "set_lr", lambda optimizer, lr: lrs.append(lr) or set_lr(optimizer, lr))
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # set back what setup_distributed may install
+    _run(tmp_path, 2)  # 4 steps an epoch
+    assert len(draws) == 8 and len({tuple(d.flatten().tolist()) for d in draws}) == 8
+    assert lrs == pytest.approx([0.03] * 4 + [0.003] * 4)  # of 2 epochs, x0.1 from round(0.6 x 2) = epoch 1 on
 
 
 # ---------------------------------------------------------------------------------------------------- model, views

@@ -2,18 +2,20 @@
 resume with the replay buffer and queue, both HDGE objectives end to end, and the learning check."""
 
 import contextlib
+import copy
 import json
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
 import common
 import jem
-from conftest import SYNTHETIC, SYNTHETIC_FLAGS, init_gloo, run_script, spawn, torchrun
+from conftest import SYNTHETIC, SYNTHETIC_FLAGS, TwoLayerEncoder, init_gloo, run_script, spawn, torchrun
 
 seeds = st.integers(0, 2**31 - 1)
 TINY = [*SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "64", "--workers", "0", "--log-every", "0.5",
@@ -268,6 +270,154 @@ def test_hdge_queue_is_the_same_on_every_process_from_the_first_step(tmp_path):
     """Its docstring says so; the processes seed their other draws apart (seed + rank)."""
     queues = [r["queue"] for r in spawn(_queue_worker, tmp_path)]
     assert queues[0].shape == (10, 128) and torch.equal(queues[0], queues[1])
+
+
+# ------------------------------------------------------------------ the training step and the optimiser
+
+
+STEP_ARGS = dict(device="cpu", sigma=0.05, p_x_weight=0.7, p_y_x_weight=1.3, hdge_weight=0.4, sgld_steps=2,
+                 sgld_step_size=0.8, sgld_noise=0.02, hdge_temperature=0.2, reinit_freq=0.3)
+
+
+def _step_inputs():
+    """A float64 JEM on 3x4x4 images, 6 distinct images of distinct labels, a replay buffer of 16 chains (float64)
+    and an HDGE queue of 12 logit vectors whose pointer is at 6 (the push fills 6..11 and wraps to 0)."""
+    torch.manual_seed(0)
+    model = jem.JEM(TwoLayerEncoder(), 5).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    y = torch.tensor([0, 3, 1, 4, 2, 3])
+    buffer = jem.ReplayBuffer(16, (3, 4, 4), reinit_freq=0.3)
+    buffer.x = buffer.x.double()
+    queue = jem.LogitQueue(5, 12, seed=3)
+    queue.ptr = 6
+    return model, (x, y), buffer, queue
+
+
+@pytest.mark.parametrize("objective, mask", [("hdge+sgld", "official"), ("hdge+sgld", "select"), ("jem", "official"),
+                                             ("hdge", "official"), ("ce", "official")])
+def test_train_step_is_the_weighted_objective_and_updates_buffer_and_queue(objective, mask):
+    """jem.train_step once (SGD at lr 0) against its terms on hand-built arguments, the random draws replayed:
+    noisy inputs, chains drawn from the buffer as it was, SGLD from them; loss = 1.3 CE + 0.7 L_p(x) on those samples
+    + 0.4 L_HDGE against the queue as it was; the gradients; then the buffer holds this step's samples in the drawn
+    chains (the others untouched) and the queue this batch's logits after the old ones, its pointer advanced."""
+    args = jem.Args(**STEP_ARGS, objective=objective, hdge_mask=mask)
+    model, (x, y), buffer, queue = _step_inputs()
+    buffer, queue = (buffer if "sgld" in objective or objective == "jem" else None,
+                     queue if objective.startswith("hdge") else None)
+    old_chains = None if buffer is None else buffer.x.clone()
+    old_queue = None if queue is None else queue.logits.clone()
+    expected_model = copy.deepcopy(model)
+    chains = jem.ReplayBuffer(16, (3, 4, 4), reinit_freq=0.3)  # to draw from the old chains (its own are replaced)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)  # a previous step's gradient: the step starts afresh
+    torch.manual_seed(42)
+    loss = jem.train_step(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.0), buffer, queue, args)
+
+    torch.manual_seed(42)  # the same draws, in the step's order
+    x_noisy = x + 0.05 * torch.randn_like(x)
+    logits = expected_model(x_noisy)  # [6, 5]
+    terms = [1.3 * F.cross_entropy(logits.float(), y)]  # float32, as the file
+    if buffer is not None:
+        chains.x = old_chains.clone()
+        x0, idx = chains.sample(6)
+        x_q = jem.sgld_sample(expected_model, x0, steps=2, step_size=0.8, noise=0.02)
+        terms.append(0.7 * jem.px_loss(logits, expected_model(x_q)))
+    if queue is not None:
+        terms.append(0.4 * jem.hdge_loss(logits, y, old_queue, 0.2, official_mask=mask == "official"))
+    assert all(abs(t.item()) > 1e-3 for t in terms)  # every term counts here
+    expected = sum(terms)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6) and not loss.requires_grad
+    for (name, p), q in zip(model.named_parameters(), expected_model.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+    if buffer is not None:
+        kept = torch.ones(16, dtype=torch.bool)
+        kept[idx] = False
+        assert torch.allclose(buffer.x[idx], x_q, rtol=0, atol=1e-12)  # written with this step's samples
+        assert torch.equal(buffer.x[kept], old_chains[kept]) and not torch.allclose(x_q, x0)
+    if queue is not None:
+        assert torch.allclose(queue.logits[:, 6:], logits.detach().float().T, rtol=1e-6, atol=1e-7)
+        assert torch.equal(queue.logits[:, :6], old_queue[:, :6]) and queue.ptr == 0
+
+
+def test_train_step_moves_the_weights_by_the_optimiser_step():
+    args = jem.Args(**STEP_ARGS, objective="hdge+sgld")
+    model, batch, buffer, queue = _step_inputs()
+    before = [p.detach().clone() for p in model.parameters()]
+    jem.train_step(model, batch, torch.optim.SGD(model.parameters(), lr=0.1), buffer, queue, args)
+    for b, p in zip(before, model.parameters()):
+        assert torch.allclose(p.detach(), b - 0.1 * p.grad, rtol=1e-12, atol=1e-14)
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_build_optimizer_is_the_official_adam_over_every_parameter():
+    model = jem.JEM(common.build_backbone("tiny"), 10)
+    optimizer = jem.build_optimizer(model, jem.Args(lr=3e-4, weight_decay=1e-5))
+    assert type(optimizer) is torch.optim.Adam and len(optimizer.param_groups) == 1
+    group = optimizer.param_groups[0]
+    assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (3e-4, (0.9, 0.999), 1e-5)
+
+
+class _Epoch(list):
+    """An epoch's batches as the loop reads them: a list with its epoch."""
+    epoch = 1
+
+
+def test_train_one_epoch_sets_each_steps_lr_then_steps_with_the_state(monkeypatch):
+    """The loop: lr_at(global step) set before each step, each batch with the buffer and queue, the mean loss
+    returned; a bad loss stops the epoch (the steps here are recorded, not run)."""
+    args = jem.Args(device="cpu", epochs=3, log_every=1e9)
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loader = _Epoch([(torch.full((2, 1), float(i)), torch.zeros(2, dtype=torch.long)) for i in range(3)])
+    buffer, queue, calls = object(), object(), []
+
+    def step(model_, batch, optimizer_, buffer_, queue_, args_):
+        assert buffer_ is buffer and queue_ is queue
+        calls.append((batch[0][0, 0].item(), optimizer_.param_groups[0]["lr"]))
+        return torch.tensor(float(len(calls)))
+
+    monkeypatch.setattr(jem, "train_step", step)
+    loss = jem.train_one_epoch(model, loader, optimizer, lambda t: 0.1 * t + 0.01, common.Progress(args), args,
+                               buffer, queue)
+    assert [c[0] for c in calls] == [0.0, 1.0, 2.0] and loss == pytest.approx(2.0)
+    assert [c[1] for c in calls] == pytest.approx([0.31, 0.41, 0.51])  # epoch 1 of 3 steps: steps 3, 4, 5
+    monkeypatch.setattr(jem, "train_step", lambda *a: torch.tensor(float("inf")))
+    with pytest.raises(jem.Diverged):
+        jem.train_one_epoch(model, loader, optimizer, lambda t: 0.1, common.Progress(args), args, None, None)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("objective", ["jem", "hdge", "hdge+sgld", "ce"])
+def test_main_trains_with_the_objectives_state_and_its_optimiser(objective, tmp_path, monkeypatch):
+    """What main hands the epoch loop: a replay buffer of --buffer-size chains for the SGLD objectives, a queue of
+    --queue-size for HDGE's, none otherwise; the optimiser of build_optimizer over the model's parameters."""
+    args = common.parse(jem.Args, [*TINY, "--objective", objective, "--lr", "3e-4", "--epochs", "1",
+                                   "--reinit-freq", "0.2", "--out-dir", str(tmp_path / "run")])
+    got = {}
+
+    def first_epoch(model, loader, optimizer, lr_at, progress, args, buffer, queue):
+        got.update(model=model, optimizer=optimizer, buffer=buffer, queue=queue, lr=lr_at(10 ** 6))
+        raise _Stop
+
+    monkeypatch.setattr(jem, "train_one_epoch", first_epoch)
+    with pytest.raises(_Stop):
+        jem.main(args)
+    sgld, hdge = objective in ("jem", "hdge+sgld"), objective.startswith("hdge")
+    assert (got["buffer"] is not None) == sgld and (got["queue"] is not None) == hdge
+    if sgld:
+        assert got["buffer"].x.shape == (256, 3, 16, 16) and got["buffer"].reinit_freq == 0.2
+    if hdge:
+        assert got["queue"].logits.shape == (10, 128)
+    group, = got["optimizer"].param_groups
+    assert type(got["optimizer"]) is torch.optim.Adam and group["betas"] == (0.9, 0.999)
+    assert [id(p) for p in group["params"]] == [id(p) for p in common.unwrap(got["model"]).parameters()]
+    assert got["lr"] == pytest.approx(3e-4 * 0.3 ** 2)  # after both decays
 
 
 # ------------------------------------------------------------------ the script: objectives, resume, divergence

@@ -1,8 +1,10 @@
 """Properties of MoCo (moco.py): InfoNCE against the paper, the queue, the momentum encoder, shuffle BN, split BN,
 and the global batch over two processes."""
 
+import copy
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -233,6 +235,91 @@ def test_queue_not_divisible_by_the_batch_is_refused_from_the_command_line(tmp_p
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
+# ---- the training step and the optimiser main builds ---------------------------------------------------------------
+
+
+def _step_problem(symmetric):
+    """A float64 MoCo whose key encoder differs from its query encoder, a queue whose pointer wraps this step, two
+    views of 8 distinct images, and Args with m = 0.9 (so m and 1 - m differ)."""
+    torch.manual_seed(0)
+    model = moco.MoCo(TwoLayerEncoder(), proj_dim=8, queue_size=32).double()
+    with torch.no_grad():
+        for p in model.encoder_k.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.queue_ptr.fill_(24)
+    g = torch.Generator().manual_seed(5)
+    x1, x2 = (torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    args = moco.Args(momentum=0.9, temperature=0.2, symmetric=symmetric, queue_size=32, device="cpu")
+    return model, ((x1, x2), torch.arange(8)), args
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_step_equals_the_loss_of_hand_built_queries_keys_and_queue_and_updates_the_state(symmetric):
+    model, batch, args = _step_problem(symmetric)
+    (x1, x2), _ = batch
+    q_before = [p.clone() for p in model.encoder_q.parameters()]
+    k_before = [p.clone() for p in model.encoder_k.parameters()]
+    queue_before, ptr_before = model.queue.clone(), int(model.queue_ptr)
+    # expected: f_k moved by m = 0.9 towards f_q BEFORE the keys; keys without gradient; the old queue as negatives
+    f_q, f_k = copy.deepcopy(model.encoder_q), copy.deepcopy(model.encoder_k)
+    with torch.no_grad():
+        for p, pk, pq in zip(f_k.parameters(), k_before, q_before):
+            p.copy_(0.9 * pk + 0.1 * pq)
+    with torch.no_grad():
+        k1, k2 = F.normalize(f_k(x1), dim=1), F.normalize(f_k(x2), dim=1)
+    expected = moco.moco_loss(F.normalize(f_q(x1), dim=1), k2, queue_before, 0.2)
+    if symmetric:
+        expected = expected + moco.moco_loss(F.normalize(f_q(x2), dim=1), k1, queue_before, 0.2)
+    expected.backward()
+    optimizer = torch.optim.SGD(moco.build_optimizer(model, args).param_groups[0]["params"], lr=0.1)
+    for p in model.encoder_q.parameters():
+        p.grad = torch.ones_like(p)  # a previous step's gradient: the step must clear it
+    loss = moco.train_step(model, batch, optimizer, args)
+    assert not loss.requires_grad
+    assert torch.allclose(loss, expected.detach(), rtol=1e-12, atol=0)
+    for p, ref, before in zip(model.encoder_q.parameters(), f_q.parameters(), q_before):
+        assert torch.allclose(p.grad, ref.grad, rtol=1e-10, atol=1e-12)  # every parameter of f_q, no other term
+        assert torch.allclose(p, before - 0.1 * ref.grad, rtol=1e-10, atol=1e-12)  # the optimiser took the step
+    for p, ref in zip(model.encoder_k.parameters(), f_k.parameters()):
+        assert p.grad is None and torch.allclose(p, ref, rtol=1e-12, atol=1e-14)  # exactly m, from f_q before its step
+    # the queue: this step's keys (k1's then k2's when symmetric) in place of the oldest, in the batch's order
+    keys = torch.cat([k1, k2] if symmetric else [k2])  # [B, D]
+    columns = (ptr_before + torch.arange(len(keys))) % 32
+    expected_queue = queue_before.clone()
+    expected_queue[:, columns] = keys.T
+    assert torch.allclose(model.queue, expected_queue, rtol=1e-12, atol=1e-14)
+    assert int(model.queue_ptr) == (ptr_before + len(keys)) % 32
+
+
+def test_build_optimizer_holds_the_query_encoder_at_the_scaled_rate():
+    model = moco.MoCo(TwoLayerEncoder(), proj_dim=8, queue_size=32)
+    args = moco.Args(lr=0.06, batch_size=256, weight_decay=5e-4, sgd_momentum=0.9)
+    optimizer = moco.build_optimizer(model, args)
+    assert isinstance(optimizer, torch.optim.SGD) and len(optimizer.param_groups) == 1
+    group = optimizer.param_groups[0]
+    assert [id(p) for p in group["params"]] == [id(p) for p in model.encoder_q.parameters()]  # no key encoder
+    assert group["lr"] == pytest.approx(0.03) and optimizer.defaults["lr"] == pytest.approx(0.03)  # 0.06 x 256 / 512
+    assert group["momentum"] == 0.9 and group["weight_decay"] == 5e-4 and not group["nesterov"]
+
+
+def test_main_splits_batchnorm_on_one_process_and_schedules_the_scaled_rate(tmp_path, monkeypatch):
+    splits, lrs, set_lr = [], [], common.set_lr
+
+    def split_batchnorm(module, num_splits, split=moco.split_batchnorm):
+        splits.append(num_splits)
+        return split(module, num_splits)
+
+    monkeypatch.setattr(moco, "split_batchnorm", split_batchnorm)
+    monkeypatch.setattr(common, "set_lr", lambda optimizer, lr: lrs.append(lr) or set_lr(optimizer, lr))
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # set back what setup_distributed may install
+    moco.main(common.parse(moco.Args, [
+        *SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "32", "--queue-size", "64", "--bn-splits", "4",
+        "--subset", "64", "--epochs", "1", "--workers", "0", "--eval-every", "0", "--probe-epochs", "0",
+        "--knn-k", "10", "--log-every", "1000", "--out-dir", str(tmp_path)]))
+    assert splits[0] == 4  # main's call; the rest are its recursion into the backbone
+    assert lrs[0] == pytest.approx(0.06 * 32 / 512)  # the cosine starts at the demo's lr x batch / 512
+
+
 # ---- two processes on halves of the batch equal one process on the whole batch -------------------------------
 
 
@@ -243,17 +330,12 @@ def _data():
     return batches
 
 
-class _Epoch(list):
-    """A list of batches as a loader of epoch 0."""
-
-    epoch = 0
-
-
 def _train(model, net, batches, symmetric):
-    """moco.train_one_epoch on the given batches, SGD at a fixed learning rate. `net`: the model as trained."""
-    args = moco.Args(momentum=0.9, temperature=0.2, symmetric=symmetric, queue_size=32, log_every=1e9, device="cpu")
+    """moco.train_step on each of the given batches, SGD at a fixed learning rate; the losses. `net`: the model as
+    trained."""
+    args = moco.Args(momentum=0.9, temperature=0.2, symmetric=symmetric, queue_size=32, device="cpu")
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
-    return moco.train_one_epoch(net, _Epoch(batches), optimizer, lambda step: 0.5, common.Progress(args), args)
+    return torch.stack([moco.train_step(net, batch, optimizer, args) for batch in batches])
 
 
 def _worker(rank, store, out):
@@ -264,14 +346,14 @@ def _worker(rank, store, out):
     shuffled, idx_unshuffle = moco.batch_shuffle(shard(x, rank))
     restored = moco.batch_unshuffle(shuffled, idx_unshuffle)
     saved = {"shuffled": shuffled, "restored": restored, "idx_unshuffle": idx_unshuffle}
-    # the training epoch on halves of each batch, asymmetric and symmetric loss
+    # three training steps on halves of each batch, asymmetric and symmetric loss
     for symmetric in (False, True):
         torch.manual_seed(0)
         model = moco.MoCo(TwoLayerEncoder(), proj_dim=8, queue_size=32)
         net = nn.parallel.DistributedDataParallel(model)
         batches = [((shard(x1, rank), shard(x2, rank)), shard(y, rank)) for (x1, x2), y in _data()]
-        loss = _train(model, net, batches, symmetric)
-        saved[symmetric] = {"loss": loss, "state": model.state_dict()}
+        losses = _train(model, net, batches, symmetric)
+        saved[symmetric] = {"losses": losses, "state": model.state_dict()}
     torch.save(saved, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
@@ -286,14 +368,14 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
     assert torch.equal(together[got[0]["idx_unshuffle"]], x)
     for rank in range(WORLD):
         assert torch.equal(got[rank]["restored"], shard(x, rank))
-    # three training steps: the same loss, weights, key encoder, and queue of gathered keys (enqueued in order)
+    # three training steps: the same losses, weights, key encoder, and queue of gathered keys (enqueued in order)
     for symmetric in (False, True):
         torch.manual_seed(0)
         model = moco.MoCo(TwoLayerEncoder(), proj_dim=8, queue_size=32)
-        loss = _train(model, model, _data(), symmetric)
+        losses = _train(model, model, _data(), symmetric)
         assert int(model.queue_ptr) == (3 * 8 * (2 if symmetric else 1)) % 32
         for g in got:
-            assert g[symmetric]["loss"] == pytest.approx(loss, rel=1e-5)
+            assert torch.allclose(g[symmetric]["losses"], losses, rtol=1e-5)  # each the global batch's loss
             for name, value in model.state_dict().items():
                 assert torch.allclose(g[symmetric]["state"][name].float(), value.float(), rtol=1e-4, atol=1e-6), \
                     (symmetric, name)

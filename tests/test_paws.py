@@ -2,6 +2,7 @@
 of the official code, targets without gradient, the class-stratified support sampler, two processes against one,
 and the learning check against a supervised-only baseline."""
 
+import copy
 import json
 import math
 
@@ -389,39 +390,193 @@ def _halves(views, support_views, y, rank):
     return u, [s[keep] for s in support_views], y[keep]
 
 
-def _paws_step(model, views, support_views, y):
-    """PAWS's step as train_one_epoch does it (2 global views, 2 multi-crops, 2 support views, 4 classes)."""
-    n = len(views[0])
-    z = model(torch.cat(views[:2] + support_views))
-    z_views = torch.cat([z[:2 * n], model(torch.cat(views[2:]))])
-    z_S = common.gather_with_grad(z[2 * n:])
-    y_S = paws.support_labels(y, 2, 4, 0.1)
-    ce, me_max = paws.paws_loss(z_views, z_S, y_S, 0.5, 0.25, multicrop=2)
-    (ce + me_max).backward()
-    return ce.detach(), me_max.detach()
+def _two_process_args():
+    return paws.Args(device="cpu", multicrop=2, support_views=2, classes_per_batch=4, temperature=0.5, sharpen=0.25,
+                     label_smoothing=0.1)
 
 
 def _ddp_worker(rank, store, out):
     init_gloo(rank, store)
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(TwoLayerEncoder())
-    ce, me_max = _paws_step(model, *_halves(*_batch(), rank))
+    views, support_views, y = _halves(*_batch(), rank)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    _, terms = paws.train_step(model, (views, None), optimizer, (support_views, y), _two_process_args())
     grads = {k: p.grad for k, p in model.module.named_parameters()}
-    torch.save({"ce": ce, "me_max": me_max, "grads": grads}, f"{out}/{rank}.pt")
+    torch.save({"ce": terms[0], "me_max": terms[1], "grads": grads}, f"{out}/{rank}.pt")
     torch_dist.destroy_process_group()
 
 
 def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
+    """paws.train_step on two processes (DDP, supports gathered with gradient, ME-MAX's mean all-reduced) against
+    the same step on one process with the whole batch and every support."""
     got = spawn(_ddp_worker, tmp_path)
     torch.manual_seed(0)
     model = TwoLayerEncoder()
-    ce, me_max = _paws_step(model, *_batch())
+    views, support_views, y = _batch()
+    _, (ce, me_max) = paws.train_step(model, (views, None), torch.optim.SGD(model.parameters(), lr=0.0),
+                                      (support_views, y), _two_process_args())
     # CE: each process averages over its own anchors, the global CE is their mean; ME-MAX is all-reduced
     assert (got[0]["ce"] + got[1]["ce"]).item() / 2 == pytest.approx(ce.item(), rel=1e-6)
     for rank in range(WORLD):
         assert got[rank]["me_max"].item() == pytest.approx(me_max.item(), rel=1e-6)
         for name, p in model.named_parameters():
             assert torch.allclose(got[rank]["grads"][name], p.grad, rtol=1e-5, atol=1e-7), name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training step and the optimiser, as main uses them
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _step_inputs(n=4):
+    """Float64 views of n distinct unlabelled images (2 global, 2 multi-crop) and 2 views of 6 supports of the classes
+    7, 2 and 5 (unsorted: the step numbers them 0..K-1 by sorting), and a PAWS network with BatchNorm in its head."""
+    g = torch.Generator().manual_seed(3)
+    views = [torch.randn(n, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(4)]
+    support_views = [torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    y = torch.tensor([7, 7, 2, 2, 5, 5])
+    torch.manual_seed(0)
+    model = paws.PAWS(TwoLayerEncoder(), proj_dim=5).double()
+    with torch.no_grad():  # BatchNorm's affine parameters away from 1 and 0, so that their gradients count
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    return views, support_views, y, model
+
+
+STEP_ARGS = dict(device="cpu", multicrop=2, support_views=2, classes_per_batch=3, temperature=0.3, sharpen=0.4,
+                 label_smoothing=0.2)
+
+
+@pytest.mark.parametrize("me_max", [True, False])
+def test_train_step_is_the_paws_objective_on_views_paired_as_the_paper(me_max):
+    """paws.train_step once (SGD at lr 0) against the pure loss on hand-built arguments: global views and supports
+    in one forward pass, multi-crops in a second (BatchNorm sees those batches); the two global views, then the
+    multi-crops, each a block in image order; the supports' smoothed labels numbered by sorted class, repeated for
+    each support view; CE + ME-MAX (or CE alone). Loss, both terms, every gradient, BatchNorm's statistics."""
+    args = paws.Args(**STEP_ARGS, me_max=me_max)
+    views, support_views, y, model = _step_inputs()
+    expected_model = copy.deepcopy(model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)  # a previous step's gradient: the step starts afresh
+    loss, terms = paws.train_step(model, (views, None), torch.optim.SGD(model.parameters(), lr=0.0),
+                                  (support_views, y), args)
+    n = len(views[0])
+    z = expected_model(torch.cat([views[0], views[1], *support_views]))  # [2n + 2 * 6, D]
+    z_views = torch.cat([z[:2 * n], expected_model(torch.cat(views[2:]))])  # [4n, D]
+    slot = torch.tensor([2, 2, 0, 0, 1, 1]).repeat(2)  # classes 7, 2, 5 -> places 2, 0, 1 among {2, 5, 7}
+    eps, k = 0.2, 3
+    y_S = (1 - eps) * nn.functional.one_hot(slot, k).float() + eps / k  # [12, 3], float32 as the file's labels
+    ce, me = paws.paws_loss(z_views, z[2 * n:], y_S, 0.3, 0.4, multicrop=2)
+    expected = ce + me if me_max else ce
+    expected.backward()
+    assert torch.allclose(terms, torch.stack([ce, me]).detach(), rtol=1e-10, atol=1e-12)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10) and not loss.requires_grad
+    assert abs(me.item()) > 1e-3  # ME-MAX is not negligible here: dropping it changes the loss
+    for (name, p), q in zip(model.named_parameters(), expected_model.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12), name
+    for (name, b), c in zip(model.named_buffers(), expected_model.buffers()):
+        assert torch.equal(b, c), name  # the same two forward passes in training mode
+
+
+def test_train_step_supervised_only_is_cross_entropy_on_the_support_views():
+    args = paws.Args(**STEP_ARGS, supervised_only=True)
+    _, support_views, _, _ = _step_inputs()
+    y = torch.tensor([7, 7, 2, 2, 5, 5])
+    torch.manual_seed(0)
+    model = paws.PAWS(TwoLayerEncoder(), proj_dim=5, num_classes=10).double()
+    expected_model = copy.deepcopy(model)
+    loss, terms = paws.train_step(model, (None, None), torch.optim.SGD(model.parameters(), lr=0.0),
+                                  (support_views, y), args)
+    logits = expected_model(torch.cat(support_views), logits=True)
+    expected = nn.functional.cross_entropy(logits.float(), y.repeat(2), label_smoothing=0.2)  # float32, as the file
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6) and terms.tolist()[1] == 0
+    for (name, p), q in zip(model.named_parameters(), expected_model.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_train_step_updates_the_weights_by_the_optimiser_step():
+    """With a learning rate the step moves every weight by the optimiser's update of the gradient it computed."""
+    args = paws.Args(**STEP_ARGS)
+    views, support_views, y, model = _step_inputs()
+    before = [p.detach().clone() for p in model.parameters()]
+    paws.train_step(model, (views, None), torch.optim.SGD(model.parameters(), lr=0.1), (support_views, y), args)
+    for b, p in zip(before, model.parameters()):
+        assert torch.allclose(p.detach(), b - 0.1 * p.grad, rtol=1e-12, atol=1e-14)
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_build_optimizer_is_lars_with_biases_and_norms_excluded_and_the_unscaled_lr():
+    args = paws.Args(device="cpu", lr=2.5, momentum=0.8, weight_decay=3e-4, lars_eta=0.02, batch_size=64)
+    model = paws.PAWS(common.build_backbone("tiny"), proj_dim=8)
+    optimizer = paws.build_optimizer(model, args)
+    assert isinstance(optimizer, common.LARS)
+    decay, excluded = optimizer.param_groups
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    biases = {id(m.bias) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None}
+    weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    assert {id(p) for p in decay["params"]} == weights and {id(p) for p in excluded["params"]} == norms | biases
+    assert (decay["weight_decay"], decay["lars_exclude"]) == (3e-4, False)
+    assert (excluded["weight_decay"], excluded["lars_exclude"]) == (0.0, True)
+    for group in optimizer.param_groups:
+        assert (group["lr"], group["momentum"], group["eta"], group["nesterov"]) == (2.5, 0.8, 0.02, False)
+
+
+class _Epoch(list):
+    """An epoch's batches as the loop reads them: a list with its epoch."""
+    epoch = 1
+
+
+def test_train_one_epoch_sets_each_steps_lr_then_steps_on_the_paired_batches(monkeypatch):
+    """The loop: lr_at(global step) set before each step, support batch i paired with unlabelled batch i, the mean
+    of the steps' terms returned (the steps here are recorded, not run)."""
+    args = paws.Args(device="cpu", epochs=3, log_every=1e9)
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    supports = _Epoch([([torch.full((2, 1), float(i))], torch.zeros(2)) for i in range(3)])
+    unlabelled = _Epoch([([torch.full((5, 1), 10.0 + i)] * 4, None) for i in range(3)])
+    calls = []
+
+    def step(model_, batch, optimizer_, support_batch, args_):
+        calls.append((batch[0][0][0, 0].item(), support_batch[0][0][0, 0].item(), optimizer_.param_groups[0]["lr"]))
+        return torch.tensor(1.0), torch.tensor([float(len(calls)), -2.0 * len(calls)])
+
+    monkeypatch.setattr(paws, "train_step", step)
+    ce, me_max = paws.train_one_epoch(model, unlabelled, supports, optimizer, lambda t: 0.1 * t + 0.01,
+                                      common.Progress(args), args)
+    assert [c[:2] for c in calls] == [(10.0, 0.0), (11.0, 1.0), (12.0, 2.0)]
+    assert [c[2] for c in calls] == pytest.approx([0.31, 0.41, 0.51])  # epoch 1 of 3 steps: steps 3, 4, 5
+    assert (ce, me_max) == pytest.approx((2.0, -4.0))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_main_trains_each_epoch_on_its_own_batches_with_build_optimizer(tmp_path, monkeypatch):
+    """What main hands the loop in its second epoch: that epoch's unlabelled loader and support batches, the LARS of
+    build_optimizer over every parameter, the model as trained."""
+    args = common.parse(paws.Args, [*FINETUNE_RUN[:-6], "--epochs", "2", "--probe-epochs", "0", "--eval-every", "0",
+                                    "--weight-decay", "1e-3", "--out-dir", str(tmp_path / "run")])
+    got = []
+
+    def epoch(model, loader, supports, optimizer, lr_at, progress, args):
+        got.append(dict(model=model, loader=loader, supports=supports, optimizer=optimizer))
+        if len(got) == 2:
+            raise _Stop
+        for _ in progress(_Epoch([None])):  # an epoch's progress for main's log line
+            progress.update(torch.zeros(()), 0.0, 1)
+        return 0.0, 0.0
+
+    monkeypatch.setattr(paws, "train_one_epoch", epoch)
+    with pytest.raises(_Stop):
+        paws.main(args)
+    assert [g["loader"].epoch for g in got] == [0, 1] and [g["supports"].epoch for g in got] == [0, 1]
+    optimizer, model = got[1]["optimizer"], common.unwrap(got[1]["model"])
+    assert isinstance(optimizer, common.LARS) and optimizer.param_groups[0]["weight_decay"] == 1e-3
+    assert sorted(id(p) for g in optimizer.param_groups for p in g["params"]) == sorted(map(id, model.parameters()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
