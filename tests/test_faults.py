@@ -125,9 +125,9 @@ def assert_refused_here(exit_info, capsys, *parts) -> str:
 
 
 def assert_nothing_left(run: Path):
-    """A run refused early leaves no --out-dir, or one that does not block a re-run (args.json only: no
-    metrics.jsonl, no checkpoint.pt)."""
-    assert not run.exists() or set(os.listdir(run)) <= {"args.json"}, sorted(os.listdir(run))
+    """A run refused early leaves no --out-dir, or one that does not block a re-run (its lock file only: no args.json,
+    no metrics.jsonl, no checkpoint.pt)."""
+    assert not run.exists() or set(os.listdir(run)) <= {".lock"}, sorted(os.listdir(run))
 
 
 @pytest.fixture
@@ -401,11 +401,12 @@ def test_run_killed_before_its_first_checkpoint_starts_again_with_resume(tmp_pat
 
 
 def test_resume_starts_again_a_run_stopped_before_its_first_epoch(tmp_path, capsys):
-    """A run that made its directory (args.json) and stopped before its first metrics line, as when a peer is lost
-    during the untrained network's k-NN: the lost-peer line says to pass --resume, so --resume must take it."""
+    """A run that made its directory (its lock file; args.json comes with the first metrics row) and stopped before
+    its first metrics line, as when a peer is lost during the untrained network's k-NN: the lost-peer line says to
+    pass --resume, so --resume must take it."""
     run = tmp_path / "run"
     common.RunDir(common.Args(out_dir=str(run)), "simclr")
-    assert os.listdir(run) == ["args.json"]
+    assert os.listdir(run) == [".lock"]
     again = common.RunDir(common.Args(out_dir=str(run), resume=True), "simclr")
     assert again.fresh and again.resume(None, None) == {"epoch": 0}
     assert f"no checkpoint.pt in {run} yet: starting the run again from epoch 0" in capsys.readouterr().out
@@ -450,9 +451,8 @@ def test_checkpoint_of_another_model_is_refused_naming_the_key(tmp_path, capsys)
     model, optimizer = model_and_optimizer(128)
     common.RunDir(args, "simclr").save(1, model=model.state_dict(), optimizer=optimizer.state_dict())
     before = snapshot(tmp_path / "run")
-    other = simclr.Args(dataset="digits", arch="tiny", epochs=2, out_dir=str(tmp_path / "run"), resume=True,
-                        proj_dim=64)
-    run = common.RunDir(other, "simclr")
+    other = simclr.Args(dataset="digits", arch="tiny", epochs=2, out_dir=str(tmp_path / "run"), resume=True)
+    run = common.RunDir(other, "simclr")  # the same flags, another model (an edited file)
     with pytest.raises(SystemExit) as exit_info:
         run.resume(*model_and_optimizer(64))
     assert_names_the_key(assert_refused_here(exit_info, capsys, tmp_path / "run" / "checkpoint.pt"))
@@ -460,12 +460,13 @@ def test_checkpoint_of_another_model_is_refused_naming_the_key(tmp_path, capsys)
 
 
 @pytest.mark.scripts
-def test_resume_with_other_flags_names_the_first_mismatched_key(tmp_path, finished_run):
+def test_resume_with_other_flags_names_them(tmp_path, finished_run):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     before = snapshot(run)
-    out = run_script(*SYNTHETIC, "--epochs", "2", "--out-dir", run, "--resume", "--proj-dim", "64")
-    assert_names_the_key(assert_refused(out, run / "checkpoint.pt"))
+    out = run_script(*SYNTHETIC, "--epochs", "2", "--out-dir", run, "--resume", "--proj-dim", "64", "--seed", "3")
+    assert_refused(out, f"{run / 'checkpoint.pt'} holds a run of --seed 0 --proj-dim 128, but this run asks for "
+                        f"--seed 3 --proj-dim 64: pass the run's own to continue it")
     assert snapshot(run) == before
 
 
