@@ -825,6 +825,9 @@ class RunDir:
         from epoch 0)."""
         if path.exists() and not path.is_dir():
             return f"--out-dir {path} is not a directory", True
+        odd = next((path / n for n in RUN_FILES if (path / n).exists() and not (path / n).is_file()), None)
+        if odd:
+            return f"{odd} is not a file: move it out of {path}, or choose another --out-dir", True
         if resume and not ((path / ".lock").is_file() or (path / "args.json").is_file()):
             return f"--resume: {path} holds no run to continue", True
         try:
@@ -839,12 +842,10 @@ class RunDir:
         except OSError as err:
             return f"cannot write the run directory {path} ({err.strerror or err}): choose an --out-dir that can be " \
                    f"written", True
-        odd = next((path / n for n in RUN_FILES if (path / n).exists() and not (path / n).is_file()), None)
         checkpoint, metrics = (path / "checkpoint.pt").is_file(), path / "metrics.jsonl"
         done = max(map(int, re.findall(r'"epoch": (\d+)', metrics.read_text(errors="replace"))), default=0) \
             if metrics.is_file() else 0
         problem = next((message for bad, message in [
-            (odd, f"{odd} is not a file: move it out of {path}, or choose another --out-dir"),
             (done and not checkpoint, f"{path} holds no checkpoint.pt, but its metrics.jsonl holds a run of {done} "
                                       f"epoch(s), which starting over would delete: put checkpoint.pt back and pass "
                                       f"--resume, or choose another --out-dir"),
@@ -922,7 +923,7 @@ class RunDir:
             detail = (str(err).splitlines()[1:] or [str(err)])[0].strip()
             fail(f"{self.checkpoint_path} does not fit this model (were other flags used?): {detail}")
         self.saved_epoch, self.history = state["epoch"], state.get("history", [])
-        changed = [f"{_flag(k, getattr(self.args, k))} (was {_flag(k, state['args'][k])})" for k in ("epochs", "lr")
+        changed = [f"{_flag(k, getattr(self.args, k))} (was {state['args'][k]})" for k in ("epochs", "lr")
                    if state["args"].get(k, getattr(self.args, k)) != getattr(self.args, k)]
         print0(f"resumed {self.path} at epoch {state['epoch']}" + (f" with {', '.join(changed)}" if changed else ""))
         return state
