@@ -1014,6 +1014,6 @@ def test_a_killed_data_loader_worker_stops_the_run_in_one_line(tmp_path):
     assert proc.returncode == 4, err
     epoch = torch.load(run / "checkpoint.pt", weights_only=True)["epoch"]
     line = one_line(err)
-    assert re.fullmatch(rf"error: DataLoader worker \(pid \d+\) is killed by signal: Killed \(fewer --workers need "
-                        rf"less memory\); checkpoint.pt of epoch {epoch} in {run} is intact: continue with --resume "
+    assert re.fullmatch(rf"error: DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal: Killed|exited "
+                        rf"unexpectedly) \(fewer --workers need less memory\); checkpoint.pt of epoch {epoch} in {run} is intact: continue with --resume "
                         rf"--out-dir {run}", line), line
