@@ -898,7 +898,8 @@ class RunDir:
         No generator state: each epoch reseeds from (--seed, epoch, rank); it resumes on any device."""
         if not (force or epoch == self.args.epochs or epoch % self.args.save_every == 0):
             return
-        flags = [t.isfinite().all() for t in _tensors(state) if t.is_floating_point()] or [torch.tensor(True)]
+        flags = [t.isfinite().all() for t in torch.utils._pytree.tree_leaves(state)  # in state_dicts, lists, ...
+                 if isinstance(t, torch.Tensor) and t.is_floating_point()] or [torch.tensor(True)]
         finite = torch.stack([f.to(flags[0].device) for f in flags]).all()  # on the model's device, for the group
         if all_reduce_mean(finite.float()).item() < 1:  # any process's
             kept = self.kept(" (the last good one)")
@@ -930,14 +931,6 @@ class RunDir:
 
 
 RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "results.json", ".lock")
-
-
-def _tensors(state):
-    """Every tensor in nested dicts, lists and tuples (a state_dict, an optimiser's, a method's)."""
-    if isinstance(state, torch.Tensor):
-        yield state
-    for value in state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else []:
-        yield from _tensors(value)
 
 
 def _flag(name: str, value) -> str:
