@@ -1015,5 +1015,5 @@ def test_a_killed_data_loader_worker_stops_the_run_in_one_line(tmp_path):
     epoch = torch.load(run / "checkpoint.pt", weights_only=True)["epoch"]
     line = one_line(err)
     assert re.fullmatch(rf"error: DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal: Killed|exited "
-                        rf"unexpectedly) \(fewer --workers need less memory\); checkpoint.pt of epoch {epoch} in {run} is "
-                        rf"intact: continue with --resume --out-dir {run}", line), line
+                        rf"unexpectedly) \(fewer --workers need less memory\); checkpoint.pt of epoch {epoch} in "
+                        rf"{run} is intact: continue with --resume --out-dir {run}", line), line
