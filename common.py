@@ -797,10 +797,9 @@ METRIC_KEYS = ["epoch", "step", "loss", "lr", "knn_top1", "images_per_s", "time_
 
 
 class RunDir:
-    """The run's files (rank 0 writes each atomically: a temporary, then renamed). One run holds a directory at a time:
-    rank 0 locks its .lock for the life of the process (the OS lets go when the process ends, however it ends). A run
-    is continued with --resume, never started over (but one that stopped before its first checkpoint is started
-    again with --resume); args.json is written with the first metrics row: a start that fails its checks leaves none."""
+    """The run's files, each written atomically by rank 0 (args.json with the first row of metrics.jsonl: a start that
+    fails its checks leaves none). Rank 0 locks .lock for the life of its process: one run a directory. A run is
+    continued with --resume, never started over (but one stopped before its first checkpoint is started again)."""
 
     current: RunDir | None = None  # this process's run, named by the line that stops it
     lock: int | None = None  # the file descriptor that holds this process's run directory
@@ -875,11 +874,12 @@ class RunDir:
             save(tmp)
             os.replace(tmp, self.path / name)
         except (OSError, RuntimeError) as err:  # torch.save's writer raises RuntimeError
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             why = err.strerror if isinstance(err, OSError) and err.strerror else "the write stopped: is the disk full?"
             fail(f"cannot write {self.path / name} ({why}); {self.kept()}: make room, then continue with --resume "
                  f"--out-dir {self.path}")
+        finally:  # what a failed or interrupted write left (none after the rename)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def log(self, **metrics):
         """One row of metrics.jsonl: the keys every method shares (None where not measured or not finite), then its
@@ -971,7 +971,6 @@ class Progress:
     def __init__(self, args: Args, epochs: int = 0, diverge_at: float = math.inf):
         self.epochs, self.every, self.diverge_at = epochs or args.epochs, args.log_every, diverge_at
         self.start, self.done, self.step, self.lr = time.perf_counter(), 0, 0, 0.0
-        self.bad = None  # [step of the epoch, loss] of the epoch's first bad loss (step -1: none yet), on the device
 
     def __call__(self, batches):
         self.epoch, self.steps, self.images = batches.epoch, len(batches), 0
@@ -984,7 +983,7 @@ class Progress:
     def update(self, loss: torch.Tensor, lr: float, images: int):
         self.done, self.lr, self.images = self.done + 1, lr, self.images + images * world()[1]
         loss = loss.detach().float().reshape(())
-        if self.i == 0:
+        if self.i == 0:  # [step, loss] of the epoch's first bad loss, on the device (step -1: none yet)
             self.bad = loss.new_full((2,), -1.0)
         first = ~(loss.abs() <= self.diverge_at) & (self.bad[0] < 0)  # NaN compares false
         self.bad = torch.where(first, torch.stack([torch.full_like(loss, self.i), loss]), self.bad)
