@@ -798,10 +798,12 @@ def test_a_directory_in_use_is_refused_until_its_holder_ends(tmp_path, capsys):
 
 
 @pytest.mark.scripts
-def test_second_run_in_a_directory_is_refused_and_ctrl_c_keeps_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_second_run_in_a_directory_is_refused_and_ctrl_c_keeps_the_checkpoint(tmp_path, workers):
     """A run holds its directory: a second one (with or without --resume) is refused while it runs. Ctrl-C (SIGINT to
-    its process group, as a terminal sends it) ends it with one line and exit code 130; --resume then finishes."""
-    run, argv = tmp_path / "run", [*SYNTHETIC, "--epochs", "30", "--eval-every", "0"]
+    its process group, as a terminal sends it, DataLoader workers too) ends it with one line and exit code 130;
+    --resume then finishes."""
+    run, argv = tmp_path / "run", [*SYNTHETIC, "--epochs", "30", "--eval-every", "0", "--workers", workers]
     proc = subprocess.Popen([sys.executable, *map(str, argv), "--out-dir", str(run)], cwd=ROOT, env=script_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
