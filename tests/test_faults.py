@@ -3,9 +3,11 @@ process and says what to do, and nothing already written lost (every file that e
 afterwards; a run refused before it makes its --out-dir does not make it).
 
 Fast tier (no marker): the checks in this process (common.dataset_info, load_dataset, open_image, the DataLoader's
-workers, device_data.train_data, RunDir). `scripts` tier (`pytest -m scripts`): simclr.py from the command line
-(image folders with broken files, a killed run, a stale checkpoint.pt.tmp, a checkpoint of other flags) and two
-torchrun "nodes" on loopback, one of which dies (the other node's, or the one hosting the rendezvous) or freezes.
+workers, device_data.train_data, RunDir: its lock, resume's rules, a full disk) and every method's main diverging.
+`scripts` tier (`pytest -m scripts`): simclr.py from the command line (image folders with broken files, a killed run,
+a stale checkpoint.pt.tmp, a checkpoint of other flags, a second run in a held directory, Ctrl-C, a killed DataLoader
+worker, a file-size limit) and two torchrun "nodes" on loopback, one of which dies (the other node's, or the one
+hosting the rendezvous) or freezes.
 """
 
 import contextlib
