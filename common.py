@@ -827,7 +827,7 @@ class RunDir:
         odd = next((path / n for n in RUN_FILES if (path / n).exists() and not (path / n).is_file()), None)
         if odd:
             return f"{odd} is not a file: move it out of {path}, or choose another --out-dir", True
-        if resume and not ((path / ".lock").is_file() or (path / "args.json").is_file()):
+        if resume and not any((path / n).is_file() for n in (".lock", "args.json", "checkpoint.pt")):
             return f"--resume: {path} holds no run to continue", True
         try:
             path.mkdir(parents=True, exist_ok=True)

@@ -934,6 +934,24 @@ def test_a_run_file_that_is_a_directory_is_refused(tmp_path, capsys, name, resum
     assert snapshot(path) == before
 
 
+@pytest.mark.parametrize("holds, resumes", [([], False), (["notes.txt"], False), ([".lock"], True),
+                                           (["args.json"], True), (["checkpoint.pt"], True)])
+def test_resume_needs_a_run_to_continue(tmp_path, capsys, holds, resumes):
+    """A directory holds a run when a run took it (.lock), or wrote args.json or checkpoint.pt there."""
+    path = tmp_path / "run"
+    path.mkdir()
+    for name in holds:
+        (path / name).write_bytes(b"")
+    if resumes:
+        assert common.RunDir(common.Args(out_dir=str(path), resume=True), "simclr")
+        return
+    before = snapshot(path)
+    with pytest.raises(SystemExit) as exit_info:
+        common.RunDir(common.Args(out_dir=str(path), resume=True), "simclr")
+    assert_refused_here(exit_info, capsys, f"--resume: {path} holds no run to continue")
+    assert snapshot(path) == before
+
+
 def test_a_start_that_fails_leaves_no_args_json(tmp_path, capsys):
     """args.json comes with the first metrics row: a run stopped before it (a broken test image found by the first
     k-NN, a lost peer) leaves only its lock file, which a plain re-run takes."""
