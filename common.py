@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import fcntl
 import functools
 import inspect
 import json
@@ -41,11 +42,12 @@ from PIL import Image
 UserError = SystemExit  # what fail raises: exit code 2 (argparse's convention for bad input), the line in .message
 
 
-def fail(message: str, every_rank: bool = False, prefix: str = "error: "):
-    """One line on stderr, then exit code 2. Rank 0 speaks for all, unless only this process met it (`every_rank`)."""
+def fail(message: str, every_rank: bool = False, prefix: str = "error: ", code: int = 2):
+    """One line on stderr, then exit `code` (2: bad input; 3: diverged). Rank 0 speaks for all, unless only this
+    process met it (`every_rank`)."""
     if every_rank or os.environ.get("RANK", "0") == "0":
         print(f"{prefix}{message}", file=sys.stderr, flush=True)
-    error = UserError(2)
+    error = UserError(code)
     error.message = message
     raise error
 
@@ -73,7 +75,11 @@ class Args:
     knn_t: float = 0.1  # temperature of the weighted k-NN monitor
     probe_epochs: int = 100  # epochs of the linear probe on frozen features after training (0: skip it)
     out_dir: str = ""  # run directory (default: runs/<method>-<date>-<time>)
-    resume: bool = False  # continue the run in --out-dir from its checkpoint.pt
+    resume: bool = dataclasses.field(default=False, metadata={"help": (
+        "continue the run in --out-dir from its checkpoint.pt, with the flags that decide its training as the run "
+        "used them (another value is refused, naming the flag), but for --epochs, which may grow, and --lr, which "
+        "may be lowered (to go on after a divergence); these may change: {free}. args.json records what the resumed "
+        "run used (default: False)")})
     save_every: int = 1  # write checkpoint.pt every this many epochs (and always after the last)
     seed: int = 0  # seed of every random draw (data order, augmentation, initialisation)
     device: str = ""  # cuda, cuda:N or cpu (default: cuda when available, else cpu)
@@ -90,6 +96,10 @@ class Args:
     POSITIVE = ("epochs", "batch_size", "lr", "knn_k", "knn_t", "save_every", "log_every", "dist_timeout")
     NON_NEGATIVE = ("image_size", "subset", "eval_subset", "workers", "weight_decay", "warmup_epochs", "eval_every",
                     "probe_epochs", "threads")
+    # what --resume lets change: where the data lives and how it is loaded, evaluation, saving, logging, the machine
+    FREE_ON_RESUME = ("data_dir", "download", "eval_subset", "workers", "data_path", "eval_every", "knn_k", "knn_t",
+                      "probe_epochs", "out_dir", "resume", "save_every", "device", "threads", "compile",
+                      "channels_last", "deterministic", "dist_timeout", "log_every")
 
     def check(self, world_size: int = 1):
         """Raise ValueError with a one-line reason for any invalid value."""
@@ -124,6 +134,8 @@ def parse(cls, argv: list[str] | None = None):
     parser.error = lambda message: fail(message, prefix=f"{parser.prog}: error: ")  # one line, no usage, exit 2
     for f in dataclasses.fields(cls):
         flag, kind, text = "--" + f.name.replace("_", "-"), typing.get_type_hints(cls)[f.name], comments.get(f.name, "")
+        if "help" in f.metadata:  # --resume's: the flags it lets change
+            text = f.metadata["help"].format(free=" ".join("--" + n.replace("_", "-") for n in cls.FREE_ON_RESUME))
         text = text.strip() + ("" if "(default" in text else f" (default: {f.default})")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
@@ -163,7 +175,7 @@ def setup_distributed(args: Args):
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=size,
                                       timeout=datetime.timedelta(seconds=args.dist_timeout),
                                       device_id=device if device.type == "cuda" else None)
-        sys.excepthook = _lost_peer
+    sys.excepthook = _uncaught
     seed_everything(args.seed + rank)
 
 
@@ -265,14 +277,26 @@ def unwrap(net: nn.Module) -> nn.Module:
     return getattr(net, "module", net)
 
 
-def _lost_peer(kind, error, traceback):
-    """sys.excepthook in a group: a peer that died, or froze for --dist-timeout seconds, ends the process with one
-    line that names it and says how to continue."""
+def _uncaught(kind, error, traceback):
+    """sys.excepthook: what stops a run from outside ends the process with one line that says what is kept and how to
+    continue: Ctrl-C (exit code 130), a DataLoader worker that died (4), a peer that died or froze for --dist-timeout
+    seconds (4). Anything else is a bug: its traceback."""
+    run, (rank, size) = RunDir.current, world()
+    again = f"--resume --out-dir {run.path}" if run else "the same command"  # before the run directory: no resume
+    kept = run.kept() if run else "nothing was written yet"
+    if isinstance(error, KeyboardInterrupt):
+        if rank == 0:
+            print(f"error: interrupted; {kept}: continue with {again}", file=sys.stderr, flush=True)
+        os._exit(130)  # not through the DataLoader's and the group's teardown, which wait for workers and peers
+    if isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker"):  # killed: out of memory?
+        print(f"error: {re.split(r'[.] ', str(error).strip())[0].rstrip('.')} (fewer --workers need less memory); "
+              f"{kept}: continue with {again}", file=sys.stderr, flush=True)
+        os._exit(4)
     if not (isinstance(error, torch_dist.DistError) or (isinstance(error, RuntimeError) and re.search(
             r"gloo|NCCL|[Cc]onnection|[Tt]imed out|[Pp]eer", str(error)))):
         return sys.__excepthook__(kind, error, traceback)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops a node that lost the rendezvous host: line first
-    (rank, size), lost, run = world(), "another process", RunDir.current
+    lost = "another process"
     with contextlib.suppress(Exception):  # the survivors check in; the store may have gone with the lost node
         store = torch_dist.distributed_c10d._get_default_store()
         store.set_timeout(datetime.timedelta(seconds=5))
@@ -280,11 +304,8 @@ def _lost_peer(kind, error, traceback):
         time.sleep(3)
         lost = "process " + ", ".join(str(r) for r in range(size) if not store.check([f"survivor/{r}"]))
     reason = re.split(r"\.\s", re.sub(r"^\[[^\]]*\] ", "", str(error).strip().splitlines()[-1]))[0][:160]
-    kept = f"checkpoint.pt of epoch {run.saved_epoch} in {run.path} is intact" if run and run.saved_epoch else \
-        "no checkpoint was written yet"
-    again = f" and --resume --out-dir {run.path}" if run else ""  # before the run directory: nothing to resume
     print(f"error: process {rank} lost {lost} ({reason}); {kept}: start every node again with the same command"
-          f"{again}", file=sys.stderr, flush=True)
+          f"{' and ' + again if run else ''}", file=sys.stderr, flush=True)
     os._exit(4)  # exit code 4 (a lost peer), not through the group's teardown, which would wait for the lost peer
 
 
@@ -763,8 +784,7 @@ class Evaluation:
                                                     for s in (self.memory_set, self.test_set))
             results["probe_top1"], results["probe_top5"] = linear_probe(
                 train_h, train_y, test_h, test_y, self.num_classes, args.probe_epochs, seed=args.seed)
-        if world()[0] == 0:
-            (run.path / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        run.write("results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
         probe = f";  linear probe top-1 {results['probe_top1']:.4f}" if "probe_top1" in results else ""
         before = f"untrained {untrained:.4f} -> " if untrained is not None else ""
         print0(f"k-NN top-1: {before}trained {knn_top1:.4f}{probe}  ({run.path})")
@@ -777,61 +797,117 @@ METRIC_KEYS = ["epoch", "step", "loss", "lr", "knn_top1", "images_per_s", "time_
 
 
 class RunDir:
-    """The run's files (rank 0 writes). A run is continued with --resume, never started over (but one that stopped
-    before its first checkpoint is started again with --resume); a stale checkpoint.pt.tmp is removed."""
+    """The run's files, each written atomically by rank 0 (args.json with the first row of metrics.jsonl: a start that
+    fails its checks leaves none). Rank 0 locks .lock for the life of its process: one run a directory. A run is
+    continued with --resume, never started over (but one stopped before its first checkpoint is started again)."""
 
-    current: RunDir | None = None  # this process's run, named by the lost-peer message
+    current: RunDir | None = None  # this process's run, named by the line that stops it
+    lock: int | None = None  # the file descriptor that holds this process's run directory
 
     def __init__(self, args: Args, method: str):
         self.args, self.method, self.saved_epoch, self.history = args, method, 0, []  # history: metrics.jsonl's rows
         path = Path(args.out_dir or f"runs/{method}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-        checkpoint, started = (path / "checkpoint.pt").is_file(), (path / "metrics.jsonl").exists()
-        made = (path / "args.json").is_file()  # a run began here: --resume may start it again
-        problem = next((message for bad, message in [
-            (path.exists() and not path.is_dir(), f"--out-dir {path} is not a directory"),
-            (args.resume and not (checkpoint or made), f"--resume: {path} holds no run to continue"),
-            (not args.resume and checkpoint,
-             f"{path} already holds a run: pass --resume to continue it, or choose another --out-dir"),
-            (not args.resume and started, f"{path} holds a run that stopped before its first checkpoint: "
-                                          f"pass --resume to start it again there, or choose another --out-dir")]
-                        if bad), None)
-        box = [(path, problem, not checkpoint)]  # rank 0's view of the directory, for every process
+        box = [(path, *self._take(path, args.resume))] if world()[0] == 0 else [None]
         if world()[1] > 1:
-            torch_dist.broadcast_object_list(box)
+            torch_dist.broadcast_object_list(box)  # rank 0's view of the directory, for every process
         self.path, problem, self.fresh = box[0]
         if problem:
             fail(problem)
         args.out_dir = str(self.path)  # args.json and the checkpoint record the directory the run used
         self.checkpoint_path, self.metrics_path = self.path / "checkpoint.pt", self.path / "metrics.jsonl"
-        try:
-            if world()[0] == 0:
-                self.path.mkdir(parents=True, exist_ok=True)
-                self.checkpoint_path.with_suffix(".pt.tmp").unlink(missing_ok=True)
-                if self.fresh:
-                    self.metrics_path.unlink(missing_ok=True)
-                    (self.path / "args.json").write_text(json.dumps({"method": method, **dataclasses.asdict(args)},
-                                                                    indent=2) + "\n")
-        except OSError as err:
-            fail(f"cannot write the run directory {self.path} ({err.strerror or err}): choose an --out-dir that "
-                 f"can be written")
+        self.wrote_args = False  # args.json: written with the first row of metrics.jsonl
         RunDir.current = self
 
+    @staticmethod
+    def _take(path: Path, resume: bool) -> tuple[str | None, bool]:
+        """Rank 0: lock the directory, then read what it holds: (why the run is refused, or None; whether it starts
+        from epoch 0)."""
+        if path.exists() and not path.is_dir():
+            return f"--out-dir {path} is not a directory", True
+        odd = next((path / n for n in RUN_FILES if (path / n).exists() and not (path / n).is_file()), None)
+        if odd:
+            return f"{odd} is not a file: move it out of {path}, or choose another --out-dir", True
+        if resume and not any((path / n).is_file() for n in (".lock", "args.json", "checkpoint.pt")):
+            return f"--resume: {path} holds no run to continue", True
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if RunDir.lock is not None:
+                os.close(RunDir.lock)  # one run a process: an earlier one (a test's) lets go of its directory
+            RunDir.lock = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(RunDir.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f"{path} is in use by another run (which holds {path / '.lock'}): wait until it ends, or choose " \
+                   f"another --out-dir", True
+        except OSError as err:
+            return f"cannot write the run directory {path} ({err.strerror or err}): choose an --out-dir that can be " \
+                   f"written", True
+        checkpoint, metrics = (path / "checkpoint.pt").is_file(), path / "metrics.jsonl"
+        done = max(map(int, re.findall(r'"epoch": (\d+)', metrics.read_text(errors="replace"))), default=0) \
+            if metrics.is_file() else 0
+        problem = next((message for bad, message in [
+            (done and not checkpoint, f"{path} holds no checkpoint.pt, but its metrics.jsonl holds a run of {done} "
+                                      f"epoch(s), which starting over would delete: put checkpoint.pt back and pass "
+                                      f"--resume, or choose another --out-dir"),
+            (not resume and checkpoint,
+             f"{path} already holds a run: pass --resume to continue it, or choose another --out-dir"),
+            (not resume and metrics.exists(), f"{path} holds a run that stopped before its first checkpoint: "
+                                              f"pass --resume to start it again there, or choose another --out-dir")]
+                        if bad), None)
+        for name in [] if problem else RUN_FILES:  # the temporaries a run killed while writing left
+            with contextlib.suppress(OSError):
+                (path / f"{name}.tmp").unlink()
+        return problem, not checkpoint
+
+    def kept(self, good: str = "") -> str:
+        """What the run keeps if it stops now, for the line that says so."""
+        if self.saved_epoch:
+            return f"checkpoint.pt of epoch {self.saved_epoch} in {self.path} is intact{good}"
+        return "no checkpoint was written yet"
+
+    def write(self, name: str, save):
+        """Rank 0: `save(temporary)`, renamed to `name`. A failed write (a full disk) removes the temporary and ends
+        the run in one line, the file before it intact."""
+        if world()[0] != 0:
+            return
+        tmp = self.path / f"{name}.tmp"
+        try:
+            save(tmp)
+            os.replace(tmp, self.path / name)
+        except (OSError, RuntimeError) as err:  # torch.save's writer raises RuntimeError
+            why = err.strerror if isinstance(err, OSError) and err.strerror else "the write stopped: is the disk full?"
+            fail(f"cannot write {self.path / name} ({why}); {self.kept()}: make room, then continue with --resume "
+                 f"--out-dir {self.path}")
+        finally:  # what a failed or interrupted write left (none after the rename)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
     def log(self, **metrics):
-        """One row of metrics.jsonl: the keys every method shares (None where not measured), then its own."""
-        self.history.append({**{k: metrics.pop(k, None) for k in METRIC_KEYS}, **metrics})
-        if world()[0] == 0:
-            self.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+        """One row of metrics.jsonl: the keys every method shares (None where not measured or not finite), then its
+        own. The first also writes args.json, with the flags this run used."""
+        row = {**{k: metrics.pop(k, None) for k in METRIC_KEYS}, **metrics}
+        self.history.append({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()})
+        if not self.wrote_args:
+            self.write("args.json", lambda tmp: tmp.write_text(json.dumps(
+                {"method": self.method, **dataclasses.asdict(self.args)}, indent=2) + "\n"))
+            self.wrote_args = True
+        self.write("metrics.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history)))
 
     def save(self, epoch: int, force: bool = False, **state):
         """Every --save-every epochs, after the last, or `force`: checkpoint.pt (`state`, epoch, arguments, metrics),
-        atomically. No generator state: each epoch reseeds from (--seed, epoch, rank); it resumes on any device."""
+        atomically, if every float in `state` is finite (else the run diverged: exit code 3, the last good one kept).
+        No generator state: each epoch reseeds from (--seed, epoch, rank); it resumes on any device."""
         if not (force or epoch == self.args.epochs or epoch % self.args.save_every == 0):
             return
-        if world()[0] == 0:
-            tmp = self.checkpoint_path.with_suffix(".pt.tmp")
-            torch.save({"method": self.method, "epoch": epoch, "args": dataclasses.asdict(self.args), **state,
-                        "history": self.history}, tmp)
-            os.replace(tmp, self.checkpoint_path)
+        flags = [t.isfinite().all() for t in torch.utils._pytree.tree_leaves(state)  # in state_dicts, lists, ...
+                 if isinstance(t, torch.Tensor) and t.is_floating_point()] or [torch.tensor(True)]
+        finite = torch.stack([f.to(flags[0].device) for f in flags]).all()  # on the model's device, for the group
+        if all_reduce_mean(finite.float()).item() < 1:  # any process's
+            kept = self.kept(" (the last good one)")
+            fail(f"training diverged: the weights stopped being finite in epoch {epoch}; {kept}: resume with --resume "
+                 f"--out-dir {self.path} and a lower --lr", code=3)
+        self.write("checkpoint.pt", lambda tmp: torch.save(
+            {"method": self.method, "epoch": epoch, "args": dataclasses.asdict(self.args), **state,
+             "history": self.history}, tmp))
         self.saved_epoch = epoch
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -848,12 +924,23 @@ class RunDir:
             detail = (str(err).splitlines()[1:] or [str(err)])[0].strip()
             fail(f"{self.checkpoint_path} does not fit this model (were other flags used?): {detail}")
         self.saved_epoch, self.history = state["epoch"], state.get("history", [])
-        print0(f"resumed {self.path} at epoch {state['epoch']}")
+        changed = [f"{_flag(k, getattr(self.args, k))} (was {state['args'][k]})" for k in ("epochs", "lr")
+                   if state["args"].get(k, getattr(self.args, k)) != getattr(self.args, k)]
+        print0(f"resumed {self.path} at epoch {state['epoch']}" + (f" with {', '.join(changed)}" if changed else ""))
         return state
 
 
+RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "results.json", ".lock")
+
+
+def _flag(name: str, value) -> str:
+    """A field as it is written on the command line."""
+    flag = name.replace("_", "-")
+    return (f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else f"--{flag} {value}"
+
+
 def load_checkpoint(path: Path, method: str, args: Args) -> dict:
-    """checkpoint.pt (weights only), if of this method, architecture and dataset."""
+    """checkpoint.pt (weights only), if of this method and of the flags that decide the training (--resume's help)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # missing, truncated, not a torch file, or holding objects weights_only refuses
@@ -862,17 +949,27 @@ def load_checkpoint(path: Path, method: str, args: Args) -> dict:
         fail(f"{path} is not a checkpoint of this project")
     if state.get("method") != method:
         fail(f"{path} was written by {state.get('method')}.py, not {method}.py")
-    for key in [k for k in ("arch", "dataset") if state.get("args", {}).get(k) != getattr(args, k)]:
-        fail(f"{path} holds --{key} {state['args'].get(key)}, but this run asks for --{key} {getattr(args, key)}")
+    if args.epochs < state["epoch"]:
+        fail(f"--epochs {args.epochs} is below the {state['epoch']} epochs the run in {path.parent} has done: pass "
+             f"--epochs {state['epoch']} or more to continue it")
+    run = state.get("args", {})
+    other = [k for k, v in dataclasses.asdict(args).items() if k in run and run[k] != v and
+             k not in (*args.FREE_ON_RESUME, "epochs") and not (k == "lr" and v < run[k])]
+    if other:
+        fail(f"{path} holds a run of {' '.join(_flag(k, run[k]) for k in other)}, but this run asks for "
+             f"{' '.join(_flag(k, getattr(args, k)) for k in other)}: pass the run's own to continue it (--lr may be "
+             f"lowered, --epochs raised; see --resume in --help)")
     return state
 
 
 class Progress:
     """`epoch e/E  step s/S  loss  lr  img/s  ETA` every --log-every seconds and at each epoch's end (the only reads
-    of the loss from the device), and the epoch's figures for metrics.jsonl."""
+    of the loss from the device), and the epoch's figures for metrics.jsonl. A loss that is not finite, or above
+    `diverge_at`, is noted on the device and read with the line (by every process at the epoch's end): it stops the
+    run (exit code 3) before the epoch's row and checkpoint are written."""
 
-    def __init__(self, args: Args, epochs: int = 0):
-        self.epochs, self.every = epochs or args.epochs, args.log_every
+    def __init__(self, args: Args, epochs: int = 0, diverge_at: float = math.inf):
+        self.epochs, self.every, self.diverge_at = epochs or args.epochs, args.log_every, diverge_at
         self.start, self.done, self.step, self.lr = time.perf_counter(), 0, 0, 0.0
 
     def __call__(self, batches):
@@ -885,15 +982,31 @@ class Progress:
 
     def update(self, loss: torch.Tensor, lr: float, images: int):
         self.done, self.lr, self.images = self.done + 1, lr, self.images + images * world()[1]
-        now = time.perf_counter()
-        if now - self.last_time < self.every and self.i + 1 != self.steps:
+        loss = loss.detach().float().reshape(())
+        if self.i == 0:  # [step, loss] of the epoch's first bad loss, on the device (step -1: none yet)
+            self.bad = loss.new_full((2,), -1.0)
+        first = ~(loss.abs() <= self.diverge_at) & (self.bad[0] < 0)  # NaN compares false
+        self.bad = torch.where(first, torch.stack([torch.full_like(loss, self.i), loss]), self.bad)
+        now, last = time.perf_counter(), self.i + 1 == self.steps
+        if now - self.last_time < self.every and not last:
             return
         rate = self.images / max(now - self.epoch_start, 1e-9)  # over the epoch so far
         left = (self.epochs - self.epoch) * self.steps - self.i - 1  # steps still to run
         eta = datetime.timedelta(seconds=round(max(0.0, (now - self.start) / self.done * left)))
         self.last_time = now
+        read = torch.cat([loss[None], self.bad])  # [loss, bad step, bad loss]
+        if last and world()[1] > 1:  # every process is here: the first bad step of any
+            rows = gather_no_grad(read[None])  # [W, 3]
+            read = torch.cat([read[:1], rows[torch.where(rows[:, 1] < 0, math.inf, rows[:, 1]).argmin(), 1:]])
+        value, bad_step, bad_loss = read.tolist()
         print0(f"epoch {self.epoch + 1}/{self.epochs}  step {self.i + 1}/{self.steps}  "
-               f"loss {float(loss.detach()):.4f}  lr {lr:.4g}  {rate:,.0f} img/s  ETA {eta}")
+               f"loss {value:.4f}  lr {lr:.4g}  {rate:,.0f} img/s  ETA {eta}")
+        if bad_step >= 0 and (last or world()[1] == 1):
+            what = "stopped being finite" if not math.isfinite(bad_loss) else f"passed {self.diverge_at:g}"
+            run = RunDir.current  # the method's (a Progress is made after its RunDir)
+            fail(f"training diverged: the loss {what} ({bad_loss:.4g}) at epoch {self.epoch + 1}, step "
+                 f"{int(bad_step) + 1} of {self.steps}; {run.kept(' (the last good one)')}: resume with --resume "
+                 f"--out-dir {run.path} and a lower --lr", code=3)
 
     def summary(self) -> dict:
         return {"step": self.step + 1, "lr": self.lr, "images_per_s": self.images / self.seconds,

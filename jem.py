@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +92,7 @@ class Args(common.Args):
     CHOICES = {**common.Args.CHOICES, "objective": ("jem", "hdge", "hdge+sgld", "ce"), "norm": ("none", "batch"),
                "hdge_mask": ("official", "select"), "ood_dataset": ("", *common.DATASETS)}
     POSITIVE = common.Args.POSITIVE + ("sgld_steps", "sgld_step_size", "hdge_temperature", "decay_rate", "diverge_at")
+    FREE_ON_RESUME = common.Args.FREE_ON_RESUME + ("diverge_at", "ood_dataset", "ood_data_dir")  # not the training
     NON_NEGATIVE = common.Args.NON_NEGATIVE + ("sigma", "sgld_noise", "p_x_weight", "p_y_x_weight", "hdge_weight")
 
     def check(self, world_size: int = 1):
@@ -259,10 +259,6 @@ def hdge_loss(logits: torch.Tensor, y: torch.Tensor, queue: torch.Tensor, temper
 # -------- Training ----------------------------------------------------------------------------------------------------
 
 
-class Diverged(Exception):
-    """A loss that is not finite or exceeds --diverge-at."""
-
-
 def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
     """Adam over every parameter, as the official code (betas 0.9, 0.999; --weight-decay, officially 0)."""
     return torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
@@ -299,31 +295,16 @@ def train_step(model: nn.Module, batch, optimizer, buffer: ReplayBuffer | None, 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common.Progress, args: Args,
                     buffer: ReplayBuffer | None, queue: LogitQueue | None) -> float:
-    """One pass over this process's share of the data; returns the epoch's mean loss (global batch). Raises Diverged.
+    """One pass over this process's share of the data; returns the epoch's mean loss (global batch).
     `model` is the network as trained (DDP on several processes); `buffer` feeds SGLD, `queue` HDGE (or None)."""
     model.train()
     total = torch.zeros((), device=args.device)
-    bad_step = torch.full((), -1, device=args.device)  # the first step of this epoch with a bad loss (-1: none yet)
-    bad_loss = torch.zeros((), device=args.device)  # its loss
     for x, y in progress(loader):
         lr = common.set_lr(optimizer, lr_at(progress.step))
         loss = train_step(model, (x, y), optimizer, buffer, queue, args)
-        # divergence: the first bad step is noted on the device (the step does not wait for the host), ...
-        first = (~torch.isfinite(loss.detach()) | (loss.detach().abs() > args.diverge_at)) & (bad_step < 0)
-        bad_step, bad_loss = torch.where(first, progress.i, bad_step), torch.where(first, loss.detach(), bad_loss)
         total += loss.detach()
         progress.update(loss, lr, len(y))
-        # ... read back every 50 steps and at the end (before a checkpoint): every process stops, nothing bad saved
-        if (progress.i + 1) % 50 == 0 or progress.i + 1 == len(loader):
-            check_divergence(bad_step, bad_loss, loader.epoch)
     return common.all_reduce_mean(total / len(loader)).item()
-
-
-def check_divergence(bad_step: torch.Tensor, bad_loss: torch.Tensor, epoch: int):
-    """Raise Diverged on every process when any process has met a bad loss (one host read)."""
-    if common.all_reduce_mean((bad_step >= 0).float()).item() > 0:
-        where = f"at epoch {epoch + 1} step {bad_step.item() + 1}" if bad_step >= 0 else f"in epoch {epoch + 1}"
-        raise Diverged(f"loss {bad_loss.item():.4g} {where}")
 
 
 def sync_buffers(model: nn.Module):
@@ -438,19 +419,13 @@ def main(args: Args):
         return args.lr * min(1.0, step / warmup if warmup else 1.0) * args.decay_rate ** decays
 
     evaluation = common.Evaluation(memory_set, test_set, info.num_classes, args)
-    progress = common.Progress(args)
+    progress = common.Progress(args, diverge_at=args.diverge_at)  # a bad loss stops the run (exit code 3)
     common.print0(f"JEM ({args.objective}) {args.arch} on {args.dataset}: {len(train_set)} images, {train_data.steps} "
                   f"steps of {args.batch_size} per epoch, {common.world()[1]} process(es) on {args.device}")
     if state["epoch"] == 0:
         run.log(epoch=0, step=0, knn_top1=evaluation.knn(model.backbone))
     for epoch in range(state["epoch"], args.epochs):
-        try:
-            loss = train_one_epoch(ddp_model, train_data.loader(epoch), optimizer, lr_at, progress, args, buffer, queue)
-        except Diverged as err:  # the last checkpoint is untouched: continue from it with gentler settings
-            kept = f"the last good checkpoint in {run.path} is kept" if run.saved_epoch else "no checkpoint yet"
-            common.print0(f"error: training diverged ({err}); {kept}: continue with --resume (or start again) "
-                          f"and a lower --lr or more --sgld-steps", file=sys.stderr)
-            raise SystemExit(3) from None
+        loss = train_one_epoch(ddp_model, train_data.loader(epoch), optimizer, lr_at, progress, args, buffer, queue)
         sync_buffers(model)
         knn_top1 = evaluation.knn(model.backbone, epoch + 1) if evaluation.due(epoch) else None
         run.log(epoch=epoch + 1, loss=loss, knn_top1=knn_top1, **progress.summary())

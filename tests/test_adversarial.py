@@ -146,9 +146,10 @@ def test_simclr_with_clae_and_advprop_runs_resumes_and_refuses_a_plain_checkpoin
     out = run_script("simclr.py", *TINY_ADV, "--epochs", "2", "--out-dir", run, "--resume")
     assert out.returncode == 0, out.stderr[-3000:]
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
-    plain = TINY_ADV[:-3]  # the same run without the options cannot load the auxiliary BatchNorms
+    plain = TINY_ADV[:-3]  # the same run without the options: refused, naming them
     out = run_script("simclr.py", *plain, "--epochs", "3", "--out-dir", run, "--resume")
-    assert out.returncode == 2 and "does not fit this model" in out.stderr
+    assert out.returncode == 2 and "--adv-eps 0.03 --adv-bn, but this run asks for --adv-eps 0.0 --no-adv-bn" in \
+        out.stderr, out.stderr
 
 
 @pytest.mark.scripts

@@ -277,8 +277,8 @@ def test_gathers_are_identity_on_one_process():
 def test_run_dir_refuses_to_overwrite_and_checks_checkpoints(tmp_path, capsys):
     args = simclr.Args(dataset="digits", arch="tiny", out_dir=str(tmp_path / "run"))
     run = common.RunDir(args, "simclr")
+    run.log(epoch=1, step=4, loss=1.5, extra=3)  # args.json comes with the first row
     assert json.loads((run.path / "args.json").read_text())["arch"] == "tiny"
-    run.log(epoch=1, step=4, loss=1.5, extra=3)
     row = json.loads(run.metrics_path.read_text())
     assert list(row)[:len(common.METRIC_KEYS)] == common.METRIC_KEYS and row["extra"] == 3
     run.save(1, model={"w": torch.ones(2)})
@@ -319,6 +319,7 @@ def test_args_json_records_the_directory_and_device_the_run_used(tmp_path, monke
     args = simclr.Args(dataset="digits", arch="tiny")
     common.setup_distributed(args)
     run = common.RunDir(args, "simclr")
+    run.log(epoch=0)  # args.json comes with the first row
     saved = json.loads((run.path / "args.json").read_text())
     assert saved["out_dir"] == str(run.path) and run.path.parent.name == "runs" and run.path.is_dir()
     assert saved["device"] == "cpu"

@@ -3,14 +3,17 @@ process and says what to do, and nothing already written lost (every file that e
 afterwards; a run refused before it makes its --out-dir does not make it).
 
 Fast tier (no marker): the checks in this process (common.dataset_info, load_dataset, open_image, the DataLoader's
-workers, device_data.train_data, RunDir). `scripts` tier (`pytest -m scripts`): simclr.py from the command line
-(image folders with broken files, a killed run, a stale checkpoint.pt.tmp, a checkpoint of other flags) and two
-torchrun "nodes" on loopback, one of which dies (the other node's, or the one hosting the rendezvous) or freezes.
+workers, device_data.train_data, RunDir: its lock, resume's rules, a full disk) and every method's main diverging.
+`scripts` tier (`pytest -m scripts`): simclr.py from the command line (image folders with broken files, a killed run,
+a stale checkpoint.pt.tmp, a checkpoint of other flags, a second run in a held directory, Ctrl-C, a killed DataLoader
+worker, a file-size limit) and two torchrun "nodes" on loopback, one of which dies (the other node's, or the one
+hosting the rendezvous) or freezes.
 """
 
 import contextlib
 import gc
 import hashlib
+import json
 import os
 import random
 import re
@@ -125,9 +128,9 @@ def assert_refused_here(exit_info, capsys, *parts) -> str:
 
 
 def assert_nothing_left(run: Path):
-    """A run refused early leaves no --out-dir, or one that does not block a re-run (args.json only: no
-    metrics.jsonl, no checkpoint.pt)."""
-    assert not run.exists() or set(os.listdir(run)) <= {"args.json"}, sorted(os.listdir(run))
+    """A run refused early leaves no --out-dir, or one that does not block a re-run (its lock file only: no args.json,
+    no metrics.jsonl, no checkpoint.pt)."""
+    assert not run.exists() or set(os.listdir(run)) <= {".lock"}, sorted(os.listdir(run))
 
 
 @pytest.fixture
@@ -401,11 +404,12 @@ def test_run_killed_before_its_first_checkpoint_starts_again_with_resume(tmp_pat
 
 
 def test_resume_starts_again_a_run_stopped_before_its_first_epoch(tmp_path, capsys):
-    """A run that made its directory (args.json) and stopped before its first metrics line, as when a peer is lost
-    during the untrained network's k-NN: the lost-peer line says to pass --resume, so --resume must take it."""
+    """A run that made its directory (its lock file; args.json comes with the first metrics row) and stopped before
+    its first metrics line, as when a peer is lost during the untrained network's k-NN: the lost-peer line says to
+    pass --resume, so --resume must take it."""
     run = tmp_path / "run"
     common.RunDir(common.Args(out_dir=str(run)), "simclr")
-    assert os.listdir(run) == ["args.json"]
+    assert os.listdir(run) == [".lock"]
     again = common.RunDir(common.Args(out_dir=str(run), resume=True), "simclr")
     assert again.fresh and again.resume(None, None) == {"epoch": 0}
     assert f"no checkpoint.pt in {run} yet: starting the run again from epoch 0" in capsys.readouterr().out
@@ -450,9 +454,8 @@ def test_checkpoint_of_another_model_is_refused_naming_the_key(tmp_path, capsys)
     model, optimizer = model_and_optimizer(128)
     common.RunDir(args, "simclr").save(1, model=model.state_dict(), optimizer=optimizer.state_dict())
     before = snapshot(tmp_path / "run")
-    other = simclr.Args(dataset="digits", arch="tiny", epochs=2, out_dir=str(tmp_path / "run"), resume=True,
-                        proj_dim=64)
-    run = common.RunDir(other, "simclr")
+    other = simclr.Args(dataset="digits", arch="tiny", epochs=2, out_dir=str(tmp_path / "run"), resume=True)
+    run = common.RunDir(other, "simclr")  # the same flags, another model (an edited file)
     with pytest.raises(SystemExit) as exit_info:
         run.resume(*model_and_optimizer(64))
     assert_names_the_key(assert_refused_here(exit_info, capsys, tmp_path / "run" / "checkpoint.pt"))
@@ -460,12 +463,13 @@ def test_checkpoint_of_another_model_is_refused_naming_the_key(tmp_path, capsys)
 
 
 @pytest.mark.scripts
-def test_resume_with_other_flags_names_the_first_mismatched_key(tmp_path, finished_run):
+def test_resume_with_other_flags_names_them(tmp_path, finished_run):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     before = snapshot(run)
-    out = run_script(*SYNTHETIC, "--epochs", "2", "--out-dir", run, "--resume", "--proj-dim", "64")
-    assert_names_the_key(assert_refused(out, run / "checkpoint.pt"))
+    out = run_script(*SYNTHETIC, "--epochs", "2", "--out-dir", run, "--resume", "--proj-dim", "64", "--seed", "3")
+    assert_refused(out, f"{run / 'checkpoint.pt'} holds a run of --seed 0 --proj-dim 128, but this run asks for "
+                        f"--seed 3 --proj-dim 64: pass the run's own to continue it")
     assert snapshot(run) == before
 
 
@@ -663,3 +667,375 @@ def test_lost_rendezvous_host_ends_the_survivor_in_one_line(tmp_path):
         nodes.close()
     line = lost_peer_line(nodes.err(1).read_text(), run, start="error: process 1 lost ", code=False)
     print(line)
+
+
+# ---------------------------------------------------------------------------------------------------- divergence
+
+# a few steps of each method on tiny data (4 steps an epoch): the flags that make its own parts small
+TINY_RUN = [*SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "32", "--subset", "128", "--workers", "0",
+            "--data-path", "cpu", "--eval-every", "0", "--probe-epochs", "0", "--knn-k", "10", "--log-every", "1000"]
+METHODS = {
+    "simclr": [], "supcon": [], "moco": ["--queue-size", "64"], "byol": ["--proj-hidden-dim", "64", "--proj-dim", "32"],
+    "simsiam": ["--proj-dim", "64", "--pred-dim", "16"], "instdisc": ["--nce-k", "16"],
+    "paws": ["--num-labels", "40", "--supports-per-class", "2", "--multicrop", "1"], "dpll": ["--q", "0.3"],
+    "jem": ["--buffer-size", "128", "--sgld-steps", "2"],
+}
+
+
+def poison(batch):
+    """The batch with every float tensor in it not a number."""
+    if isinstance(batch, torch.Tensor):
+        return torch.full_like(batch, float("nan")) if batch.is_floating_point() else batch
+    return type(batch)(poison(b) for b in batch) if isinstance(batch, (list, tuple)) else batch
+
+
+def main_of(method: str, argv: list):
+    module = __import__(method)
+    module.main(common.parse(module.Args, [*TINY_RUN, *METHODS[method], *map(str, argv)]))
+
+
+@pytest.fixture
+def keep_excepthook(monkeypatch):
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # set back what setup_distributed installs
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_divergence_stops_every_method_keeping_the_last_good_checkpoint(method, tmp_path, capsys, monkeypatch,
+                                                                          keep_excepthook):
+    """Epoch 2's third batch is not a number, so is its loss: the run stops (exit code 3) with one line at the end of
+    the epoch, before its metrics row and checkpoint; every file of epoch 1 is intact, metrics.jsonl strict JSON."""
+    run = tmp_path / "run"
+    main_of(method, ["--epochs", "1", "--out-dir", run])
+    before = snapshot(run)
+    capsys.readouterr()
+    progress_call = common.Progress.__call__
+
+    def poisoned(self, batches):
+        for batch in progress_call(self, batches):
+            yield poison(batch) if (self.epoch, self.i) == (1, 2) else batch
+
+    monkeypatch.setattr(common.Progress, "__call__", poisoned)
+    with pytest.raises(SystemExit) as exit_info:
+        main_of(method, ["--epochs", "3", "--out-dir", run, "--resume"])
+    assert exit_info.value.code == 3
+    line = one_line(capsys.readouterr().err)
+    assert re.fullmatch(rf"error: training diverged: the loss stopped being finite \(nan\) at epoch 2, step 3 of \d+; "
+                        rf"checkpoint.pt of epoch 1 in {run} is intact \(the last good one\): resume with --resume "
+                        rf"--out-dir {run} and a lower --lr", line), line
+    assert snapshot(run) == before
+    for row in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(row, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+
+
+def test_jem_stops_at_its_own_bound_which_resume_may_change(tmp_path, capsys, keep_excepthook):
+    run = tmp_path / "run"
+    main_of("jem", ["--epochs", "1", "--out-dir", run])
+    before = snapshot(run)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main_of("jem", ["--epochs", "2", "--out-dir", run, "--resume", "--diverge-at", "1e-9"])
+    assert exit_info.value.code == 3
+    line = one_line(capsys.readouterr().err)
+    assert re.fullmatch(rf"error: training diverged: the loss passed 1e-09 \(\S+\) at epoch 2, step 1 of 4; "
+                        rf"checkpoint.pt of epoch 1 in {run} is intact \(the last good one\): resume with --resume "
+                        rf"--out-dir {run} and a lower --lr", line), line
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["model", "optimizer", "method"])
+def test_a_checkpoint_that_is_not_finite_is_never_written(tmp_path, capsys, value, where):
+    """Weights that stopped being finite while the last loss read was finite: save refuses them (exit code 3)."""
+    args = common.Args(out_dir=str(tmp_path / "run"), epochs=3)
+    run = common.RunDir(args, "simclr")
+    state = {"model": {"w": torch.ones(3), "n": torch.tensor(2)}, "optimizer": {"state": {0: {"v": torch.ones(3)}}},
+             "method": [torch.zeros(2)]}
+    run.log(epoch=1, loss=1.0)
+    run.save(1, **state)
+    before = snapshot(run.path)
+    {"model": state["model"]["w"], "optimizer": state["optimizer"]["state"][0]["v"], "method": state["method"][0]}[
+        where][1] = value
+    run.log(epoch=2, loss=float("nan"), knn_top1=value)
+    with pytest.raises(SystemExit) as exit_info:
+        run.save(2, **state)
+    assert exit_info.value.code == 3
+    assert one_line(capsys.readouterr().err) == (
+        f"error: training diverged: the weights stopped being finite in epoch 2; checkpoint.pt of epoch 1 in "
+        f"{run.path} is intact (the last good one): resume with --resume --out-dir {run.path} and a lower --lr")
+    assert snapshot(run.path)["checkpoint.pt"] == before["checkpoint.pt"]
+    rows = [json.loads(row, parse_constant=lambda name: pytest.fail(name)) for row in run.metrics_path.open()]
+    assert rows[-1]["loss"] is None and rows[-1]["knn_top1"] is None  # not a bare NaN or Infinity
+
+
+# ---------------------------------------------------------------------------------------------------- one run a folder
+
+
+def let_go():
+    """This process lets go of its run directory, as when it ends (a run made here in a test holds it till then)."""
+    os.close(common.RunDir.lock)
+    common.RunDir.lock = None
+
+
+def test_a_directory_in_use_is_refused_until_its_holder_ends(tmp_path, capsys):
+    """Another process's lock on .lock (flock, as a running run holds it): refused in one line, nothing touched; once
+    the holder lets go (as the OS does when a process ends, however it ends) the same run proceeds."""
+    import fcntl
+
+    run = tmp_path / "run"
+    common.RunDir(common.Args(out_dir=str(run)), "simclr").log(epoch=0)
+    let_go()
+    holder = os.open(run / ".lock", os.O_RDWR)  # another open file: another holder, as another process is
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        before = snapshot(run)
+        for resume in (True, False):
+            with pytest.raises(SystemExit) as exit_info:
+                common.RunDir(common.Args(out_dir=str(run), resume=resume), "simclr")
+            assert_refused_here(exit_info, capsys, f"{run} is in use by another run (which holds {run / '.lock'}): "
+                                                   f"wait until it ends, or choose another --out-dir")
+            assert snapshot(run) == before
+    finally:
+        os.close(holder)
+    assert common.RunDir(common.Args(out_dir=str(run), resume=True), "simclr").fresh
+
+
+@pytest.mark.scripts
+@pytest.mark.parametrize("workers", [0, 2])
+def test_second_run_in_a_directory_is_refused_and_ctrl_c_keeps_the_checkpoint(tmp_path, workers):
+    """A run holds its directory: a second one (with or without --resume) is refused while it runs. Ctrl-C (SIGINT to
+    its process group, as a terminal sends it, DataLoader workers too) ends it with one line and exit code 130;
+    --resume then finishes."""
+    run, argv = tmp_path / "run", [*SYNTHETIC, "--epochs", "30", "--eval-every", "0", "--workers", workers]
+    proc = subprocess.Popen([sys.executable, *map(str, argv), "--out-dir", str(run)], cwd=ROOT, env=script_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (run / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()
+        for resume in ([], ["--resume"]):
+            out = run_script(*argv, "--out-dir", run, *resume)
+            assert_refused(out, f"{run} is in use by another run")
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    epoch = torch.load(run / "checkpoint.pt", weights_only=True)["epoch"]
+    assert one_line(err) == (f"error: interrupted; checkpoint.pt of epoch {epoch} in {run} is intact: continue with "
+                             f"--resume --out-dir {run}")
+    assert not list(run.glob("*.tmp"))
+    out = run_script(*argv, "--out-dir", run, "--resume", "--epochs", epoch + 1)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed {run} at epoch {epoch} with --epochs {epoch + 1} (was 30)" in out.stdout
+
+
+@pytest.mark.scripts
+def test_torchrun_is_refused_by_a_run_that_holds_the_directory(tmp_path, finished_run):
+    """Rank 0 takes the lock and tells every rank: one line, from rank 0, and the holder's files untouched."""
+    import fcntl
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    holder = os.open(run / ".lock", os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        before = snapshot(run)
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *map(str, SYNTHETIC),
+                              "--epochs", "2", "--out-dir", str(run), "--resume"], cwd=ROOT, env=script_env(),
+                             capture_output=True, text=True, timeout=300, check=False)
+    finally:
+        os.close(holder)
+    assert out.returncode != 0
+    assert [line for line in out.stderr.splitlines() if "in use by another run" in line] == [
+        f"error: {run} is in use by another run (which holds {run / '.lock'}): wait until it ends, or choose another "
+        f"--out-dir"], out.stderr[-3000:]
+    assert snapshot(run) == before
+
+
+# ---------------------------------------------------------------------------------------------------- resume's rules
+
+
+def small_run(tmp_path, **flags):
+    """A run directory with a checkpoint of epoch 2 (simclr, tiny, digits) and its three metrics rows."""
+    import simclr
+
+    args = simclr.Args(dataset="digits", arch="tiny", epochs=2, out_dir=str(tmp_path / "run"), **flags)
+    run = common.RunDir(args, "simclr")
+    model = simclr.SimCLR(common.build_backbone("tiny", 1, 8), args.proj_dim)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for epoch in range(3):
+        run.log(epoch=epoch, loss=1.0 if epoch else None)
+    run.save(2, model=model.state_dict(), optimizer=optimizer.state_dict())
+    return run.path, model, optimizer
+
+
+@pytest.mark.parametrize("flags, named", [
+    ({"lr": 2.0}, "--lr 1.0, but this run asks for --lr 2.0"),
+    ({"seed": 1, "batch_size": 256}, "--batch-size 512 --seed 0, but this run asks for --batch-size 256 --seed 1"),
+    ({"temperature": 0.2}, "--temperature 0.5, but this run asks for --temperature 0.2"),  # the method's own
+    ({"sync_bn": False}, "--sync-bn, but this run asks for --no-sync-bn"),
+    ({"arch": "resnet18"}, "--arch tiny, but this run asks for --arch resnet18"),
+    ({"epochs": 1}, "--epochs 1 is below the 2 epochs the run in"),
+])
+def test_resume_refuses_flags_that_would_change_the_training(tmp_path, capsys, flags, named):
+    import simclr
+
+    path, model, optimizer = small_run(tmp_path)
+    before = snapshot(path)
+    args = simclr.Args(**{"dataset": "digits", "arch": "tiny", "epochs": 2, "out_dir": str(path), "resume": True,
+                          **flags})
+    with pytest.raises(SystemExit) as exit_info:
+        common.RunDir(args, "simclr").resume(model, optimizer)
+    assert_refused_here(exit_info, capsys, named)
+    assert snapshot(path) == before
+
+
+def test_resume_takes_more_epochs_a_lower_lr_and_other_machines_and_args_json_says_so(tmp_path, capsys):
+    import simclr
+
+    path, model, optimizer = small_run(tmp_path)
+    args = simclr.Args(dataset="digits", arch="tiny", epochs=5, lr=0.5, workers=0, log_every=1, eval_every=2,
+                       data_path="cpu", device="cpu", out_dir=str(path), resume=True)
+    run = common.RunDir(args, "simclr")
+    assert run.resume(model, optimizer)["epoch"] == 2
+    assert f"resumed {path} at epoch 2 with --epochs 5 (was 2), --lr 0.5 (was 1.0)" in capsys.readouterr().out
+    assert json.loads((path / "args.json").read_text())["epochs"] == 2  # until the resumed run writes a row
+    run.log(epoch=3, loss=1.0)
+    saved = json.loads((path / "args.json").read_text())
+    assert (saved["epochs"], saved["lr"], saved["workers"], saved["eval_every"]) == (5, 0.5, 0, 2)
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_run_whose_checkpoint_is_gone_keeps_its_history(tmp_path, capsys, resume):
+    path, *_ = small_run(tmp_path)
+    (path / "checkpoint.pt").unlink()
+    before = snapshot(path)
+    with pytest.raises(SystemExit) as exit_info:
+        common.RunDir(common.Args(out_dir=str(path), resume=resume), "simclr")
+    assert_refused_here(exit_info, capsys, f"{path} holds no checkpoint.pt, but its metrics.jsonl holds a run of 2 "
+                                           f"epoch(s), which starting over would delete: put checkpoint.pt back")
+    assert snapshot(path) == before
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "metrics.jsonl", "args.json", ".lock"])
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_run_file_that_is_a_directory_is_refused(tmp_path, capsys, name, resume):
+    path, *_ = small_run(tmp_path)
+    moved = path / f"{name}.bak"
+    (path / name).rename(moved)
+    (path / name).mkdir()
+    before = snapshot(path)
+    with pytest.raises(SystemExit) as exit_info:
+        common.RunDir(common.Args(out_dir=str(path), resume=resume), "simclr")
+    assert_refused_here(exit_info, capsys, f"{path / name} is not a file: move it out of {path}")
+    assert snapshot(path) == before
+
+
+@pytest.mark.parametrize("holds, resumes", [([], False), (["notes.txt"], False), ([".lock"], True),
+                                           (["args.json"], True), (["checkpoint.pt"], True)])
+def test_resume_needs_a_run_to_continue(tmp_path, capsys, holds, resumes):
+    """A directory holds a run when a run took it (.lock), or wrote args.json or checkpoint.pt there."""
+    path = tmp_path / "run"
+    path.mkdir()
+    for name in holds:
+        (path / name).write_bytes(b"")
+    if resumes:
+        assert common.RunDir(common.Args(out_dir=str(path), resume=True), "simclr")
+        return
+    before = snapshot(path)
+    with pytest.raises(SystemExit) as exit_info:
+        common.RunDir(common.Args(out_dir=str(path), resume=True), "simclr")
+    assert_refused_here(exit_info, capsys, f"--resume: {path} holds no run to continue")
+    assert snapshot(path) == before
+
+
+def test_a_start_that_fails_leaves_no_args_json(tmp_path, capsys):
+    """args.json comes with the first metrics row: a run stopped before it (a broken test image found by the first
+    k-NN, a lost peer) leaves only its lock file, which a plain re-run takes."""
+    run = tmp_path / "run"
+    common.RunDir(common.Args(out_dir=str(run)), "simclr")
+    assert os.listdir(run) == [".lock"]
+    common.RunDir(common.Args(out_dir=str(run)), "simclr").log(epoch=0)
+    assert sorted(os.listdir(run)) == [".lock", "args.json", "metrics.jsonl"]
+
+
+# ---------------------------------------------------------------------------------------------------- a full disk
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    """torch.save stops part-way (its writer raises RuntimeError, a file object OSError): the temporary is removed,
+    one line names the file and the intact checkpoint, checkpoint.pt and metrics.jsonl are as they were."""
+    path, model, optimizer = small_run(tmp_path)
+    run = common.RunDir.current
+    before = snapshot(path)
+    save = torch.save
+
+    def full(obj, f):
+        Path(f).write_bytes(os.urandom(1000))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SystemExit) as exit_info:
+        run.save(2, force=True, model=model.state_dict())
+    assert_refused_here(exit_info, capsys, f"cannot write {path / 'checkpoint.pt'} (the write stopped: is the disk "
+                                           f"full?); checkpoint.pt of epoch 2 in {path} is intact: make room, then "
+                                           f"continue with --resume --out-dir {path}")
+    assert snapshot(path) == before
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(Path, "write_text", lambda self, text: (self.write_bytes(b"{"), full(0, self)))
+    with pytest.raises(SystemExit) as exit_info:
+        run.log(epoch=3, loss=1.0)
+    assert_refused_here(exit_info, capsys, f"cannot write {path / 'metrics.jsonl'}")
+    assert snapshot(path) == before
+
+
+@pytest.mark.scripts
+def test_a_full_disk_while_saving_stops_the_run_in_one_line(tmp_path, finished_run):
+    """A limit on the size of any file the run writes (RLIMIT_FSIZE: each write past it fails, as on a full disk),
+    above the files of the finished run but below its next checkpoint."""
+    import resource
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = snapshot(run)
+    limit = (run / "checkpoint.pt").stat().st_size - 1000
+    out = subprocess.run([sys.executable, *map(str, SYNTHETIC), "--epochs", "2", "--out-dir", str(run), "--resume"],
+                         cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300, check=False,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert_refused(out, f"cannot write {run / 'checkpoint.pt'}", f"checkpoint.pt of epoch 1 in {run} is intact")
+    assert not list(run.glob("*.tmp"))
+    assert snapshot(run)["checkpoint.pt"] == before["checkpoint.pt"]
+
+
+# ---------------------------------------------------------------------------------------------------- killed workers
+
+
+@pytest.mark.scripts
+def test_a_killed_data_loader_worker_stops_the_run_in_one_line(tmp_path):
+    """SIGKILL (as the out-of-memory killer sends it) to a DataLoader worker after the first checkpoint."""
+    run = tmp_path / "run"
+    argv = [*SYNTHETIC[:SYNTHETIC.index("--workers")], "--workers", "2", *TINY, "--data-path", "cpu", "--epochs", "30",
+            "--eval-every", "0", "--out-dir", run]
+    proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, env=script_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, workers = time.time() + 240, []
+        while not workers and proc.poll() is None and time.time() < deadline:
+            workers = children(proc.pid) if (run / "checkpoint.pt").exists() else []
+            time.sleep(0.02)
+        assert workers, "no DataLoader worker seen"
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 4, err
+    epoch = torch.load(run / "checkpoint.pt", weights_only=True)["epoch"]
+    line = one_line(err)
+    assert re.fullmatch(rf"error: DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal: Killed|exited "
+                        rf"unexpectedly) \(fewer --workers need less memory\); checkpoint.pt of epoch {epoch} in "
+                        rf"{run} is intact: continue with --resume --out-dir {run}", line), line

@@ -6,7 +6,7 @@ The CPU cannot show the stall itself, but it can show the ops: each method's `ma
 in this process under a recorder (a TorchDispatchMode for the ops, a TorchFunctionMode for the copies) that notes
 every such op with its place in the code. The first step may build constants; after it, none is allowed inside a
 step. Waits that are part of a method happen outside its steps and are named here: the progress line's read of the
-loss (every --log-every seconds) and JEM's divergence check (every 50 steps). On the DataLoader path the loader's
+loss and of the divergence flag beside it (every --log-every seconds). On the DataLoader path the loader's
 own work (PIL views in worker processes on a GPU machine) is not the device's and is left out.
 """
 
@@ -26,7 +26,7 @@ from conftest import SYNTHETIC_FLAGS
 SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "argwhere", "masked_select", "_unique",
             "_unique2", "unique_dim", "unique_consecutive", "bincount", "histc"}
 # where a wait is part of the method, outside its steps: (file, function)
-ALLOWED = {("common.py", "update"), ("jem.py", "check_divergence")}
+ALLOWED = {("common.py", "update")}
 
 
 class Recorder(TorchDispatchMode):
