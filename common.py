@@ -443,12 +443,17 @@ def _image_files(folder: str, seen: set | None = None) -> list[str]:
         return []
     seen.add(os.path.realpath(folder))
     entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    files = [e.path for e in entries if e.name.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)
-             and not e.is_dir()]
-    for path in (p for p in files if not os.path.isfile(p)):
-        fail(f"cannot read the image {path} (not a regular file: a FIFO, socket, device or broken link): remove or "
+    files = [e for e in entries if e.name.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)
+             and not _follow(e, "dir")]
+    for e in (e for e in files if not _follow(e, "file")):
+        fail(f"cannot read the image {e.path} (not a regular file: a FIFO, socket, device or broken link): remove or "
              f"replace it")
-    return files + [f for e in entries if e.is_dir() for f in _image_files(e.path, seen)]
+    return [e.path for e in files] + [f for e in entries if _follow(e, "dir") for f in _image_files(e.path, seen)]
+
+
+def _follow(entry: os.DirEntry, kind: str) -> bool:
+    """entry.is_dir() or is_file() (no system call for most entries), a link followed: False where it leads nowhere."""
+    return getattr(os.path, "is" + kind)(entry.path) if entry.is_symlink() else getattr(entry, "is_" + kind)()
 
 
 class ImageFolder(torchvision.datasets.ImageFolder):
@@ -457,8 +462,8 @@ class ImageFolder(torchvision.datasets.ImageFolder):
     @staticmethod
     def make_dataset(directory, class_to_idx: dict, *args, **kwargs) -> list[tuple[str, int]]:
         found = {c: _image_files(os.path.join(directory, c)) for c in class_to_idx}
-        if any(not files for files in found.values()):
-            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(c for c in found if not found[c])}")
+        if empty := [c for c, files in found.items() if not files]:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
         return [(f, class_to_idx[c]) for c, files in found.items() for f in files]
 
 
@@ -471,8 +476,8 @@ def _split(root: Path, train: bool) -> Path:
 
 def dataset_info(args: Args) -> tuple[DataInfo, int]:
     """The dataset's facts and the image size, set in args.image_size (args.json records the size the run used). An
-    image folder's splits must hold the same classes (a label is a class folder's place in sorted order); its size is
-    the most common shorter side of 64 images spread over its classes (a stray image of another size decides nothing)."""
+    image folder's splits must hold the same classes (a label is a class folder's place in sorted order); its size:
+    the most common shorter side of 64 images spread over its classes (a stray image of another size decides none)."""
     info = DATASETS[args.dataset]
     if args.dataset == "imagefolder":
         train, test = _split(Path(args.data_dir), True), _split(Path(args.data_dir), False)
