@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 from einops import rearrange
-from PIL import Image, ImageMode
+from PIL import Image
 
 # -------- CLI ---------------------------------------------------------------------------------------------------------
 
@@ -422,38 +422,33 @@ def open_image(path: str, header_only: bool = False) -> Image.Image:
         with Image.open(path) as img:
             if header_only:
                 return img.size
-            if np.dtype(ImageMode.getmode(img.mode).typestr).itemsize == 1:
-                img.info.pop("transparency", None)  # (PIL warns when a palette's transparency is dropped)
-                return img.convert("RGB")
-            x = np.asarray(img, dtype=np.float64)
-            top = np.iinfo(np.asarray(img).dtype).max if img.mode != "F" else 1.0
-            if not 0 <= x.min() <= x.max() <= top:  # (NaN fails too)
-                raise ValueError(f"mode {img.mode} with values outside [0, {top}]")
-            return Image.fromarray(np.round(x * (255 / top)).astype(np.uint8)).convert("RGB")
-    except (OSError, ValueError, SyntaxError, KeyError, Image.DecompressionBombError) as err:  # empty, truncated, not
-        raise BadImage(f"cannot read the image {path} ({err}): remove or replace it") from None  # an image, ...
+            x = np.asarray(img)
+            if x.dtype.itemsize > 1:
+                top = np.iinfo(x.dtype).max if x.dtype.kind in "iu" else 1.0
+                if not 0 <= x.min() <= x.max() <= top:  # (NaN fails too)
+                    raise ValueError(f"mode {img.mode} with values outside [0, {top}]")
+                return Image.fromarray(np.round(x * (255 / top)).astype(np.uint8)).convert("RGB")
+            img.info.pop("transparency", None)  # (PIL warns where a palette's transparency is dropped)
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # empty, truncated, not an image,
+        raise BadImage(f"cannot read the image {path} ({err}): remove or replace it") from None  # a broken header
 
 
-def _image_files(folder: str, seen: set | None = None) -> list[str]:
+def _image_files(folder: str, seen: set) -> list[str]:
     """The image files of a class folder (as ImageFolder: by extension, sub-folders and links followed), in sorted
-    order; each real folder read once (a link loop would count its images again and again); a file that is not a
-    regular one (a FIFO would hang the run) refused."""
-    seen = set() if seen is None else seen
+    order; each real folder read once (a link loop would count its images again and again: `seen` holds them); a
+    file that is not a regular one (a FIFO would hang the run) refused."""
     if os.path.realpath(folder) in seen:
         return []
     seen.add(os.path.realpath(folder))
-    entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    files = [e for e in entries if e.name.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)
-             and not _follow(e, "dir")]
-    for e in (e for e in files if not _follow(e, "file")):
-        fail(f"cannot read the image {e.path} (not a regular file: a FIFO, socket, device or broken link): remove or "
+    kind = {e.path: (os.path.isdir(e.path), os.path.isfile(e.path)) if e.is_symlink() else (e.is_dir(), e.is_file())
+            for e in sorted(os.scandir(folder), key=lambda e: e.name)}  # (links followed; no system call for others)
+    files = [p for p, (is_dir, _) in kind.items() if p.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)
+             and not is_dir]
+    for path in (p for p in files if not kind[p][1]):
+        fail(f"cannot read the image {path} (not a regular file: a FIFO, socket, device or broken link): remove or "
              f"replace it")
-    return [e.path for e in files] + [f for e in entries if _follow(e, "dir") for f in _image_files(e.path, seen)]
-
-
-def _follow(entry: os.DirEntry, kind: str) -> bool:
-    """entry.is_dir() or is_file() (no system call for most entries), a link followed: False where it leads nowhere."""
-    return getattr(os.path, "is" + kind)(entry.path) if entry.is_symlink() else getattr(entry, "is_" + kind)()
+    return files + [f for p, (is_dir, _) in kind.items() if is_dir for f in _image_files(p, seen)]
 
 
 class ImageFolder(torchvision.datasets.ImageFolder):
@@ -461,7 +456,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
 
     @staticmethod
     def make_dataset(directory, class_to_idx: dict, *args, **kwargs) -> list[tuple[str, int]]:
-        found = {c: _image_files(os.path.join(directory, c)) for c in class_to_idx}
+        found = {c: _image_files(os.path.join(directory, c), set()) for c in class_to_idx}
         if empty := [c for c, files in found.items() if not files]:
             raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
         return [(f, class_to_idx[c]) for c, files in found.items() for f in files]
@@ -487,7 +482,7 @@ def dataset_info(args: Args) -> tuple[DataInfo, int]:
                     ((train, classes, test_classes), (test, test_classes, classes)) if set(a) - set(b)]
             fail(f"the class folders of {train} and {test} differ ({'; '.join(only)}): give both splits the same "
                  f"classes, or each label would name another class in each")
-        per_class, files = math.ceil(64 / max(1, len(classes))), [_image_files(str(train / c)) for c in classes]
+        per_class, files = math.ceil(64 / max(1, len(classes))), [_image_files(str(train / c), set()) for c in classes]
         picked = [f for fs in files for f in fs[::max(1, len(fs) // per_class)][:per_class]]  # spread over each class
         if not picked:
             fail(f"no class folder with images in {train}: one sub-folder of images per class is needed")
