@@ -103,7 +103,7 @@ class Args(common.Args):
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.supports_per_class % world_size:
-            raise ValueError(f"--supports-per-class {self.supports_per_class} not divisible by {world_size} processes")
+            raise ValueError(f"--supports-per-class does not divide evenly over {world_size} processes")
 
 
 # -------- Views -------------------------------------------------------------------------------------------------------
