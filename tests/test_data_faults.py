@@ -102,8 +102,8 @@ def png_header(path: Path, width: int, height: int):
 @pytest.fixture
 def no_hang():
     """A test that would wait forever (a FIFO opened for reading) fails after 60 s instead."""
-    def stop(*_):
-        raise TimeoutError("still waiting after 60 s: a file that is not a regular one was opened")
+    def stop(*_):  # not an OSError (TimeoutError is one), which os.path.isdir and the like would swallow
+        raise RuntimeError("still waiting after 60 s: a file that is not a regular one was opened, or a loop walked")
 
     previous = signal.signal(signal.SIGALRM, stop)
     signal.alarm(60)
@@ -303,7 +303,8 @@ def test_folder_size_is_the_common_side_and_the_given_image_size_wins(tmp_path, 
     data = image_folder(tmp_path, sizes={**sizes, "train/b/0.png": (16, 16)})
     args = folder_args(data)
     assert common.dataset_info(args)[1] == used == args.image_size
-    assert f"images of {side} px on the shorter side (17 of 18 sampled), trained at {used} px" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"images of {side} px on the shorter side (17 of 18 sampled), trained at {used} px" in out, out
     args = folder_args(data, image_size=24)
     assert common.dataset_info(args)[1] == 24 == args.image_size
     assert "trained at 24 px" in capsys.readouterr().out
