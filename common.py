@@ -28,6 +28,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
@@ -102,7 +103,10 @@ class Args:
                       "channels_last", "deterministic", "dist_timeout", "log_every")
 
     def check(self, world_size: int = 1):
-        """Raise ValueError with a one-line reason for any invalid value."""
+        """Raise ValueError with a one-line reason for any invalid value (of every float: NaN and infinity too)."""
+        for name, value in vars(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         for name, allowed in {"dataset": DATASETS, "arch": ARCHS, **self.CHOICES}.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r} "
@@ -118,9 +122,11 @@ class Args:
         if self.resume and not self.out_dir:
             raise ValueError("--resume needs --out-dir, the directory of the run to continue")
         if self.device and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
-            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device} asked for, but CUDA is not available")
+            raise ValueError(f"--device must be cpu, cuda, cuda:N or mps, got {self.device!r}")
+        present = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}  # devices here
+        if self.device[:4] in present and int(self.device[5:] or 0) >= present[self.device[:4]]:
+            raise ValueError(f"--device {self.device} asked for, but this machine has {present[self.device[:4]]} "
+                             f"{self.device[:4].upper()} device(s)")
 
 
 def parse(cls, argv: list[str] | None = None):
@@ -429,13 +435,52 @@ class BadImage(OSError):  # an image file that cannot be decoded
     pass
 
 
-def open_image(path: str) -> Image.Image:
-    """An image folder's file as RGB (ImageFolder's loader), or BadImage naming it."""
+def open_image(path: str, header_only: bool = False) -> Image.Image:
+    """An image folder's file as RGB (ImageFolder's loader) or, `header_only`, its (width, height); or BadImage naming
+    it. 8-bit modes by PIL's conversion (alpha dropped, as torchvision's loader does); the others (16- and 32-bit
+    integers, floats) scaled from their value range (floats: [0, 1]) to 8 bits, refused with values outside it."""
     try:
         with Image.open(path) as img:
+            if header_only:
+                return img.size
+            x = np.asarray(img)
+            if x.dtype.itemsize > 1:
+                top = np.iinfo(x.dtype).max if x.dtype.kind in "iu" else 1.0
+                if not 0 <= x.min() <= x.max() <= top:  # (NaN fails too)
+                    raise ValueError(f"mode {img.mode} with values outside [0, {top}]")
+                return Image.fromarray(np.round(x * (255 / top)).astype(np.uint8)).convert("RGB")
+            img.info.pop("transparency", None)  # (PIL warns where a palette's transparency is dropped)
             return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as err:  # empty, truncated, not an image, a broken header
-        raise BadImage(f"cannot read the image {path} ({err}): remove or replace it") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # empty, truncated, not an image,
+        raise BadImage(f"cannot read the image {path} ({err}): remove or replace it") from None  # a broken header
+
+
+def _image_files(folder: str, seen: set) -> list[str]:
+    """The image files of a class folder (as ImageFolder: by extension, sub-folders and links followed), in sorted
+    order; each real folder read once (a link loop would count its images again and again: `seen` holds them); a
+    file that is not a regular one (a FIFO would hang the run) refused."""
+    if os.path.realpath(folder) in seen:
+        return []
+    seen.add(os.path.realpath(folder))
+    kind = {e.path: (os.path.isdir(e.path), os.path.isfile(e.path)) if e.is_symlink() else (e.is_dir(), e.is_file())
+            for e in sorted(os.scandir(folder), key=lambda e: e.name)}  # (links followed; no system call for others)
+    files = [p for p, (is_dir, _) in kind.items() if p.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)
+             and not is_dir]
+    for path in (p for p in files if not kind[p][1]):
+        fail(f"cannot read the image {path} (not a regular file: a FIFO, socket, device or broken link): remove or "
+             f"replace it")
+    return files + [f for p, (is_dir, _) in kind.items() if is_dir for f in _image_files(p, seen)]
+
+
+class ImageFolder(torchvision.datasets.ImageFolder):
+    """torchvision's, its samples found by _image_files (no link loop counted twice, no file that is not regular)."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx: dict, *args, **kwargs) -> list[tuple[str, int]]:
+        found = {c: _image_files(os.path.join(directory, c), set()) for c in class_to_idx}
+        if empty := [c for c, files in found.items() if not files]:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+        return [(f, class_to_idx[c]) for c, files in found.items() for f in files]
 
 
 def _split(root: Path, train: bool) -> Path:
@@ -446,8 +491,9 @@ def _split(root: Path, train: bool) -> Path:
 
 
 def dataset_info(args: Args) -> tuple[DataInfo, int]:
-    """The dataset's facts and the image size. An image folder's splits must hold the same classes: a label is a class
-    folder's place in sorted order."""
+    """The dataset's facts and the image size, set in args.image_size (args.json records the size the run used). An
+    image folder's splits must hold the same classes (a label is a class folder's place in sorted order); its size:
+    the most common shorter side of 64 images spread over its classes (a stray image of another size decides none)."""
     info = DATASETS[args.dataset]
     if args.dataset == "imagefolder":
         train, test = _split(Path(args.data_dir), True), _split(Path(args.data_dir), False)
@@ -457,17 +503,21 @@ def dataset_info(args: Args) -> tuple[DataInfo, int]:
                     ((train, classes, test_classes), (test, test_classes, classes)) if set(a) - set(b)]
             fail(f"the class folders of {train} and {test} differ ({'; '.join(only)}): give both splits the same "
                  f"classes, or each label would name another class in each")
-        images = (p for p in train.glob("*/*") if p.name.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS))
-        first = next(images, None)  # (files of other kinds are left out, as ImageFolder does)
-        if first is None:
+        per_class, files = math.ceil(64 / max(1, len(classes))), [_image_files(str(train / c), set()) for c in classes]
+        picked = [f for fs in files for f in fs[::max(1, len(fs) // per_class)][:per_class]]  # spread over each class
+        if not picked:
             fail(f"no class folder with images in {train}: one sub-folder of images per class is needed")
         try:
-            side = min(open_image(str(first)).size)
+            sides = collections.Counter(min(open_image(f, header_only=True)) for f in picked)
         except BadImage as err:
             fail(str(err))
+        (side, count), = sides.most_common(1)
         # small images (CIFAR-like folders) are used at their own size; large ones at ImageNet's 224
         info = info._replace(num_classes=len(classes), size=side if side <= 64 else 224)
-    return info, (args.image_size or info.size)
+        print0(f"{train}: {len(classes)} classes; images of {side} px on the shorter side ({count} of {len(picked)} "
+               f"sampled), trained at {args.image_size or info.size} px")
+    args.image_size = args.image_size or info.size
+    return info, args.image_size
 
 
 def load_dataset(args: Args, train: bool, transform=None):
@@ -477,7 +527,7 @@ def load_dataset(args: Args, train: bool, transform=None):
         return ImageTensorDataset(*_digits(train), transform=transform)
     if name == "imagefolder":
         try:
-            return torchvision.datasets.ImageFolder(str(_split(root, train)), transform=transform, loader=open_image)
+            return ImageFolder(str(_split(root, train)), transform=transform, loader=open_image)
         except FileNotFoundError as err:  # a class folder without images
             fail(f"{_split(root, train)}: {err}: add images to that class folder or remove it (in every split)")
     kwargs = {"split": "train" if train else "test"} if name in ("svhn", "stl10") else {"train": train}

@@ -89,21 +89,21 @@ class Args(common.Args):
     finetune_epochs: int = 0  # after training, fine-tune a copy of f and g on the labelled set (official: 30)
     finetune_lr: float = 0.1  # fine-tuning learning rate at its first step (official CIFAR-10 fine-tuning)
     finetune_final_lr: float = 0.01  # fine-tuning learning rate at its last step, after a cosine decay
+    POSITIVE = common.Args.POSITIVE + ("temperature", "sharpen", "finetune_lr", "support_views", "supports_per_class",
+                                       "proj_dim", "num_labels")
+    NON_NEGATIVE = common.Args.NON_NEGATIVE + ("multicrop", "start_lr", "final_lr", "finetune_epochs",
+                                               "finetune_final_lr")
 
     def check(self, world_size: int = 1):
         super().check(world_size)
-        for name, low in {"temperature": 1e-12, "sharpen": 1e-12, "finetune_lr": 1e-12, "support_views": 1,
-                          "classes_per_batch": 2, "supports_per_class": 1, "proj_dim": 1, "num_labels": 1,
-                          "multicrop": 0, "start_lr": 0, "final_lr": 0, "finetune_epochs": 0,
-                          "finetune_final_lr": 0, "jitter_strength": 0}.items():
-            if getattr(self, name) < low:  # classes_per_batch: the SNN must choose between classes
-                raise ValueError(f"--{name.replace('_', '-')} must be {'positive' if low == 1e-12 else f'>= {low}'},"
-                                 f" got {getattr(self, name)}")
+        if self.classes_per_batch < 2:  # the SNN must choose between classes
+            raise ValueError(f"--classes-per-batch must be >= 2, got {self.classes_per_batch}")
+        if not 0 <= self.jitter_strength <= 2.5:  # hue jitter 0.2s must stay within torchvision's 0.5
+            raise ValueError(f"--jitter-strength must be in [0, 2.5] (hue 0.2s <= 0.5), got {self.jitter_strength}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.supports_per_class % world_size:
-            raise ValueError(f"--supports-per-class {self.supports_per_class} does not divide evenly over "
-                             f"{world_size} processes")
+            raise ValueError(f"--supports-per-class does not divide evenly over {world_size} processes")
 
 
 # -------- Views -------------------------------------------------------------------------------------------------------

@@ -86,8 +86,8 @@ class Args(common.Args):
             raise ValueError(f"--blur must be a probability in [0, 1] or -1 (automatic), got {self.blur}")
         if not 0 < self.crop_min_scale <= 1:
             raise ValueError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
-        if self.jitter_strength < 0:
-            raise ValueError(f"--jitter-strength must be >= 0, got {self.jitter_strength}")
+        if not 0 <= self.jitter_strength <= 2.5:  # hue jitter 0.2s must stay within torchvision's 0.5
+            raise ValueError(f"--jitter-strength must be in [0, 2.5] (hue 0.2s <= 0.5), got {self.jitter_strength}")
         if self.adv_eps < 0 or self.adv_steps < 1 or self.adv_weight < 0:
             raise ValueError("--adv-eps and --adv-weight must be >= 0 and --adv-steps at least 1")
         if self.adv_bn and not self.adv_eps:
