@@ -168,3 +168,25 @@ def test_args_reject_bad_values():
     simclr.Args().check()
     with pytest.raises(ValueError, match="2 images per process"):
         simclr.Args(batch_size=2).check(world_size=2)
+
+
+class _Built(Exception):
+    pass
+
+
+def test_main_zero_initialises_the_last_batchnorm_of_every_residual_block(tmp_path, monkeypatch):
+    # the official resnet.py: batch_norm_relu(..., init_zero=True) closes every residual block
+    built = []
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        raise _Built
+
+    real = common.build_backbone
+    monkeypatch.setattr(common, "build_backbone", spy)
+    with pytest.raises(_Built):
+        simclr.main(simclr.Args(dataset="digits", arch="resnet18", device="cpu", workers=0,
+                                out_dir=str(tmp_path / "r")))
+    blocks = [m for m in built[0].modules() if m.__class__.__name__ == "BasicBlock"]
+    assert len(blocks) == 8 and all(torch.count_nonzero(b.bn2.weight) == 0 for b in blocks)
+    assert all(torch.count_nonzero(b.bn1.weight) == b.bn1.weight.numel() for b in blocks)  # the first keeps 1
