@@ -36,7 +36,8 @@ Where this file differs from the official code, and why:
     SimCLR v2 code defaults to 3 (num_proj_layers). Convolutions start from torchvision's Kaiming fan-out normal
     (official: TF's variance scaling, fan-in, truncated normal); a BatchNorm follows each, so their scale washes out.
   - Evaluation: the weighted k-NN monitor during training (InstDisc's, k=200, T=0.1) and a fast probe on frozen,
-    precomputed features; the linear protocol (--linear-epochs) is the paper's.
+    precomputed features; the linear protocol (--linear-epochs) stands for the official one, whose crops are
+    SimCLR's (8-100% of the area; the protocol: common.py's crops).
 
 Options from two later papers, off by default (they need adversarial.py beside this file):
   --adv-eps EPS [--adv-steps S --adv-weight ALPHA]   CLAE (Ho & Vasconcelos, "Contrastive Learning with
