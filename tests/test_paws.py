@@ -658,3 +658,25 @@ def test_defaults_are_the_official_cifar10_configs():
                                                                                                          10, 64)
     assert (a.temperature, a.sharpen, a.label_smoothing, a.jitter_strength, a.proj_dim) == (0.1, 0.25, 0.1, 0.5, 128)
     assert (a.finetune_epochs, a.finetune_lr, a.finetune_final_lr) == (30, 0.1, 0.01)
+
+
+class _Built(Exception):
+    pass
+
+
+def test_main_builds_suncets_wide_resnet(tmp_path, monkeypatch):
+    # src/wide_resnet.py of suncet: biases, the stride in a block's second convolution, final BatchNorm momentum 0.99
+    built = []
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        raise _Built
+
+    real = common.build_backbone
+    monkeypatch.setattr(common, "build_backbone", spy)
+    with pytest.raises(_Built):
+        paws.main(paws.Args(dataset="digits", num_labels=100, device="cpu", workers=0, out_dir=str(tmp_path / "r")))
+    convs = [m for m in built[0].modules() if isinstance(m, nn.Conv2d)]
+    assert all(m.bias is not None for m in convs) and [m.stride for m in convs].count((2, 2)) == 4
+    down = [m for m in built[0].modules() if isinstance(m, common._WideBlock)][4]
+    assert down.conv2.stride == (2, 2) and built[0][-4].momentum == 0.99
