@@ -336,7 +336,7 @@ class WideResNet(nn.Sequential):
         assert (depth - 4) % 6 == 0, "Wide-ResNet depth must be 6n + 4"
         w = [16, 16 * widen, 32 * widen, 64 * widen]
         make_norm = (lambda c: nn.BatchNorm2d(c)) if norm == "batch" else (lambda c: nn.Identity())
-        activation = nn.LeakyReLU(0.2) if act == "leaky" else nn.ReLU(inplace=True)
+        activation = nn.LeakyReLU(0.2) if act == "leaky" else nn.ReLU(inplace=norm == "batch")  # x kept for +x
         blocks = [_WideBlock(w[g + 1] if i else w[g], w[g + 1], 1 if i or g == 0 else 2, make_norm, activation, dropout,
                              style) for g in range(3) for i in range((depth - 4) // 6)]
         super().__init__(nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=style != "plcr"), *blocks, make_norm(w[3]),

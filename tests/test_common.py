@@ -423,3 +423,10 @@ def test_wide_resnet_suncet_style_is_paws_and_jems_official_network():
     weight = [m for m in jem.modules() if isinstance(m, common._WideBlock)][5].conv1.weight  # 320 -> 320
     assert abs(weight.std().item() / math.sqrt(1 / (3 * 320 * 9)) - 1) < 0.05  # PyTorch's default, not Kaiming
     assert jem(torch.randn(2, 3, 32, 32)).shape == (2, 640)
+
+
+def test_wide_resnet_without_normalisation_keeps_the_block_input_for_its_shortcut():
+    net = common.build_backbone("wrn28_2", norm="none", style="suncet")
+    down = [m for m in net.modules() if isinstance(m, common._WideBlock)][4]
+    x = torch.randn(2, 32, 8, 8)
+    assert torch.equal(_shortcut_input(down, x.clone()), x)  # an in-place ReLU would have clipped it
