@@ -22,13 +22,15 @@ Run:   python dpll.py --dataset digits --arch tiny --epochs 30 --batch-size 64 -
        torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 dpll.py ...
        python dpll.py ... --naive                         (baseline: cross-entropy with the uniform distribution
                                                           over each candidate set, weak view only, no consistency)
-Defaults: the official main.py for CIFAR-10: Wide-ResNet-34-10, batch 64, 200 epochs, SGD (momentum 0.9, weight
-       decay 1e-4) at learning rate 0.1 divided by 10 at epochs 100 and 150, lambda_max 1 reached linearly at
-       epoch 100, q 0.4 (main.py's default; its README's CIFAR-10 demo uses 0.7).
+Defaults: the official main.py for CIFAR-10: Wide-ResNet-34-10 of its wideresnet.py (Kaiming fan-out, no biases,
+       a widening block's shortcut fed after BN-ReLU, classifier bias 0), batch 64, 200 epochs, SGD (momentum 0.9,
+       weight decay 1e-4) at learning rate 0.1 divided by 10 at epochs 100 and 150, lambda_max 1 reached linearly
+       at epoch 100, q 0.4 (main.py's default; its README's CIFAR-10 demo uses 0.7).
        Views as the official dataset classes: CIFAR-10/100 flip + reflect-padded 4 px crop, Cutout 16 and the
-       CIFAR-10 AutoAugment policy; SVHN no flip or crop, Cutout 20 and the SVHN policy; Fashion-MNIST and
-       Kuzushiji-MNIST flip + crop and Cutout 16 without AutoAugment. Other datasets follow the CIFAR recipe
-       (the MNIST one when grayscale) with padding 1/8 and Cutout 1/2 of the image side.
+       CIFAR-10 AutoAugment policy; SVHN no flip or crop, Cutout 20 and the SVHN policy (both with grey fill 128);
+       Fashion-MNIST and Kuzushiji-MNIST flip + crop and Cutout 16 without AutoAugment. Other datasets follow the
+       CIFAR recipe (the MNIST one when grayscale) with padding 1/8 and Cutout 1/2 of the image side. Evaluation:
+       the classifier's top-1 on the test set (no linear probe).
 Expect: accuracy on the true test labels approaching fully supervised training when candidate sets are small
        (the paper's CIFAR-10 table, Wide-ResNet-34-10, uniform candidate sets at several q; not re-checked here).
 
@@ -41,6 +43,9 @@ Where this file differs from the official code, and why:
   - Inputs are standardised with the dataset's channel mean and std (the official code uses ImageNet's for
     CIFAR and 0.5 for SVHN and Kuzushiji-MNIST); Cutout blacks out the square on the image itself rather than on a
     tensor converted back to an image (the official round trip can shift pixel values by one grey level).
+  - AutoAugment is torchvision's, whose CIFAR-10 policy holds the paper's 25 sub-policies; the official
+    autoaugment_extra.py draws from 97 (the 25 and those of further searches), rotates one way only and solarizes
+    from 256: that table would double this file, and the strong views stay strong. The fill is the official grey.
   - Candidate sets are drawn from a generator seeded with --seed and saved in the checkpoint (the official code
     seeds NumPy's global generator with 2 and regenerates them at every start).
   - Added evaluation: the k-NN monitor of the backbone's features and a linear probe at the end (this project's
@@ -168,7 +173,8 @@ def dpll_views(info: common.DataInfo, size: int, recipe: dict) -> tuple[T.Compos
         base.append(T.RandomHorizontalFlip())
     if recipe["pad"]:
         base.append(T.RandomCrop(size, padding=recipe["pad"], padding_mode="reflect"))
-    strong = base + [Cutout(recipe["cutout"])] + ([T.AutoAugment(recipe["policy"])] if recipe["policy"] else [])
+    policy = [T.AutoAugment(recipe["policy"], fill=[128] * info.channels)] if recipe["policy"] else []  # grey fill
+    strong = base + [Cutout(recipe["cutout"])] + policy
     return T.Compose(base + [common.normalize(info)]), T.Compose(strong + [common.normalize(info)])
 
 
@@ -183,6 +189,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.fc = nn.Linear(backbone.out_dim, num_classes)
+        nn.init.zeros_(self.fc.bias)  # as the official WideResNet's classifier
 
     def forward(self, *views: torch.Tensor) -> torch.Tensor:
         logits = [self.fc(self.backbone(x)) for x in views]  # V x [n, K]

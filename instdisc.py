@@ -27,6 +27,7 @@ Defaults: the official CIFAR-10 command (`python cifar.py --nce-k 0 --nce-t 0.1 
        zhirongw/lemniscate.pytorch) with cifar.py's settings: ResNet-18 with the CIFAR stem, 128-d features,
        full softmax, tau 0.1, bank momentum 0.5, batch 128, 200 epochs, SGD lr 0.03 momentum 0.9 weight decay 5e-4,
        lr x0.1 after epochs 120 and 160; views: crop of 20-100% of the area, colour jitter 0.4, grayscale 0.2, no flip.
+       Evaluation: the weighted k-NN (k 200, sigma 0.1) on v against the bank; no linear protocol.
 Expect: weighted k-NN top-1 80.8% on CIFAR-10 (paper, Table 1: non-parametric softmax, ResNet-18, 128-d;
        NCE with m = 4096: 80.4%). The official README gives the CIFAR-10 command but no figure.
 
@@ -41,7 +42,8 @@ Where this file differs from the official code, and why:
   - The learning-rate steps sit at 60% and 80% of --epochs (epochs 120 and 160 of the official 200), so a shorter
     run keeps the schedule's shape; --warmup-epochs (default 0, as the official code) adds a linear warm-up.
   - Inputs are standardised with the dataset's channel std; the official CIFAR-10 script uses (0.2023, 0.1994,
-    0.2010) for (0.2470, 0.2435, 0.2616). BatchNorm follows the first convolution, so little changes.
+    0.2010) for (0.2470, 0.2435, 0.2616). BatchNorm follows the first convolution, so little changes. The ResNet
+    is torchvision's, Kaiming fan-out initialised (the official models/resnet_cifar.py keeps PyTorch's defaults).
   - Evaluation: every epoch the paper's k-NN on the 128-d v against the memory bank (bank_knn_top1, as the
     official cifar.py, which ends with a k-NN on recomputed v; Expect is the paper's k-NN on v); and, as for every
     method here, the k-NN monitor and linear probe on the encoder's features (before the 128-d layer).

@@ -21,24 +21,24 @@ Official code: github.com/forhaoliu/hybrid-discriminative-generative
 Run:   python jem.py --dataset digits --arch tiny --epochs 20 --workers 0 --sgld-steps 5   (CPU; test accuracy, ECE)
        torchrun --nproc_per_node=8 jem.py --data-dir data --download --ood-dataset svhn   (official recipe)
        torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 jem.py ...
-Defaults: the official CIFAR-10 command (README and train_wrn_ebm.py): Wide-ResNet 28-10 without normalisation,
-       LeakyReLU 0.2, no dropout, Adam lr 1e-4 (betas 0.9, 0.999, no weight decay), warm-up over about 1,000 steps,
-       lr x 0.3 at epochs 160 and 180 of 200, batch 64, inputs in [-1, 1] plus Gaussian noise 0.03, pad-4 crops
-       and flips, p(x) and p(y|x) weights 1, SGLD as above. HDGE: queue 65,536, T = 0.1, weight 1 (its README).
+Defaults: the official CIFAR-10 command (README and train_wrn_ebm.py): Wide-ResNet 28-10 without normalisation
+       as its wideresnet.py (biases, the downsampling stride in a block's second convolution, PyTorch's default
+       initialisation: conv_init is never called), LeakyReLU 0.2, no dropout, Adam lr 1e-4 (betas 0.9, 0.999, no
+       weight decay), warm-up over about 1,000 steps, lr x 0.3 at epochs 160 and 180 of 200, batch 64, inputs in
+       [-1, 1] plus Gaussian noise 0.03, pad-4 crops and flips, p(x) and p(y|x) weights 1, SGLD as above. HDGE:
+       queue 65,536, T = 0.1, weight 1 (its README). Evaluation: the classifier's test accuracy (no linear probe).
 Expect: JEM 92.9% CIFAR-10 test accuracy, OOD AUROC log p(x) 0.67 against SVHN (JEM paper, Tables 1 and 2,
        WRN-28-10), better calibration than cross-entropy (paper, CIFAR-100); HDGE above both on CIFAR-10 with the
        same network (HDGE paper, Table 1). Training diverges now and then (the paper says so): this file stops with
        the way to continue. Outputs: reliability.png, samples.png (from the buffer), ece, ood_auroc, test_top1.
 
 Where this file differs from the official code, and why:
-  - HDGE's masking quirk is the default, as published (--hdge-mask select drops it): the label's entry is picked
-    by a product with the one-hot label inside a logsumexp over classes, so the C - 1 others count exp(0) = 1:
-    logits log(exp(p_y) + C - 1) and log(exp(q_k[y]) + C - 1) (closed form here).
+  - HDGE's masking quirk is the default, as published (--hdge-mask select drops it): the one-hot product inside a
+    logsumexp counts the C - 1 other classes as exp(0): logits log(exp(p_y) + C - 1), log(exp(q_k[y]) + C - 1).
   - One batch serves both terms (official: independent draws; the same expectation, half the loading); data and
     SGLD samples share one forward pass (one DDP forward a step; BatchNorm backbones normalise them together).
   - --norm none (the default) strips BatchNorm from tiny and the ResNets too, as the official network has none.
-  - The project's Wide-ResNet: convolutions without bias, Kaiming initialisation (official: biases, Xavier). No
-    5,000-image validation split; test images get no noise (official: the 0.03 too).
+  - No 5,000-image validation split (official: to keep the best checkpoint); test images get no noise (official: 0.03).
   - Under torchrun each process keeps buffer-size / processes chains; the HDGE queue takes the global batch's
     logits (as MoCo's). A step's chains are distinct (official: drawn with replacement, the last write wins).
   - ECE: 15 equal-width confidence bins (Guo et al., 2017); OOD detection scores by -E(x) = logsumexp f(x).
@@ -397,7 +397,7 @@ def main(args: Args):
     ood_set = ood_test_set(args, info, size)
     run = common.RunDir(args, "jem")
 
-    backbone = common.build_backbone(args.arch, info.channels, size, norm=args.norm, act="leaky")
+    backbone = common.build_backbone(args.arch, info.channels, size, norm=args.norm, act="leaky", style="suncet")
     model = JEM(without_batchnorm(backbone) if args.norm == "none" else backbone, info.num_classes)
     model = common.prepare_model(model, args)
     optimizer = build_optimizer(model, args)

@@ -17,13 +17,17 @@ Momentum Contrastive Learning", arXiv:2003.04297. Official code: github.com/face
 
 Run:   python moco.py --dataset digits --arch resnet18 --epochs 30 --batch-size 256 --queue-size 1024 --workers 0
                                                           (CPU; prints k-NN untrained vs trained)
-       torchrun --nproc_per_node=8 moco.py --data-dir data --download   (the official CIFAR-10 recipe below)
+       torchrun --nproc_per_node=8 moco.py --data-dir data --download --linear-epochs 100 --linear-lr 30
+                                                          (the official CIFAR-10 recipe below, its linear protocol)
        torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 moco.py ...
 Defaults: the official CIFAR-10 demo (facebookresearch/moco, colab/moco_cifar10_demo.ipynb): ResNet-18 with the
        CIFAR stem and a linear head to 128-d, batch 512, 200 epochs, SGD with learning rate 0.06 (0.03 at batch
        256), momentum 0.9, weight decay 5e-4, cosine decay without warm-up, K = 4096, m = 0.99, T = 0.1, 8 BatchNorm
-       splits, asymmetric loss. MoCo v2 on ImageNet (official README): --mlp --temperature 0.2 --queue-size 65536
-       --momentum 0.999 --batch-size 256 (lr 0.03), plus the Gaussian blur that this file leaves out.
+       splits, asymmetric loss. Linear classifier (the demo's note): 100 epochs, lr 30, no weight decay. MoCo v2 on
+       ImageNet (official README and main_moco.py): --arch resnet50 --mlp --temperature 0.2 --queue-size 65536
+       --momentum 0.999 --batch-size 256 (lr 0.03) --weight-decay 1e-4 --crop-min-scale 0.2 --epochs 200, plus the
+       Gaussian blur (p 0.5, sigma 0.1-2) that this file leaves out; main_lincls.py: --linear-epochs 100
+       --linear-lr 30 (steps at 60 and 80 there, cosine here).
 Expect: k-NN top-1 on CIFAR-10 (ResNet-18) 82.6 / 86.3 / 88.7 after 200 / 400 / 800 epochs, and with --symmetric
        85.3 / 88.5 / 89.7 (official CIFAR demo); linear classification 90.7 for the 89.7 k-NN model (same source).
 
@@ -34,6 +38,7 @@ Where this file differs from the official code, and why:
     (_batch_shuffle_ddp), and BatchNorm is per process; --bn-splits applies on one process only. With 8
     processes at batch 512 each BatchNorm group holds 64 images, as the demo's 8 splits do.
   - Inputs are standardised with the dataset's channel mean and std (the demo uses std 0.2023, 0.1994, 0.2010).
+    The CIFAR stem's conv1 starts from Kaiming fan-out (the demo's replaced conv1 keeps PyTorch's default).
   - Evaluation: the weighted k-NN monitor (k=200, T=0.1, as the demo's) reads the backbone's features, not the
     128-d head output the demo's monitor reads; a linear probe on frozen, precomputed features at the end.
 """

@@ -19,15 +19,16 @@ Official code: github.com/facebookresearch/suncet
   SuNCEt, L_ft = mean_i H(y_i, sum_{j != i} softmax_j(norm(z_i) . norm(z_j) / tau) y_j), BatchNorm frozen.
 
 Run:   python paws.py --dataset digits --arch tiny --num-labels 100 --classes-per-batch 10 --supports-per-class 4
-              --multicrop 2 --epochs 30 --batch-size 128 --warmup-epochs 2 --workers 0   (CPU, offline; the same
-              under torchrun --nproc_per_node=2, as the supports per class divide over the processes)
-       torchrun --nproc_per_node=8 paws.py --data-dir data --download [--finetune-epochs 30]   (official recipe)
+              --multicrop 2 --epochs 30 --batch-size 128 --warmup-epochs 2 --workers 0   (CPU, offline; torchrun too)
+       torchrun --nproc_per_node=8 paws.py --data-dir data --download   (official recipe, fine-tuning included)
        torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 paws.py ...
-Defaults: the official configs/paws/cifar10_train.yaml: WRN-28-2, 3-layer head to 128-d, 256 unlabelled images a
-       step with 2 global views and 6 multi-crops, supports of 10 classes x 64 images x 2 views, 4,000 labels, tau
-       0.1, T 0.25, smoothing 0.1, ME-MAX, 600 epochs, LARS (weight decay 1e-6), lr 0.8 -> 3.2 over 10 epochs, then
-       cosine to 0.032. Fine-tuning (cifar10_snn.yaml): 30 epochs, LARS without weight decay, lr 0.1 -> 0.01.
-Expect: PAWS-NN 96.0 +- 0.2% top-1 on CIFAR-10 with 4,000 labels (paper, CIFAR-10 results, WRN-28-2, 600 epochs).
+Defaults: the official configs/paws/cifar10_train.yaml: WRN-28-2 of its wide_resnet.py (biases, the downsampling
+       stride in a block's second convolution, PyTorch's initialisation, final BatchNorm momentum 0.99), 3-layer head
+       to 128-d, 256 unlabelled images a step with 2 global views and 6 multi-crops, supports of 10 classes x 64
+       images x 2 views, 4,000 labels, tau 0.1, T 0.25, smoothing 0.1, ME-MAX, 600 epochs, LARS (weight decay 1e-6),
+       lr 0.8 -> 3.2 over 10 epochs, then cosine to 0.032. Evaluation (README's CIFAR-10 steps; no linear probe):
+       SuNCEt fine-tuning on the labels (cifar10_snn.yaml: 30 epochs, LARS, no decay, lr 0.1 -> 0.01), then PAWS-NN.
+Expect: PAWS-NN 96.0 +- 0.2% top-1 on CIFAR-10, 4,000 labels, after fine-tuning (finetune_snn_top1; paper, WRN-28-2).
 
 Where this file differs from the official code, and why:
   - --batch-size and --supports-per-class are global (split over the processes), so a run means the same on any
@@ -37,9 +38,8 @@ Where this file differs from the official code, and why:
   - The labelled split: a seeded class-balanced draw (--num-labels, --label-seed) or --label-file (e.g. the
     official spc.4000_split.152.txt). An epoch of fine-tuning is a pass over it.
   - LARS's trust is eta |w| / |g + wd w| (official: eta |w| / (|g| + wd |w|)): within 1e-6 at its weight decay.
-    Inputs use the CIFAR-10 std (0.247, 0.243, 0.261), not (0.2023, 0.1994, 0.2010): BatchNorm follows conv1.
-  - Fine-tuning runs after training in the same command, on a copy of f and g (finetune_snn_top1).
-    --supervised-only: a linear classifier and cross-entropy on the supports alone, for the same steps.
+    Inputs use the CIFAR-10 std (0.247, 0.243, 0.261) of every file here, not (0.2023, 0.1994, 0.2010): 1.2x.
+  - Fine-tuning follows training in one command, on a copy of f and g. --supervised-only: a baseline of this file.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class Args(common.Args):
     jitter_strength: float = 0.5  # s: colour jitter of brightness, contrast, saturation 0.8s and hue 0.2s
     supervised_only: bool = False  # baseline: a linear classifier with cross-entropy on the supports alone
     sync_bn: bool = True  # BatchNorm statistics over the global batch (the official code uses SyncBatchNorm)
-    finetune_epochs: int = 0  # after training, fine-tune a copy of f and g on the labelled set (official: 30)
+    finetune_epochs: int = 30  # after training, fine-tune a copy of f and g on the labelled set (official CIFAR-10)
     finetune_lr: float = 0.1  # fine-tuning learning rate at its first step (official CIFAR-10 fine-tuning)
     finetune_final_lr: float = 0.01  # fine-tuning learning rate at its last step, after a cosine decay
     POSITIVE = common.Args.POSITIVE + ("temperature", "sharpen", "finetune_lr", "support_views", "supports_per_class",
@@ -416,7 +416,7 @@ def main(args: Args):
     supports = common.TrainData(support_set, support_views, args)
     run = common.RunDir(args, "paws")
 
-    backbone = common.build_backbone(args.arch, info.channels, size)
+    backbone = common.build_backbone(args.arch, info.channels, size, style="suncet")
     model = common.prepare_model(PAWS(backbone, args.proj_dim, info.num_classes if args.supervised_only else 0), args)
     optimizer = build_optimizer(model, args)
     state = run.resume(model, optimizer)

@@ -13,7 +13,9 @@ Official code: github.com/HobbitLong/SupContrast
 
 Run:   python supcon.py --dataset digits --arch resnet18 --epochs 30 --batch-size 256 --workers 0
                                                           (CPU; prints k-NN untrained vs trained)
-       torchrun --nproc_per_node=8 supcon.py --data-dir data --download   (the official CIFAR-10 recipe below)
+       torchrun --nproc_per_node=8 supcon.py --data-dir data --download --linear-epochs 100 --linear-lr 5
+              --linear-batch-size 512   (the official CIFAR-10 recipe below, then its stage 2; --linear-lr 1 after
+              --method simclr, as the README)
        torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 supcon.py ...
 Defaults: the official CIFAR-10 command (README and main_supcon.py of HobbitLong/SupContrast): ResNet-50 with
        the CIFAR stem, batch 1024, 1000 epochs, SGD with learning rate 0.5, momentum 0.9, weight decay 1e-4,
@@ -36,8 +38,9 @@ Where this file differs from the official code, and why:
     official code runs on one node with DataParallel, which sees the whole batch too.
   - Inputs are standardised with the dataset's channel mean and std (the official code uses std 0.2023, 0.1994,
     0.2010 for CIFAR-10): an affine change of the input that the first convolution can absorb.
-  - Evaluation: the weighted k-NN monitor during training (InstDisc's, k=200, T=0.1) and a linear probe on
-    frozen, precomputed features at the end (the official linear stage trains on augmented crops with lr 5).
+  - Evaluation: the weighted k-NN monitor during training (InstDisc's, k=200, T=0.1), a fast probe, and stage 2
+    as the linear protocol (--linear-epochs): main_linear.py's 100 epochs, batch 512, lr 5, no weight decay,
+    crops of 20-100% of the area and flips (the protocol: common.py's crops); its rate steps x 0.2 at 60, 75, 90.
     The official cross-entropy baseline (main_ce.py) is not part of this file.
 """
 

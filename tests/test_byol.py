@@ -425,3 +425,16 @@ def test_byol_cifar10_subset_beats_the_untrained_network(cifar10, tmp_path):
 # test images: +0.014 and +0.001. Asserted: about half the smaller gain.
 CIFAR_EPOCHS = 10
 MARGIN_CIFAR = 0.01
+
+
+def test_defaults_are_solo_learns_cifar10_recipe():
+    # scripts/pretrain/cifar/byol.yaml and its augmentations/asymmetric.yaml
+    a = byol.Args()
+    assert (a.arch, a.batch_size, a.epochs, a.lr, a.weight_decay, a.warmup_epochs) == ("resnet18", 256, 1000, 1.0,
+                                                                                       1e-5, 10)
+    assert (a.tau_base, a.proj_hidden_dim, a.proj_dim, a.lars_eta, a.lars_clip) == (0.99, 4096, 256, 0.02, True)
+    assert (a.crop_min_scale, a.solarize, a.momentum) == (0.08, 0.2, 0.9)
+    ops = byol.byol_augment(SYNTHETIC_INFO, 32, 0.0, a.solarize).transforms
+    jitter = ops[2].transforms[0]
+    assert ops[2].p == 0.8 and (jitter.saturation, jitter.hue) == ((0.8, 1.2), (-0.1, 0.1))
+    assert ops[3].p == 0.2 and ops[4].p == 0.2 and ops[4].threshold == 128 and len(ops) == 6  # no blur at 32 px

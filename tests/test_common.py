@@ -531,3 +531,47 @@ def test_train_loader_splits_each_epoch_into_disjoint_shards_reshuffled_by_epoch
     assert len(seen) == len(set(seen)) == 40
     assert shards[0] == epoch_of(0, 0) and epoch_of(0, 1) != shards[0]
     assert common.epoch_seed(3, 1, 0) not in (common.epoch_seed(3, 0, 0), common.epoch_seed(3, 1, 1))
+
+
+def _shortcut_input(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    seen = []
+    handle = block.shortcut.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    block(x)
+    handle.remove()
+    return seen[0]
+
+
+def test_wide_resnet_plcr_style_is_dplls_official_network():
+    net = common.build_backbone("wrn34_10").eval()
+    blocks = [m for m in net.modules() if isinstance(m, common._WideBlock)]
+    down = blocks[5]  # first block of the second group: 160 -> 320 channels, stride 2
+    assert down.conv1.stride == (2, 2) and down.conv2.stride == (1, 1)
+    assert all(m.bias is None for m in net.modules() if isinstance(m, nn.Conv2d))
+    x = torch.randn(2, 160, 8, 8)
+    assert torch.equal(_shortcut_input(down, x), torch.relu(down.norm1(x)))  # PLCR: after BN-ReLU
+    assert blocks[6].shortcut is None  # same width, stride 1: the identity
+    weight = blocks[7].conv1.weight  # Kaiming fan-out: std sqrt(2 / (320 * 9))
+    assert abs(weight.std().item() / math.sqrt(2 / (320 * 9)) - 1) < 0.05
+
+
+def test_wide_resnet_suncet_style_is_paws_and_jems_official_network():
+    net = common.build_backbone("wrn28_2", style="suncet").eval()
+    blocks = [m for m in net.modules() if isinstance(m, common._WideBlock)]
+    down = blocks[4]  # first block of the second group: 32 -> 64 channels, stride 2
+    assert down.conv1.stride == (1, 1) and down.conv2.stride == (2, 2) and down.shortcut.stride == (2, 2)
+    assert all(m.bias is not None for m in net.modules() if isinstance(m, nn.Conv2d))
+    x = torch.randn(2, 32, 8, 8)
+    assert torch.equal(_shortcut_input(down, x), x)  # suncet and JEM: the block's input itself
+    final_bn = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+    assert final_bn.num_features == 128 and final_bn.momentum == 0.99 and blocks[0].norm1.momentum == 0.1
+    jem = common.build_backbone("wrn28_10", norm="none", act="leaky", style="suncet")
+    weight = [m for m in jem.modules() if isinstance(m, common._WideBlock)][5].conv1.weight  # 320 -> 320
+    assert abs(weight.std().item() / math.sqrt(1 / (3 * 320 * 9)) - 1) < 0.05  # PyTorch's default, not Kaiming
+    assert jem(torch.randn(2, 3, 32, 32)).shape == (2, 640)
+
+
+def test_wide_resnet_without_normalisation_keeps_the_block_input_for_its_shortcut():
+    net = common.build_backbone("wrn28_2", norm="none", style="suncet")
+    down = [m for m in net.modules() if isinstance(m, common._WideBlock)][4]
+    x = torch.randn(2, 32, 8, 8)
+    assert torch.equal(_shortcut_input(down, x.clone()), x)  # an in-place ReLU would have clipped it

@@ -563,3 +563,13 @@ def test_dpll_beats_naive_training_on_candidate_sets_of_digits(tmp_path):
 
 # measured (2026-12-03): DPLL 0.897, naive 0.758 (+0.139); asserted: about half
 DIGITS_MARGIN = 0.06
+
+
+def test_official_network_and_strong_view_details():
+    # PLCR's wideresnet.py zeroes the classifier's bias; its AutoAugment fills with grey (128, 128, 128)
+    model = dpll.Classifier(common.build_backbone("tiny", 3), 10)
+    assert torch.equal(model.fc.bias, torch.zeros(10))
+    info = common.DataInfo(10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    _, strong = dpll.dpll_views(info, 32, dpll.augment_recipe("cifar10", info, 32))
+    policy = [t for t in strong.transforms if isinstance(t, T.AutoAugment)]
+    assert len(policy) == 1 and policy[0].policy == T.AutoAugmentPolicy.CIFAR10 and policy[0].fill == [128] * 3

@@ -96,7 +96,7 @@ METHODS = {
     "byol": ["--proj-hidden-dim", "64", "--proj-dim", "32"],
     "simsiam": ["--proj-dim", "64", "--pred-dim", "16"],
     "instdisc": ["--nce-k", "16"],
-    "paws": ["--num-labels", "40", "--supports-per-class", "2", "--multicrop", "1"],
+    "paws": ["--num-labels", "40", "--supports-per-class", "2", "--multicrop", "1", "--finetune-epochs", "0"],
     "dpll": ["--q", "0.3"],
     "jem": ["--buffer-size", "128", "--sgld-steps", "2"],
     "jem-hdge": ["--objective", "hdge+sgld", "--buffer-size", "128", "--sgld-steps", "2", "--queue-size", "64"],

@@ -495,3 +495,19 @@ def test_instdisc_cifar10_subset_beats_the_untrained_network(cifar10, tmp_path):
 # bank k-NN 0.144 -> 0.242 and 0.166 -> 0.241 from epoch 1 to 20. Asserted: about half the smaller gains.
 MARGIN_CIFAR = 0.01
 MARGIN_BANK = 0.05
+
+
+def test_defaults_and_view_are_the_official_cifar_script():
+    # lemniscate.pytorch's README command (cifar.py --nce-k 0 --nce-t 0.1 --lr 0.03) and cifar.py's transform_train
+    import torchvision.transforms as T
+
+    a = instdisc.Args()
+    assert (a.arch, a.batch_size, a.epochs, a.lr, a.weight_decay, a.momentum) == ("resnet18", 128, 200, 0.03, 5e-4,
+                                                                                  0.9)
+    assert (a.low_dim, a.nce_k, a.temperature, a.bank_momentum, a.crop_min_scale, a.flip) == (128, 0, 0.1, 0.5, 0.2,
+                                                                                             False)
+    assert (a.knn_k, a.knn_t) == (200, 0.1)
+    ops = instdisc.instdisc_augment(SYNTHETIC_INFO, 32).transforms
+    assert ops[0].scale == (0.2, 1.0) and isinstance(ops[1], T.ColorJitter)  # jitter always applied
+    assert (ops[1].brightness, ops[1].hue) == ((0.6, 1.4), (-0.4, 0.4)) and ops[2].p == 0.2
+    assert not any(isinstance(op, T.RandomHorizontalFlip) for op in ops)

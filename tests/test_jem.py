@@ -531,3 +531,29 @@ def test_jem_cifar10_subset_against_cross_entropy(cifar10, tmp_path):
     pytest.importorskip("matplotlib")
     assert (tmp_path / "jem" / "reliability.png").stat().st_size > 0
     assert r["jem"]["test_top1"] >= 0.125 and r["ce"]["test_top1"] >= 0.17
+
+
+class _Built(Exception):
+    pass
+
+
+def test_main_builds_the_official_wide_resnet(tmp_path, monkeypatch):
+    # wideresnet.py of JEM: biases, the stride in a block's second convolution, PyTorch's default initialisation
+    # (its conv_init is never called), no normalisation, LeakyReLU 0.2
+    built = []
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        raise _Built
+
+    real = common.build_backbone
+    monkeypatch.setattr(common, "build_backbone", spy)
+    with pytest.raises(_Built):
+        jem.main(jem.Args(dataset="digits", device="cpu", workers=0, out_dir=str(tmp_path / "r")))
+    net = built[0]
+    blocks = [m for m in net.modules() if isinstance(m, common._WideBlock)]
+    assert len(blocks) == 12 and blocks[4].conv2.stride == (2, 2) and blocks[4].conv1.stride == (1, 1)
+    assert all(m.bias is not None for m in net.modules() if isinstance(m, nn.Conv2d))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules()) and blocks[0].act.negative_slope == 0.2
+    weight = blocks[5].conv1.weight  # 320 -> 320 channels: PyTorch's default std 1 / sqrt(3 fan_in)
+    assert abs(weight.std().item() * math.sqrt(3 * 320 * 9) - 1) < 0.05

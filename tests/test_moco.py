@@ -403,3 +403,21 @@ EPOCHS, LR = "4", "0.24"
 # measured (tiny network, batch 256, 4 epochs, CPU, 2026-12-03): k-NN 0.2951 -> 0.3281 (+0.033) from the image folder,
 # 0.2915 -> 0.3260 (+0.035) from torchvision's format. Asserted: about half the smaller gain.
 MARGIN_CIFAR = 0.015
+
+
+def test_defaults_and_view_are_the_official_cifar_demo():
+    # colab/moco_cifar10_demo.ipynb: its argparse defaults with args.cos = True, and its train_transform
+    import torchvision.transforms as T
+
+    a = moco.Args()
+    assert (a.arch, a.batch_size, a.epochs, a.lr, a.weight_decay, a.warmup_epochs) == ("resnet18", 512, 200, 0.06,
+                                                                                       5e-4, 0)
+    assert (a.queue_size, a.momentum, a.temperature, a.proj_dim, a.bn_splits) == (4096, 0.99, 0.1, 128, 8)
+    assert not a.symmetric and not a.mlp
+    assert (a.crop_min_scale, a.sgd_momentum, a.knn_k, a.knn_t) == (0.08, 0.9, 200, 0.1)
+    ops = moco.moco_augment(common.DataInfo(10, 3, 32, (0.5,) * 3, (0.25,) * 3), 32).transforms
+    assert ops[0].scale == (0.08, 1.0) and isinstance(ops[1], T.RandomHorizontalFlip)
+    jitter = ops[2].transforms[0]
+    assert ops[2].p == 0.8 and (jitter.brightness, jitter.saturation, jitter.hue) == ((0.6, 1.4), (0.6, 1.4),
+                                                                                      (-0.1, 0.1))
+    assert jitter.contrast == (0.6, 1.4) and isinstance(ops[3], T.RandomGrayscale) and ops[3].p == 0.2

@@ -668,7 +668,8 @@ def test_finetuning_two_processes_on_halves_equal_one_process_on_all_supports(tm
 
 FINETUNE_RUN = [*SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "64", "--workers", "0", "--subset", "256",
                 "--eval-subset", "128", "--knn-k", "10", "--num-labels", "100", "--supports-per-class", "4",
-                "--multicrop", "1", "--epochs", "1", "--probe-epochs", "0", "--eval-every", "0"]
+                "--multicrop", "1", "--epochs", "1", "--probe-epochs", "0", "--eval-every", "0",
+                "--finetune-epochs", "0"]
 
 
 @pytest.mark.scripts
@@ -734,7 +735,7 @@ def test_supervised_only_baseline_reports_its_classifier(tmp_path):
     run = tmp_path / "run"
     out = run_script("paws.py", *SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "64", "--workers", "0",
                      "--num-labels", "100", "--supports-per-class", "4", "--multicrop", "2", "--epochs", "1",
-                     "--probe-epochs", "0", "--supervised-only", "--out-dir", run)
+                     "--probe-epochs", "0", "--supervised-only", "--finetune-epochs", "0", "--out-dir", run)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads((run / "results.json").read_text())
     assert 0 <= r["classifier_top1"] <= 1 and 0 <= r["snn_top1"] <= 1
@@ -767,7 +768,7 @@ def test_paws_cifar10_subset_beats_the_untrained_network(cifar10, tmp_path):
     out = run_script("paws.py", *cifar10, "--arch", "tiny", "--subset", "5000",
                      "--eval-subset", "1000", "--batch-size", "256", "--workers", "2", "--eval-every", "0",
                      "--probe-epochs", "0", "--num-labels", "40", "--supports-per-class", "4", "--multicrop", "2",
-                     "--epochs", "6", "--warmup-epochs", "1", "--out-dir", run, timeout=1800,
+                     "--epochs", "6", "--warmup-epochs", "1", "--finetune-epochs", "0", "--out-dir", run, timeout=1800,
                      env_extra={"OMP_NUM_THREADS": "2"})
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads((run / "results.json").read_text())
@@ -791,7 +792,7 @@ def test_paws_nn_on_digits_learns_from_100_labels(tmp_path):
     out = run_script("paws.py", "--dataset", "digits", "--arch", "tiny", "--num-labels", "100", "--classes-per-batch",
                      "10", "--supports-per-class", "4", "--multicrop", "2", "--epochs", "30", "--batch-size", "128",
                      "--warmup-epochs", "2", "--workers", "0", "--eval-every", "0", "--probe-epochs", "0",
-                     "--out-dir", run, timeout=1800)
+                     "--finetune-epochs", "0", "--out-dir", run, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads((run / "results.json").read_text())
     print(f"digits, 100 labels: PAWS-NN untrained {r['snn_top1_untrained']:.4f} -> trained {r['snn_top1']:.4f}")
@@ -802,3 +803,35 @@ def test_paws_nn_on_digits_learns_from_100_labels(tmp_path):
 # to 0.33); asserted: half the smallest gain, and a floor below every trained figure
 DIGITS_GAIN = 0.12
 DIGITS_FLOOR = 0.75
+
+
+def test_defaults_are_the_official_cifar10_configs():
+    # configs/paws/cifar10_train.yaml and, for the evaluation the README runs, cifar10_snn.yaml
+    a = paws.Args()
+    assert (a.arch, a.epochs, a.batch_size, a.lr, a.start_lr, a.final_lr) == ("wrn28_2", 600, 256, 3.2, 0.8, 0.032)
+    assert (a.weight_decay, a.warmup_epochs, a.multicrop, a.classes_per_batch, a.supports_per_class) == (1e-6, 10, 6,
+                                                                                                         10, 64)
+    assert (a.temperature, a.sharpen, a.label_smoothing, a.jitter_strength, a.proj_dim) == (0.1, 0.25, 0.1, 0.5, 128)
+    assert (a.finetune_epochs, a.finetune_lr, a.finetune_final_lr) == (30, 0.1, 0.01)
+
+
+class _Built(Exception):
+    pass
+
+
+def test_main_builds_suncets_wide_resnet(tmp_path, monkeypatch):
+    # src/wide_resnet.py of suncet: biases, the stride in a block's second convolution, final BatchNorm momentum 0.99
+    built = []
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        raise _Built
+
+    real = common.build_backbone
+    monkeypatch.setattr(common, "build_backbone", spy)
+    with pytest.raises(_Built):
+        paws.main(paws.Args(dataset="digits", num_labels=100, device="cpu", workers=0, out_dir=str(tmp_path / "r")))
+    convs = [m for m in built[0].modules() if isinstance(m, nn.Conv2d)]
+    assert all(m.bias is not None for m in convs) and [m.stride for m in convs].count((2, 2)) == 4
+    down = [m for m in built[0].modules() if isinstance(m, common._WideBlock)][4]
+    assert down.conv2.stride == (2, 2) and built[0][-4].momentum == 0.99

@@ -33,7 +33,7 @@ METHODS = {
     "byol.py": ["--proj-hidden-dim", "64", "--proj-dim", "32"],
     "simsiam.py": ["--proj-dim", "64", "--pred-dim", "16"],
     "instdisc.py": ["--nce-k", "32"],
-    "paws.py": ["--num-labels", "100", "--supports-per-class", "4", "--multicrop", "2"],
+    "paws.py": ["--num-labels", "100", "--supports-per-class", "4", "--multicrop", "2", "--finetune-epochs", "0"],
     "jem.py": ["--buffer-size", "256", "--sgld-steps", "2"],
     "dpll.py": ["--q", "0.3", "--ramp-epochs", "2"],
 }

@@ -255,3 +255,25 @@ def test_optimizer_as_main_builds_it():
     for group in optimizer.param_groups:
         assert group["lr"] == pytest.approx(1.2) and group["momentum"] == 0.8 and group["eta"] == 0.01
         assert not group["nesterov"] and not group["clip"]
+
+
+class _Built(Exception):
+    pass
+
+
+def test_main_zero_initialises_the_last_batchnorm_of_every_residual_block(tmp_path, monkeypatch):
+    # the official resnet.py: batch_norm_relu(..., init_zero=True) closes every residual block
+    built = []
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        raise _Built
+
+    real = common.build_backbone
+    monkeypatch.setattr(common, "build_backbone", spy)
+    with pytest.raises(_Built):
+        simclr.main(simclr.Args(dataset="digits", arch="resnet18", device="cpu", workers=0,
+                                out_dir=str(tmp_path / "r")))
+    blocks = [m for m in built[0].modules() if m.__class__.__name__ == "BasicBlock"]
+    assert len(blocks) == 8 and all(torch.count_nonzero(b.bn2.weight) == 0 for b in blocks)
+    assert all(torch.count_nonzero(b.bn1.weight) == b.bn1.weight.numel() for b in blocks)  # the first keeps 1

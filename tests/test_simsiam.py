@@ -404,3 +404,13 @@ MARGIN_DIGITS = 0.015
 HEALTHY_STD_FRACTION = 0.93
 COLLAPSED_STD_FRACTION = 0.6
 COLLAPSED_LOSS = -0.8
+
+
+def test_defaults_are_the_papers_cifar10_setting():
+    # the paper's CIFAR appendix (ResNet-18 CIFAR variant, batch 512, base lr 0.03, wd 5e-4, 800 epochs) and
+    # main_simsiam.py (crop 0.2-1, --fix-pred-lr, 512-d predictor bottleneck, SyncBatchNorm)
+    a = simsiam.Args()
+    assert (a.arch, a.batch_size, a.epochs, a.lr, a.weight_decay, a.warmup_epochs) == ("resnet18", 512, 800, 0.03,
+                                                                                       5e-4, 0)
+    assert (a.proj_dim, a.proj_layers, a.pred_dim, a.fix_pred_lr, a.crop_min_scale) == (2048, 2, 512, True, 0.2)
+    assert a.momentum == 0.9 and a.sync_bn and a.stop_grad

@@ -339,3 +339,14 @@ def test_supcon_cifar10_subset_beats_the_untrained_network(cifar10, tmp_path):
 
 EPOCHS = "6"
 MARGIN_CIFAR = 0.015  # measured in 6 epochs: 0.313 -> 0.346 (+0.033) image folder, 0.299 -> 0.339 (+0.040) torchvision
+
+
+def test_defaults_are_the_official_cifar10_command():
+    # SupContrast's README: main_supcon.py --batch_size 1024 --learning_rate 0.5 --temp 0.1 --cosine (ResNet-50,
+    # 1000 epochs, wd 1e-4, warm-up above batch 256, base temperature 0.07, crops of 20-100%)
+    a = supcon.Args()
+    assert (a.arch, a.batch_size, a.epochs, a.lr, a.weight_decay, a.warmup_epochs) == ("resnet50", 1024, 1000, 0.5,
+                                                                                       1e-4, 10)
+    assert (a.temperature, a.base_temperature, a.proj_dim, a.crop_min_scale, a.momentum) == (0.1, 0.07, 128, 0.2,
+                                                                                            0.9)
+    assert (a.method, a.contrast_mode) == ("supcon", "all")
