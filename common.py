@@ -73,9 +73,9 @@ class Args:
     knn_k: int = 200  # neighbours of the weighted k-NN monitor (InstDisc)
     knn_t: float = 0.1  # temperature of the weighted k-NN monitor
     probe_epochs: int = 100  # epochs of the linear probe on frozen features after training (0: skip it)
-    linear_epochs: int = 0  # epochs of the papers' linear protocol after training, on crops and flips (0: skip it)
+    linear_epochs: int = 0  # epochs of the papers' linear protocol (0: off): crops padded by side/8 (>64 px: resized)
     linear_lr: float = 0.1  # rate of the linear protocol's SGD (momentum 0.9, cosine, no decay, not batch-scaled)
-    linear_batch_size: int = 256  # global batch of the linear protocol, split evenly over the processes
+    linear_batch_size: int = 256  # global batch of the linear protocol (its crops also flipped), split over processes
     out_dir: str = ""  # run directory (default: runs/<method>-<date>-<time>)
     resume: bool = False  # continue the run in --out-dir from its checkpoint.pt
     save_every: int = 1  # write checkpoint.pt every this many epochs (and always after the last)
@@ -741,8 +741,8 @@ def linear_probe(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Ten
 
 
 def linear_view_set(dataset, size: int):
-    """`dataset` (a Subset's too) served in the linear protocol's training view: a random crop (RandomCrop(size,
-    padding=4) for images of 64 px or less, as MoCo's CIFAR demo and SimSiam; RandomResizedCrop(size) for larger ones),
+    """`dataset` (a Subset's too) served in the linear protocol's training view: a random crop (64 px or less:
+    RandomCrop(size, padding=size // 8), 4 px at 32 as MoCo's CIFAR demo and SimSiam; larger: RandomResizedCrop(size)),
     a horizontal flip, then its evaluation view's steps after resize and centre crop (its own normalisation)."""
     if isinstance(dataset, torch.utils.data.Subset):
         return Subset(linear_view_set(dataset.dataset, size), dataset.indices)

@@ -451,3 +451,16 @@ def test_linear_protocol_on_two_processes_trains_the_head_of_one(tmp_path):
     assert one["weight"].abs().sum() > 0
     for two in spawn(_linear_head_worker, tmp_path):
         assert all(torch.allclose(two[k], one[k], atol=1e-6) for k in one)
+
+
+def test_linear_protocol_flags_are_checked_before_training(capsys):
+    """A global batch that does not divide over the processes, or exceeds the training set, is refused when the run
+    starts; with the protocol off (the default) neither is asked of the flags."""
+    with pytest.raises(ValueError, match="--linear-batch-size 63 does not divide evenly over 2 processes"):
+        common.Args(linear_epochs=1, linear_batch_size=63).check(world_size=2)
+    common.Args(linear_batch_size=63).check(world_size=2)
+    with pytest.raises(SystemExit) as exit_info:
+        common.Evaluation(range(32), range(8), 10, common.Args(linear_epochs=1, linear_batch_size=64))
+    assert exit_info.value.code == 2 and "--linear-batch-size 64 is larger than the training set (32 images)" in (
+        capsys.readouterr().err)
+    common.Evaluation(range(32), range(8), 10, common.Args(linear_batch_size=64))
