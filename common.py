@@ -778,6 +778,7 @@ def linear_protocol(backbone: nn.Module, train_set, num_classes: int, args: Args
                 p.grad = all_reduce_mean(p.grad)  # equal shares: the gradient of the global batch's mean loss
             set_lr(opt, warmup_cosine(epoch * per_epoch + i, args.linear_epochs * per_epoch, 0, args.linear_lr))
             opt.step()
+        print0(f"linear protocol: epoch {epoch + 1}/{args.linear_epochs}  loss {float(loss.detach()):.4f}")
     backbone.train(was_training)
     return head
 
