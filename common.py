@@ -741,12 +741,14 @@ def linear_probe(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Ten
 
 
 def linear_view_set(dataset, size: int):
-    """`dataset` (a Subset's too) served in the linear protocol's training view: a random crop (64 px or less:
-    RandomCrop(size, padding=size // 8), 4 px at 32 as MoCo's CIFAR demo and SimSiam; larger: RandomResizedCrop(size)),
-    a horizontal flip, then its evaluation view's steps after resize and centre crop (its own normalisation)."""
+    """`dataset` (a Subset's too) served in the linear protocol's training view: a random crop (64 px or less: resized
+    to size, then RandomCrop(size, padding=size // 8), 4 px at 32 as MoCo's CIFAR demo and SimSiam; larger:
+    RandomResizedCrop(size)), a horizontal flip, then its evaluation view's steps after resize and centre crop (its
+    own normalisation)."""
     if isinstance(dataset, torch.utils.data.Subset):
         return Subset(linear_view_set(dataset.dataset, size), dataset.indices)
-    crop = T.RandomCrop(size, padding=size // 8) if size <= 64 else T.RandomResizedCrop(size)
+    small = T.Compose([T.Resize(size), T.RandomCrop(size, padding=size // 8)])
+    crop = small if size <= 64 else T.RandomResizedCrop(size)
     rest = [t for t in dataset.transform.transforms if not isinstance(t, (T.Resize, T.CenterCrop))]
     dataset = copy.copy(dataset)  # the memory set keeps its unaugmented view
     dataset.transform = T.Compose([crop, T.RandomHorizontalFlip(), *rest])
@@ -762,12 +764,11 @@ def linear_protocol(backbone: nn.Module, train_set, num_classes: int, args: Args
     nn.init.zeros_(head.weight)  # the same start on every process
     nn.init.zeros_(head.bias)
     opt = torch.optim.SGD(head.parameters(), lr=args.linear_lr, momentum=0.9)
-    batch_args, per_epoch = dataclasses.replace(args, batch_size=args.linear_batch_size), None
+    batch_args = dataclasses.replace(args, batch_size=args.linear_batch_size)
     was_training = backbone.training
     backbone.eval()
     for epoch in range(args.linear_epochs):
         batches = train_loader(train_set, batch_args, epoch)
-        per_epoch = per_epoch or len(batches)
         for i, (x, y, *_) in enumerate(batches):
             with torch.no_grad(), autocast(args):
                 h = backbone(to_device(x, args)).float()  # [B, D], no gradient reaches the backbone
@@ -776,7 +777,7 @@ def linear_protocol(backbone: nn.Module, train_set, num_classes: int, args: Args
             loss.backward()
             for p in head.parameters():
                 p.grad = all_reduce_mean(p.grad)  # equal shares: the gradient of the global batch's mean loss
-            set_lr(opt, warmup_cosine(epoch * per_epoch + i, args.linear_epochs * per_epoch, 0, args.linear_lr))
+            set_lr(opt, warmup_cosine(epoch * len(batches) + i, args.linear_epochs * len(batches), 0, args.linear_lr))
             opt.step()
         print0(f"linear protocol: epoch {epoch + 1}/{args.linear_epochs}  loss {float(loss.detach()):.4f}")
     backbone.train(was_training)
@@ -830,7 +831,7 @@ class Evaluation:
             protocols["linear_top1"] = (f"linear protocol: linear classifier on random crops and flips through the "
                                         f"frozen network in eval mode, {args.linear_epochs} epochs, SGD lr "
                                         f"{args.linear_lr}, batch {args.linear_batch_size}, cosine")
-        results["protocols"] = protocols  # which protocol measured each accuracy (top-5 as its top-1)
+        results["protocols"] = protocols  # which protocol measured each figure (a top-5 by its top-1's)
         if world()[0] == 0:
             (run.path / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         probe = f";  linear probe top-1 {results['probe_top1']:.4f}" if "probe_top1" in results else ""
