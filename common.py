@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import datetime
@@ -75,6 +76,9 @@ class Args:
     knn_k: int = 200  # neighbours of the weighted k-NN monitor (InstDisc)
     knn_t: float = 0.1  # temperature of the weighted k-NN monitor
     probe_epochs: int = 100  # epochs of the linear probe on frozen features after training (0: skip it)
+    linear_epochs: int = 0  # epochs of the papers' linear protocol (0: off): crops padded by side/8 (>64 px: resized)
+    linear_lr: float = 0.1  # rate of the linear protocol's SGD (momentum 0.9, cosine, no decay, not batch-scaled)
+    linear_batch_size: int = 256  # global batch of the linear protocol (its crops also flipped), split over processes
     out_dir: str = ""  # run directory (default: runs/<method>-<date>-<time>)
     resume: bool = dataclasses.field(default=False, metadata={"help": (
         "continue the run in --out-dir from its checkpoint.pt, with the flags that decide its training as the run "
@@ -94,13 +98,15 @@ class Args:
     log_every: float = 10.0  # seconds between progress lines
     # what check() asks of the flags: one of these values; > 0; >= 0 (a method extends them)
     CHOICES = {"data_path": ("auto", "device", "cpu")}
-    POSITIVE = ("epochs", "batch_size", "lr", "knn_k", "knn_t", "save_every", "log_every", "dist_timeout")
+    POSITIVE = ("epochs", "batch_size", "lr", "knn_k", "knn_t", "save_every", "log_every", "dist_timeout", "linear_lr",
+                "linear_batch_size")
     NON_NEGATIVE = ("image_size", "subset", "eval_subset", "workers", "weight_decay", "warmup_epochs", "eval_every",
-                    "probe_epochs", "threads")
+                    "probe_epochs", "threads", "linear_epochs")
     # what --resume lets change: where the data lives and how it is loaded, evaluation, saving, logging, the machine
     FREE_ON_RESUME = ("data_dir", "download", "eval_subset", "workers", "data_path", "eval_every", "knn_k", "knn_t",
-                      "probe_epochs", "out_dir", "resume", "save_every", "device", "threads", "compile",
-                      "channels_last", "deterministic", "dist_timeout", "log_every")
+                      "probe_epochs", "linear_epochs", "linear_lr", "linear_batch_size", "out_dir", "resume",
+                      "save_every", "device", "threads", "compile", "channels_last", "deterministic", "dist_timeout",
+                      "log_every")
 
     def check(self, world_size: int = 1):
         """Raise ValueError with a one-line reason for any invalid value (of every float: NaN and infinity too)."""
@@ -119,6 +125,9 @@ class Args:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.batch_size % world_size:
             raise ValueError(f"--batch-size {self.batch_size} does not divide evenly over {world_size} processes")
+        if self.linear_epochs and self.linear_batch_size % world_size:
+            raise ValueError(f"--linear-batch-size {self.linear_batch_size} does not divide evenly over {world_size} "
+                             f"processes")
         if self.resume and not self.out_dir:
             raise ValueError("--resume needs --out-dir, the directory of the run to continue")
         if self.device and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
@@ -816,12 +825,60 @@ def linear_probe(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Ten
         return tuple(topk_accuracy(head(test_z), test_y, (1, 5)))
 
 
+def linear_view_set(dataset, size: int):
+    """`dataset` (a Subset's too) served in the linear protocol's training view: a random crop (64 px or less: resized
+    to size, then RandomCrop(size, padding=size // 8), 4 px at 32 as MoCo's CIFAR demo and SimSiam; larger:
+    RandomResizedCrop(size)), a horizontal flip, then its evaluation view's steps after resize and centre crop (its
+    own normalisation)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return Subset(linear_view_set(dataset.dataset, size), dataset.indices)
+    small = T.Compose([T.Resize(size), T.RandomCrop(size, padding=size // 8)])
+    crop = small if size <= 64 else T.RandomResizedCrop(size)
+    rest = [t for t in dataset.transform.transforms if not isinstance(t, (T.Resize, T.CenterCrop))]
+    dataset = copy.copy(dataset)  # the memory set keeps its unaugmented view
+    dataset.transform = T.Compose([crop, T.RandomHorizontalFlip(), *rest])
+    return dataset
+
+
+def linear_protocol(backbone: nn.Module, train_set, num_classes: int, args: Args) -> nn.Linear:
+    """The standard linear protocol: a linear classifier trained on `train_set` (augmented views) through the frozen
+    backbone in eval mode (its weights and BatchNorm statistics untouched), SGD with momentum 0.9, no weight decay,
+    cosine schedule. Each process takes its share of every global batch and the gradients are averaged over the
+    processes: every process holds the head one process would train on the whole batches."""
+    head = nn.Linear(backbone.out_dim, num_classes).to(args.device)
+    nn.init.zeros_(head.weight)  # the same start on every process
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.SGD(head.parameters(), lr=args.linear_lr, momentum=0.9)
+    batch_args = dataclasses.replace(args, batch_size=args.linear_batch_size)
+    was_training = backbone.training
+    backbone.eval()
+    for epoch in range(args.linear_epochs):
+        batches = train_loader(train_set, batch_args, epoch)
+        for i, (x, y, *_) in enumerate(batches):
+            with torch.no_grad(), autocast(args):
+                h = backbone(to_device(x, args)).float()  # [B, D], no gradient reaches the backbone
+            loss = F.cross_entropy(head(h), to_device(y, args))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for p in head.parameters():
+                p.grad = all_reduce_mean(p.grad)  # equal shares: the gradient of the global batch's mean loss
+            set_lr(opt, warmup_cosine(epoch * len(batches) + i, args.linear_epochs * len(batches), 0, args.linear_lr))
+            opt.step()
+        print0(f"linear protocol: epoch {epoch + 1}/{args.linear_epochs}  loss {float(loss.detach()):.4f}")
+    backbone.train(was_training)
+    return head
+
+
 class Evaluation:
-    """The encoder's k-NN monitor (memory: training images unaugmented; queries: test images), then linear probe."""
+    """The encoder's k-NN monitor (memory: training images unaugmented; queries: test images), then the fast linear
+    probe and, with --linear-epochs, the standard linear protocol."""
 
     def __init__(self, memory_set, test_set, num_classes: int, args: Args):
         self.memory_set, self.test_set, self.num_classes, self.args = memory_set, test_set, num_classes, args
         self.last = None  # (epochs done, k-NN top-1) of the last monitor
+        if args.linear_epochs and len(memory_set) < args.linear_batch_size:  # said before training, not after it
+            fail(f"--linear-batch-size {args.linear_batch_size} is larger than the training set ({len(memory_set)} "
+                 f"images)")
 
     def due(self, epoch: int) -> bool:
         """Whether the monitor runs after epoch `epoch` (0-based): every --eval-every epochs and after the last."""
@@ -842,13 +899,27 @@ class Evaluation:
         knn_top1 = self.last[1] if self.last and self.last[0] == args.epochs else self.knn(backbone, args.epochs)
         untrained = next((r["knn_top1"] for r in run.history if r["epoch"] == 0), None)
         results = {"knn_top1_untrained": untrained, "knn_top1": knn_top1, **extra}
+        protocols = {"knn_top1": f"weighted k-NN (k {args.knn_k}, t {args.knn_t}) on unaugmented training images"}
         if args.probe_epochs:
             (train_h, train_y), (test_h, test_y) = (extract_features(backbone, s, args)
                                                     for s in (self.memory_set, self.test_set))
             results["probe_top1"], results["probe_top5"] = linear_probe(
                 train_h, train_y, test_h, test_y, self.num_classes, args.probe_epochs, seed=args.seed)
+            protocols["probe_top1"] = (f"fast probe: linear classifier on cached features of unaugmented training "
+                                       f"images, {args.probe_epochs} epochs")
+        if args.linear_epochs:
+            train_set = linear_view_set(self.memory_set, dataset_info(args)[1])
+            head = linear_protocol(backbone, train_set, self.num_classes, args)
+            test_h, test_y = extract_features(backbone, self.test_set, args)
+            with torch.no_grad():
+                results["linear_top1"], results["linear_top5"] = topk_accuracy(head(test_h), test_y, (1, 5))
+            protocols["linear_top1"] = (f"linear protocol: linear classifier on random crops and flips through the "
+                                        f"frozen network in eval mode, {args.linear_epochs} epochs, SGD lr "
+                                        f"{args.linear_lr}, batch {args.linear_batch_size}, cosine")
+        results["protocols"] = protocols  # which protocol measured each figure (a top-5 by its top-1's)
         run.write("results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
         probe = f";  linear probe top-1 {results['probe_top1']:.4f}" if "probe_top1" in results else ""
+        probe += f";  linear protocol top-1 {results['linear_top1']:.4f}" if "linear_top1" in results else ""
         before = f"untrained {untrained:.4f} -> " if untrained is not None else ""
         print0(f"k-NN top-1: {before}trained {knn_top1:.4f}{probe}  ({run.path})")
         return results

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import common
 import simclr
-from conftest import SYNTHETIC
+from conftest import SYNTHETIC, init_gloo, spawn
 
 seeds = st.integers(0, 2**31 - 1)
 
@@ -575,3 +575,81 @@ def test_wide_resnet_without_normalisation_keeps_the_block_input_for_its_shortcu
     down = [m for m in net.modules() if isinstance(m, common._WideBlock)][4]
     x = torch.randn(2, 32, 8, 8)
     assert torch.equal(_shortcut_input(down, x.clone()), x)  # an in-place ReLU would have clipped it
+
+
+# ---------------------------------------------------------------------------------------------------- linear protocol
+
+
+def test_linear_protocol_trains_a_head_on_augmented_views_of_the_frozen_network(tmp_path):
+    """Evaluation.report with --linear-epochs: the head learns (a zero head scores chance, 0.1) from crops and flips
+    of the training images, through the network in eval mode; its weights and BatchNorm statistics stay as they were,
+    and results.json holds the figures beside the fast probe's, with the protocol of each."""
+    args = common.Args(dataset="digits", arch="tiny", workers=0, subset=512, batch_size=64, probe_epochs=10,
+                       linear_epochs=3, linear_lr=0.5, linear_batch_size=32, device="cpu")
+    args.out_dir = str(tmp_path / "run")
+    info, size = common.dataset_info(args)
+    _, memory_set, test_set = common.training_and_eval_sets(args, None, common.eval_transform(info, size))
+    torch.manual_seed(0)
+    backbone = common.build_backbone(args.arch, info.channels, size)
+    for bn in (m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.momentum = None  # BatchNorm statistics of these images (their average over batches), as training leaves them
+    with torch.no_grad():
+        for x, _ in common.Batches(memory_set, args, batch_size=128):
+            backbone(x)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    calls = []  # (training mode, gradient enabled, input) of every forward pass
+    backbone.register_forward_hook(lambda m, x, out: calls.append((m.training, torch.is_grad_enabled(), x[0])))
+    evaluation = common.Evaluation(memory_set, test_set, info.num_classes, args)
+    results = evaluation.report(backbone, common.RunDir(args, "x"))
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved == results and {"probe_top1", "probe_top5", "linear_top1", "linear_top5"} <= set(saved)
+    assert set(saved["protocols"]) == {"knn_top1", "probe_top1", "linear_top1"}
+    assert "crops and flips" in saved["protocols"]["linear_top1"]
+    assert 0.4 < saved["linear_top1"] <= saved["linear_top5"]
+    assert backbone.training  # its mode given back
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())  # weights, running statistics
+    assert not any(training or grad for training, grad, _ in calls)
+    unaugmented = torch.stack([x for x, _ in [*memory_set, *test_set]]).flatten(1)  # [N, 64]
+    inputs = torch.cat([x for *_, x in calls]).flatten(1)  # [M, 64]
+    distance = torch.cdist(inputs, unaugmented, compute_mode="donot_use_mm_for_euclid_dist")  # [M, N], exact zeros
+    augmented = distance.min(dim=1).values > 0  # a view that no evaluation image equals
+    # every training image twice, of which about 1 in 18 (crop offsets 3 x 3, flip or not) is the image itself
+    assert 0.8 * args.linear_epochs * len(memory_set) < augmented.sum() <= args.linear_epochs * len(memory_set)
+
+
+def _linear_head(args: common.Args) -> nn.Linear:
+    """The linear protocol's head on 128 digits without augmentation, through a seeded tiny network."""
+    info, size = common.dataset_info(args)
+    train_set = common.Subset(common.load_dataset(args, True, common.eval_transform(info, size)), range(128))
+    torch.manual_seed(0)
+    return common.linear_protocol(common.build_backbone("tiny", info.channels, size), train_set, 10, args)
+
+
+LINEAR_ARGS = dict(dataset="digits", workers=0, linear_epochs=2, linear_lr=2.0, linear_batch_size=32, device="cpu")
+
+
+def _linear_head_worker(rank, store, out):
+    init_gloo(rank, store)
+    torch.save(_linear_head(common.Args(**LINEAR_ARGS)).state_dict(), os.path.join(out, f"{rank}.pt"))
+
+
+def test_linear_protocol_on_two_processes_trains_the_head_of_one(tmp_path):
+    """Two processes, each on half of every global batch with the gradients averaged, hold the head that one process
+    trains on the whole batches."""
+    one = _linear_head(common.Args(**LINEAR_ARGS)).state_dict()
+    assert one["weight"].abs().sum() > 0
+    for two in spawn(_linear_head_worker, tmp_path):
+        assert all(torch.allclose(two[k], one[k], atol=1e-6) for k in one)
+
+
+def test_linear_protocol_flags_are_checked_before_training(capsys):
+    """A global batch that does not divide over the processes, or exceeds the training set, is refused when the run
+    starts; with the protocol off (the default) neither is asked of the flags."""
+    with pytest.raises(ValueError, match="--linear-batch-size 63 does not divide evenly over 2 processes"):
+        common.Args(linear_epochs=1, linear_batch_size=63).check(world_size=2)
+    common.Args(linear_batch_size=63).check(world_size=2)
+    with pytest.raises(SystemExit) as exit_info:
+        common.Evaluation(range(32), range(8), 10, common.Args(linear_epochs=1, linear_batch_size=64))
+    assert exit_info.value.code == 2 and "--linear-batch-size 64 is larger than the training set (32 images)" in (
+        capsys.readouterr().err)
+    common.Evaluation(range(32), range(8), 10, common.Args(linear_batch_size=64))
