@@ -1119,7 +1119,7 @@ class Progress:
         loss = loss.detach().float().reshape(())
         if self.i == 0:  # [step, loss] of the epoch's first bad loss, on the device (step -1: none yet)
             self.bad = loss.new_full((2,), -1.0)
-        first = ~(loss.abs() <= self.diverge_at) & (self.bad[0] < 0)  # NaN compares false
+        first = ~(loss.isfinite() & (loss.abs() <= self.diverge_at)) & (self.bad[0] < 0)  # NaN, infinity too
         self.bad = torch.where(first, torch.stack([torch.full_like(loss, self.i), loss]), self.bad)
         now, last = time.perf_counter(), self.i + 1 == self.steps
         if now - self.last_time < self.every and not last:

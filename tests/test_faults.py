@@ -743,6 +743,20 @@ def test_jem_stops_at_its_own_bound_which_resume_may_change(tmp_path, capsys, ke
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_every_loss_that_is_not_finite_stops_the_epoch(tmp_path, capsys, value):
+    """The progress line's check, for each kind of non-finite loss, with no --diverge-at bound (infinity): the line
+    names the step where the loss stopped being finite (the second of three), read at the epoch's end."""
+    args = common.Args(out_dir=str(tmp_path / "run"), epochs=1, log_every=1e9)
+    common.RunDir(args, "simclr")
+    progress = common.Progress(args)
+    with pytest.raises(SystemExit) as exit_info:
+        for i, _ in enumerate(progress(common.Batches([0, 1, 2], args, batch_size=1, num_workers=0))):
+            progress.update(torch.tensor([1.0, value, 2.0][i]), 0.1, 1)
+    assert exit_info.value.code == 3
+    assert f"the loss stopped being finite ({value:.4g}) at epoch 1, step 2 of 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", ["model", "optimizer", "method"])
 def test_a_checkpoint_that_is_not_finite_is_never_written(tmp_path, capsys, value, where):
     """Weights that stopped being finite while the last loss read was finite: save refuses them (exit code 3)."""

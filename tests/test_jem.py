@@ -385,8 +385,11 @@ def test_train_one_epoch_sets_each_steps_lr_then_steps_with_the_state(monkeypatc
     assert [c[0] for c in calls] == [0.0, 1.0, 2.0] and loss == pytest.approx(2.0)
     assert [c[1] for c in calls] == pytest.approx([0.31, 0.41, 0.51])  # epoch 1 of 3 steps: steps 3, 4, 5
     monkeypatch.setattr(jem, "train_step", lambda *a: torch.tensor(float("inf")))
-    with pytest.raises(jem.Diverged):
+    monkeypatch.setattr(common.RunDir, "current", common.RunDir.__new__(common.RunDir))
+    common.RunDir.current.saved_epoch, common.RunDir.current.path = 0, "run"
+    with pytest.raises(SystemExit) as stop:  # common.Progress stops the run: exit code 3
         jem.train_one_epoch(model, loader, optimizer, lambda t: 0.1, common.Progress(args), args, None, None)
+    assert stop.value.code == 3 and "stopped being finite" in stop.value.message
 
 
 class _Stop(Exception):
