@@ -429,6 +429,7 @@ def test_linear_protocol_trains_a_head_on_augmented_views_of_the_frozen_network(
     # and 1 in 9 the image or its mirror
     assert 0.8 * args.linear_epochs * len(memory_set) < augmented.sum() <= args.linear_epochs * len(memory_set)
     assert 0.7 * args.linear_epochs * len(memory_set) < cropped.sum()
+    assert 0.02 * args.linear_epochs * len(memory_set) < (augmented & (distance[1] == 0)).sum()  # flipped, not moved
 
 
 def _linear_head(args: common.Args) -> nn.Linear:
