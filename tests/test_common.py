@@ -609,12 +609,16 @@ def test_linear_protocol_trains_a_head_on_augmented_views_of_the_frozen_network(
     assert backbone.training  # its mode given back
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())  # weights, running statistics
     assert not any(training or grad for training, grad, _ in calls)
-    unaugmented = torch.stack([x for x, _ in [*memory_set, *test_set]]).flatten(1)  # [N, 64]
+    unaugmented = torch.stack([x for x, _ in [*memory_set, *test_set]])  # [N, 1, 8, 8]
     inputs = torch.cat([x for *_, x in calls]).flatten(1)  # [M, 64]
-    distance = torch.cdist(inputs, unaugmented, compute_mode="donot_use_mm_for_euclid_dist")  # [M, N], exact zeros
-    augmented = distance.min(dim=1).values > 0  # a view that no evaluation image equals
-    # every training image twice, of which about 1 in 18 (crop offsets 3 x 3, flip or not) is the image itself
+    distance = [torch.cdist(inputs, images.flatten(1), compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+                for images in (unaugmented, unaugmented.flip(-1))]  # [M] each, exact zeros: an image, its mirror
+    augmented, cropped = distance[0] > 0, (distance[0] > 0) & (distance[1] > 0)
+    # every training image once an epoch, of which about 1 in 18 (crop offsets 3 x 3, flip or not) is the image itself
+    # and 1 in 9 the image or its mirror
     assert 0.8 * args.linear_epochs * len(memory_set) < augmented.sum() <= args.linear_epochs * len(memory_set)
+    assert 0.7 * args.linear_epochs * len(memory_set) < cropped.sum()
+    assert 0.02 * args.linear_epochs * len(memory_set) < (augmented & (distance[1] == 0)).sum()  # flipped, not moved
 
 
 def _linear_head(args: common.Args) -> nn.Linear:
