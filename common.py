@@ -342,22 +342,22 @@ def resnet(depth: int, in_channels: int = 3, stem: str = "cifar", zero_init_resi
 
 
 class _WideBlock(nn.Module):
-    """Pre-activation wide residual block: act(norm(x)) -> conv3x3 -> act(norm) -> dropout -> conv3x3, + shortcut.
+    """Pre-activation wide residual block: act(norm(x)) -> conv3x3 -> act(norm) -> conv3x3, + shortcut.
     style 'plcr' (DPLL's official network): stride in the first conv, no biases, and a widening block's shortcut
     takes act(norm(x)); 'suncet' (PAWS's and JEM's): stride in the second conv, biases, the shortcut takes x."""
 
-    def __init__(self, c_in, c_out, stride, norm, act, dropout, style="plcr"):
+    def __init__(self, c_in, c_out, stride, norm, act, style="plcr"):
         super().__init__()
         plcr = style == "plcr"
         self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, stride if plcr else 1, 1, bias=not plcr)
         self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, 1 if plcr else stride, 1, bias=not plcr)
-        self.act, self.dropout = act, nn.Dropout(dropout)
+        self.act = act
         self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=not plcr) if stride != 1 or c_in != c_out else None
         self.preact_shortcut = plcr and self.shortcut is not None
 
     def forward(self, x):
         pre = self.act(self.norm1(x))
-        out = self.conv2(self.dropout(self.act(self.norm2(self.conv1(pre)))))
+        out = self.conv2(self.act(self.norm2(self.conv1(pre))))
         if self.shortcut is None:
             return out + x
         return out + self.shortcut(pre if self.preact_shortcut else x)
@@ -368,13 +368,13 @@ class WideResNet(nn.Sequential):
     style 'plcr': Kaiming fan-out initialisation of the convolutions; 'suncet': PyTorch's default initialisation
     and the final BatchNorm's momentum 0.99 (its running statistics follow the last batch almost alone)."""
 
-    def __init__(self, depth=28, widen=2, in_channels=3, norm="batch", act="relu", dropout=0.0, style="plcr"):
+    def __init__(self, depth=28, widen=2, in_channels=3, norm="batch", act="relu", style="plcr"):
         assert (depth - 4) % 6 == 0, "Wide-ResNet depth must be 6n + 4"
         w = [16, 16 * widen, 32 * widen, 64 * widen]
         make_norm = (lambda c: nn.BatchNorm2d(c)) if norm == "batch" else (lambda c: nn.Identity())
         activation = nn.LeakyReLU(0.2) if act == "leaky" else nn.ReLU(inplace=norm == "batch")  # x kept for +x
-        blocks = [_WideBlock(w[g + 1] if i else w[g], w[g + 1], 1 if i or g == 0 else 2, make_norm, activation, dropout,
-                             style) for g in range(3) for i in range((depth - 4) // 6)]
+        blocks = [_WideBlock(w[g + 1] if i else w[g], w[g + 1], 1 if i or g == 0 else 2, make_norm, activation, style)
+                  for g in range(3) for i in range((depth - 4) // 6)]
         super().__init__(nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=style != "plcr"), *blocks, make_norm(w[3]),
                          activation, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.out_dim = w[3]
@@ -700,13 +700,13 @@ class TrainData:
 class LARS(torch.optim.Optimizer):
     """LARS (You, Gitman & Ginsburg, 2017) as in SimCLR's official code. For a parameter w with gradient g:
         g <- g + wd w;  trust = eta ||w|| / ||g|| (1 if either is 0);  v <- momentum v + lr trust g;  w <- w - v
-    (nesterov: w <- w - (momentum v + lr trust g)). A group with lars_exclude (biases, normalisation) has neither
-    decay nor trust. clip caps lr trust at lr, as NVIDIA's LARC (solo-learn's clip_lr)."""
+    A group with lars_exclude (biases, normalisation) has neither decay nor trust. clip caps lr trust at lr, as
+    NVIDIA's LARC (solo-learn's clip_lr)."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001,
-                 nesterov: bool = False, clip: bool = False):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      nesterov=nesterov, lars_exclude=False, clip=clip))
+                 clip: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False,
+                                      clip=clip))
 
     @torch.no_grad()
     def step(self):
@@ -720,7 +720,7 @@ class LARS(torch.optim.Optimizer):
                     gs = torch._foreach_add(gs, ws, alpha=group["weight_decay"])  # g + wd w
                 w_norm, g_norm = torch.stack(torch._foreach_norm(ws)), torch.stack(torch._foreach_norm(gs))  # [P]
                 trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, 1.0)
-                if group.get("clip") and lr > 0:  # .get: checkpoints without the key
+                if group["clip"] and lr > 0:
                     trust = (trust / lr).clamp(max=1.0)  # lr * this = min(eta ||w|| / ||g||, lr)
                 gs = torch._foreach_mul(gs, list(trust.unbind()))  # g * trust, one ratio per parameter
             for w in (w for w in ws if "momentum_buffer" not in self.state[w]):  # the first step: v = 0
@@ -728,10 +728,7 @@ class LARS(torch.optim.Optimizer):
             vs = [self.state[w]["momentum_buffer"] for w in ws]
             torch._foreach_mul_(vs, momentum)
             torch._foreach_add_(vs, gs, alpha=lr)  # v <- momentum v + lr g
-            if group["nesterov"]:
-                torch._foreach_sub_(ws, torch._foreach_add(torch._foreach_mul(vs, momentum), gs, alpha=lr))
-            else:
-                torch._foreach_sub_(ws, vs)  # w <- w - v
+            torch._foreach_sub_(ws, vs)  # w <- w - v
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

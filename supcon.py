@@ -9,7 +9,7 @@ Official code: github.com/HobbitLong/SupContrast
   scaled by tau / base_tau as the official code. Without labels P(i) is the other view of the same image: SimCLR.
   N is the global batch: embeddings and labels are gathered from every process before the loss.
   Stage 1 trains Enc and Proj with L_out; stage 2 trains a linear classifier on the frozen Enc(x), which is what
-  the final linear probe of this file does (common.Monitor.finish).
+  the final linear probe of this file does (common.Evaluation.report).
 
 Run:   python supcon.py --dataset digits --arch resnet18 --epochs 30 --batch-size 256 --workers 0
                                                           (CPU; prints k-NN untrained vs trained)

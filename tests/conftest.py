@@ -107,7 +107,7 @@ WORLD = 2
 
 def init_gloo(rank, store):
     """Join process `rank` to a WORLD-process gloo group on the file `store`, with the environment variables the
-    scripts read (common.Dist) and one thread, so that the two processes do not compete for the cores."""
+    scripts read (common.setup_distributed) and one thread, so that the two processes do not compete for the cores."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)

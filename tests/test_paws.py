@@ -521,7 +521,7 @@ def test_build_optimizer_is_lars_with_biases_and_norms_excluded_and_the_unscaled
     assert (decay["weight_decay"], decay["lars_exclude"]) == (3e-4, False)
     assert (excluded["weight_decay"], excluded["lars_exclude"]) == (0.0, True)
     for group in optimizer.param_groups:
-        assert (group["lr"], group["momentum"], group["eta"], group["nesterov"]) == (2.5, 0.8, 0.02, False)
+        assert (group["lr"], group["momentum"], group["eta"]) == (2.5, 0.8, 0.02)
 
 
 class _Epoch(list):

@@ -254,7 +254,7 @@ def test_optimizer_as_main_builds_it():
     assert excluded["weight_decay"] == 0 and excluded["lars_exclude"]  # biases and BatchNorm: no decay, no trust
     for group in optimizer.param_groups:
         assert group["lr"] == pytest.approx(1.2) and group["momentum"] == 0.8 and group["eta"] == 0.01
-        assert not group["nesterov"] and not group["clip"]
+        assert not group["clip"]
 
 
 class _Built(Exception):
