@@ -123,11 +123,10 @@ class Args:
         for name in self.NON_NEGATIVE:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.batch_size % world_size:
-            raise ValueError(f"--batch-size {self.batch_size} does not divide evenly over {world_size} processes")
-        if self.linear_epochs and self.linear_batch_size % world_size:
-            raise ValueError(f"--linear-batch-size {self.linear_batch_size} does not divide evenly over {world_size} "
-                             f"processes")
+        for name in ["batch_size"] + ["linear_batch_size"] * bool(self.linear_epochs):
+            if getattr(self, name) % world_size:
+                raise ValueError(f"{_flag(name, getattr(self, name))} does not divide evenly over {world_size} "
+                                 f"processes")
         if self.resume and not self.out_dir:
             raise ValueError("--resume needs --out-dir, the directory of the run to continue")
         if self.device and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
@@ -829,8 +828,7 @@ def linear_view_set(dataset, size: int):
     own normalisation)."""
     if isinstance(dataset, torch.utils.data.Subset):
         return Subset(linear_view_set(dataset.dataset, size), dataset.indices)
-    small = T.Compose([T.Resize(size), T.RandomCrop(size, padding=size // 8)])
-    crop = small if size <= 64 else T.RandomResizedCrop(size)
+    crop = T.RandomResizedCrop(size) if size > 64 else T.Compose([T.Resize(size), T.RandomCrop(size, size // 8)])
     rest = [t for t in dataset.transform.transforms if not isinstance(t, (T.Resize, T.CenterCrop))]
     dataset = copy.copy(dataset)  # the memory set keeps its unaugmented view
     dataset.transform = T.Compose([crop, T.RandomHorizontalFlip(), *rest])
@@ -938,7 +936,8 @@ class RunDir:
     def __init__(self, args: Args, method: str):
         self.args, self.method, self.saved_epoch, self.history = args, method, 0, []  # history: metrics.jsonl's rows
         path = Path(args.out_dir or f"runs/{method}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-        box = [(path, *self._take(path, args.resume))] if world()[0] == 0 else [None]
+        box = [(path, self._take(path, args.resume), not (path / "checkpoint.pt").is_file())] if world()[0] == 0 \
+            else [None]
         if world()[1] > 1:
             torch_dist.broadcast_object_list(box)  # rank 0's view of the directory, for every process
         self.path, problem, self.fresh = box[0]
@@ -950,16 +949,15 @@ class RunDir:
         RunDir.current = self
 
     @staticmethod
-    def _take(path: Path, resume: bool) -> tuple[str | None, bool]:
-        """Rank 0: lock the directory, then read what it holds: (why the run is refused, or None; whether it starts
-        from epoch 0)."""
+    def _take(path: Path, resume: bool) -> str | None:
+        """Rank 0: lock the directory, then read what it holds: why the run is refused, or None."""
         if path.exists() and not path.is_dir():
-            return f"--out-dir {path} is not a directory", True
+            return f"--out-dir {path} is not a directory"
         odd = next((path / n for n in RUN_FILES if (path / n).exists() and not (path / n).is_file()), None)
         if odd:
-            return f"{odd} is not a file: move it out of {path}, or choose another --out-dir", True
+            return f"{odd} is not a file: move it out of {path}, or choose another --out-dir"
         if resume and not any((path / n).is_file() for n in (".lock", "args.json", "checkpoint.pt")):
-            return f"--resume: {path} holds no run to continue", True
+            return f"--resume: {path} holds no run to continue"
         try:
             path.mkdir(parents=True, exist_ok=True)
             if RunDir.lock is not None:
@@ -968,32 +966,36 @@ class RunDir:
             fcntl.flock(RunDir.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return f"{path} is in use by another run (which holds {path / '.lock'}): wait until it ends, or choose " \
-                   f"another --out-dir", True
+                   f"another --out-dir"
         except OSError as err:
             return f"cannot write the run directory {path} ({err.strerror or err}): choose an --out-dir that can be " \
-                   f"written", True
+                   f"written"
         checkpoint, metrics = (path / "checkpoint.pt").is_file(), path / "metrics.jsonl"
         done = max(map(int, re.findall(r'"epoch": (\d+)', metrics.read_text(errors="replace"))), default=0) \
             if metrics.is_file() else 0
-        problem = next((message for bad, message in [
-            (done and not checkpoint, f"{path} holds no checkpoint.pt, but its metrics.jsonl holds a run of {done} "
-                                      f"epoch(s), which starting over would delete: put checkpoint.pt back and pass "
-                                      f"--resume, or choose another --out-dir"),
-            (not resume and checkpoint,
-             f"{path} already holds a run: pass --resume to continue it, or choose another --out-dir"),
-            (not resume and metrics.exists(), f"{path} holds a run that stopped before its first checkpoint: "
-                                              f"pass --resume to start it again there, or choose another --out-dir")]
-                        if bad), None)
-        for name in [] if problem else RUN_FILES:  # the temporaries a run killed while writing left
+        if done and not checkpoint:
+            return f"{path} holds no checkpoint.pt, but its metrics.jsonl holds a run of {done} epoch(s), which " \
+                   f"starting over would delete: put checkpoint.pt back and pass --resume, or choose another --out-dir"
+        if not resume and checkpoint:
+            return f"{path} already holds a run: pass --resume to continue it, or choose another --out-dir"
+        if not resume and metrics.exists():
+            return f"{path} holds a run that stopped before its first checkpoint: pass --resume to start it again " \
+                   f"there, or choose another --out-dir"
+        for name in RUN_FILES:  # the temporaries a run killed while writing left
             with contextlib.suppress(OSError):
                 (path / f"{name}.tmp").unlink()
-        return problem, not checkpoint
+        return None
 
     def kept(self, good: str = "") -> str:
         """What the run keeps if it stops now, for the line that says so."""
         if self.saved_epoch:
             return f"checkpoint.pt of epoch {self.saved_epoch} in {self.path} is intact{good}"
         return "no checkpoint was written yet"
+
+    def diverged(self, what: str):
+        """Stop the run that diverged (exit code 3), its last good checkpoint kept."""
+        fail(f"training diverged: {what}; {self.kept(' (the last good one)')}: resume with --resume --out-dir "
+             f"{self.path} and a lower --lr", code=3)
 
     def write(self, name: str, save):
         """Rank 0: `save(temporary)`, renamed to `name`. A failed write (a full disk) removes the temporary and ends
@@ -1033,9 +1035,7 @@ class RunDir:
                  if isinstance(t, torch.Tensor) and t.is_floating_point()] or [torch.tensor(True)]
         finite = torch.stack([f.to(flags[0].device) for f in flags]).all()  # on the model's device, for the group
         if all_reduce_mean(finite.float()).item() < 1:  # any process's
-            kept = self.kept(" (the last good one)")
-            fail(f"training diverged: the weights stopped being finite in epoch {epoch}; {kept}: resume with --resume "
-                 f"--out-dir {self.path} and a lower --lr", code=3)
+            self.diverged(f"the weights stopped being finite in epoch {epoch}")
         self.write("checkpoint.pt", lambda tmp: torch.save(
             {"method": self.method, "epoch": epoch, "args": dataclasses.asdict(self.args), **state,
              "history": self.history}, tmp))
@@ -1134,10 +1134,8 @@ class Progress:
                f"loss {value:.4f}  lr {lr:.4g}  {rate:,.0f} img/s  ETA {eta}")
         if bad_step >= 0 and (last or world()[1] == 1):
             what = "stopped being finite" if not math.isfinite(bad_loss) else f"passed {self.diverge_at:g}"
-            run = RunDir.current  # the method's (a Progress is made after its RunDir)
-            fail(f"training diverged: the loss {what} ({bad_loss:.4g}) at epoch {self.epoch + 1}, step "
-                 f"{int(bad_step) + 1} of {self.steps}; {run.kept(' (the last good one)')}: resume with --resume "
-                 f"--out-dir {run.path} and a lower --lr", code=3)
+            RunDir.current.diverged(f"the loss {what} ({bad_loss:.4g}) at epoch {self.epoch + 1}, step "
+                                    f"{int(bad_step) + 1} of {self.steps}")  # the method's RunDir, made before this
 
     def summary(self) -> dict:
         return {"step": self.step + 1, "lr": self.lr, "images_per_s": self.images / self.seconds,
