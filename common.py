@@ -377,11 +377,9 @@ class WideResNet(nn.Sequential):
         super().__init__(nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=style != "plcr"), *blocks, make_norm(w[3]),
                          activation, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.out_dim = w[3]
-        if style != "plcr":
-            if norm == "batch":
-                self[-4].momentum = 0.99
-            return
-        for m in self.modules():
+        if style != "plcr" and norm == "batch":
+            self[-4].momentum = 0.99
+        for m in self.modules() if style == "plcr" else []:
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
