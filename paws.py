@@ -22,12 +22,11 @@ Run:   python paws.py --dataset digits --arch tiny --num-labels 100 --classes-pe
               --multicrop 2 --epochs 30 --batch-size 128 --warmup-epochs 2 --workers 0   (CPU, offline; torchrun too)
        torchrun --nproc_per_node=8 paws.py --data-dir data --download   (official recipe, fine-tuning included)
        torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 paws.py ...
-Defaults: the official configs/paws/cifar10_train.yaml: WRN-28-2 of its wide_resnet.py (biases, the downsampling
-       stride in a block's second convolution, PyTorch's initialisation, final BatchNorm momentum 0.99), 3-layer head
-       to 128-d, 256 unlabelled images a step with 2 global views and 6 multi-crops, supports of 10 classes x 64
-       images x 2 views, 4,000 labels, tau 0.1, T 0.25, smoothing 0.1, ME-MAX, 600 epochs, LARS (weight decay 1e-6),
-       lr 0.8 -> 3.2 over 10 epochs, then cosine to 0.032. Evaluation (README's CIFAR-10 steps; no linear probe):
-       SuNCEt fine-tuning on the labels (cifar10_snn.yaml: 30 epochs, LARS, no decay, lr 0.1 -> 0.01), then PAWS-NN.
+Defaults: configs/paws/cifar10_train.yaml: WRN-28-2 of its wide_resnet.py (conv biases, downsampling stride in a
+       block's second conv, PyTorch's init, last BatchNorm momentum 0.99), 3-layer head to 128-d, 256 unlabelled
+       images a step, 2 global views + 6 multi-crops, supports 10 classes x 64 images x 2 views, 4,000 labels, tau
+       0.1, T 0.25, smoothing 0.1, ME-MAX, 600 epochs, LARS (decay 1e-6), lr 0.8 -> 3.2 in 10 epochs, cosine to 0.032.
+       Evaluation (README, no linear probe): SuNCEt fine-tuning (cifar10_snn.yaml: 30 epochs, lr 0.1 -> 0.01), PAWS-NN.
 Expect: PAWS-NN 96.0 +- 0.2% top-1 on CIFAR-10, 4,000 labels, after fine-tuning (finetune_snn_top1; paper, WRN-28-2).
 
 Where this file differs from the official code, and why:
@@ -35,11 +34,10 @@ Where this file differs from the official code, and why:
     number of processes; the official values are per GPU (its CIFAR-10 recipe runs on one).
   - Support labels have K = classes_per_batch columns (the step's classes, sorted); the official matrix has
     K x world_size on several processes, which puts smoothing mass on columns no support belongs to.
-  - The labelled split: a seeded class-balanced draw (--num-labels, --label-seed) or --label-file (e.g. the
-    official spc.4000_split.152.txt). An epoch of fine-tuning is a pass over it.
+  - Labels: a seeded class-balanced draw (--num-labels, --label-seed) or --label-file (spc.4000_split.152.txt).
   - LARS's trust is eta |w| / |g + wd w| (official: eta |w| / (|g| + wd |w|)): within 1e-6 at its weight decay.
     Inputs use the CIFAR-10 std (0.247, 0.243, 0.261) of every file here, not (0.2023, 0.1994, 0.2010): 1.2x.
-  - Fine-tuning follows training in one command, on a copy of f and g. --supervised-only: a baseline of this file.
+  - Fine-tuning (an epoch: a pass over the labels) follows training in one command, on a copy of f and g.
 """
 
 from __future__ import annotations
@@ -143,9 +141,8 @@ def paws_views(info: common.DataInfo, size: int, multicrop: int, strength: float
 
 
 def finetune_view(info: common.DataInfo, size: int) -> T.Compose:
-    """The official fine-tuning view: small images flipped only (its centre crop of a 32 px CIFAR image is the whole
-    image), large ones a random resized crop and a flip; no colour distortion. (A small image at the training size
-    is "cropped" whole by RandomCrop, a view the device data path can make.)"""
+    """The official fine-tuning view, no colour distortion: small images flipped only (its centre crop of a 32 px
+    image is all of it; RandomCrop at full size, which the device path can make), large ones a resized crop too."""
     ops = ([T.RandomResizedCrop(size)] if size > 64 else [T.RandomCrop(size)] if size == info.size
            else [T.Resize(size), T.CenterCrop(size)])
     return T.Compose(ops + [T.RandomHorizontalFlip(), common.normalize(info)])
@@ -260,17 +257,15 @@ def paws_loss(z: torch.Tensor, z_S: torch.Tensor, y_S: torch.Tensor, tau: float,
             t = t.masked_fill(t < 1e-4, 0.0)
         ce = -(t * torch.log(p.clamp_min(torch.finfo(dtype).tiny))).sum(dim=1).mean()
         p_bar = sharpen(p, T_sharp).mean(dim=0)  # [K]
-        # the mean over all processes' anchors, as the official AllReduce: the value is all-reduced, the gradient
-        # flows to this process's anchors unchanged (DDP's averaging of gradients then makes it the global one)
+        # the mean over all processes' anchors (official AllReduce): the gradient flows to this process's anchors
         p_bar = p_bar + (common.all_reduce_mean(p_bar.detach()) - p_bar.detach())
         me_max = (p_bar * torch.log(p_bar.clamp_min(torch.finfo(dtype).tiny))).sum()  # -H(p_bar), in [-log K, 0]
         return ce, me_max
 
 
 def suncet_loss(z: torch.Tensor, z_S: torch.Tensor, y_S: torch.Tensor, tau: float, offset: int = 0) -> torch.Tensor:
-    """SuNCEt, the official fine-tuning loss L_ft (module docstring): each support classified by the soft nearest
-    neighbours among all the others. z: [s, D], this process's supports, rows offset .. offset + s of z_S: [S, D],
-    the supports of all processes (gathered with gradient); y_S: [S, K]. Float32 (float64 for float64 inputs)."""
+    """SuNCEt, the official fine-tuning loss L_ft (module docstring), in float32 (float64 for float64 inputs).
+    z: [s, D], this process's supports, rows offset .. offset + s of z_S: [S, D], all processes'; y_S: [S, K]."""
     with torch.autocast(z.device.type, enabled=False):
         dtype = torch.promote_types(z.dtype, torch.float32)
         q, k, y_S = F.normalize(z.to(dtype), dim=1), F.normalize(z_S.to(dtype), dim=1), y_S.to(dtype)
@@ -294,8 +289,8 @@ def support_labels(y: torch.Tensor, views: int, num_classes: int, smoothing: flo
 
 
 def support_batches(supports: common.TrainData, args: Args, epoch: int, steps: int):
-    """This process's class-stratified support batches (views, labels) of an epoch of `steps` steps: made on the
-    device when the training data is there, else by a DataLoader; either way with random views of their own."""
+    """This process's class-stratified support batches (views, labels) of an epoch of `steps` steps, with views of
+    their own: made on the device when the training data is there, else by a DataLoader."""
     rank, world = common.world()
     sampler = ClassStratifiedSampler(supports.train_set.targets, args.classes_per_batch, args.supports_per_class,
                                      steps, args.seed, epoch, rank, world)
@@ -314,8 +309,7 @@ def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
 
 def train_step(model: nn.Module, batch, optimizer, support_batch, args: Args) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of PAWS on unlabelled views `batch` and `support_batch` (views, labels): L = CE + ME-MAX against the
-    supports of all processes. `model` is the network as trained (DDP on several processes). Returns the loss and
-    its terms (CE, ME-MAX) [2] (on the device, detached); with --supervised-only `batch` is unused."""
+    supports of all processes. Returns the loss and its terms [2] (detached); --supervised-only ignores `batch`."""
     (support_views, y), (views, _) = support_batch, batch
     x_S, y = torch.cat(common.to_device(support_views, args)), common.to_device(y, args)  # [V s, C, H, W], [s]
     if args.supervised_only:
@@ -344,7 +338,7 @@ def train_step(model: nn.Module, batch, optimizer, support_batch, args: Args) ->
 def train_one_epoch(model: nn.Module, loader, supports, optimizer, lr_at, progress: common.Progress,
                     args: Args) -> tuple[float, float]:
     """One pass over this process's unlabelled data (`loader`; None with --supervised-only: the supports alone) and
-    the epoch's `supports`; returns the mean (CE, ME-MAX) over all processes. `model`: as trained (DDP or not)."""
+    the epoch's `supports`; returns the mean (CE, ME-MAX) over all processes."""
     model.train()
     totals = torch.zeros(2, device=args.device)  # sums of CE and ME-MAX
     unlabelled = loader if loader is not None else [(None, None)] * len(supports)
@@ -357,8 +351,8 @@ def train_one_epoch(model: nn.Module, loader, supports, optimizer, lr_at, progre
 
 
 def finetune(model: nn.Module, supports: common.TrainData, args: Args, run: common.RunDir) -> nn.Module:
-    """The official snn_fine_tune (module docstring), on class-stratified batches of `supports`; returns the tuned
-    copy, logs a line an epoch. Epoch e is seeded as epoch --epochs + e, so a resumed run repeats it exactly."""
+    """The official snn_fine_tune (module docstring) on class-stratified batches of `supports`: the tuned copy.
+    Epoch e is seeded as epoch --epochs + e, so a resumed run repeats it exactly."""
     tuned = copy.deepcopy(model)
     if tuned.classifier is not None:  # the baseline's classifier takes no part in SuNCEt
         tuned.classifier.requires_grad_(False)
@@ -441,8 +435,8 @@ def main(args: Args):
     extra = {"snn_top1_untrained": run.history[0]["snn_top1"], "snn_top1": paws_nn(model)}
     common.print0(f"PAWS-NN top-1: untrained {extra['snn_top1_untrained']:.4f} -> trained {extra['snn_top1']:.4f}")
     if args.finetune_epochs:
-        tuned = copy.deepcopy(model)
         if "finetuned" in state:  # a resumed run whose fine-tuning had finished
+            tuned = copy.deepcopy(model)
             tuned.load_state_dict(state["finetuned"])
         else:
             finetune_views = common.MultiView([finetune_view(info, size)] * args.support_views)
