@@ -1,4 +1,7 @@
-"""Two gloo processes on the CPU against one process on the whole batch (gather_with_grad, NT-Xent under DDP)."""
+"""Two gloo processes on the CPU against one process on the whole batch (gather_with_grad, NT-Xent under DDP), and
+every method's main on two processes, whose replicas must stay equal."""
+
+import importlib
 
 import pytest
 import torch
@@ -7,6 +10,7 @@ import torch.distributed as dist
 import common
 import simclr
 from conftest import TwoLayerEncoder, init_gloo, shard, spawn
+from test_faults import METHODS, TINY_RUN
 
 
 def _full_x():
@@ -85,3 +89,17 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
             assert torch.allclose(got["grads"][name], g, rtol=1e-5, atol=1e-5 * max(1.0, g.abs().max().item())), name
         for name, v in state.items():  # the weights after the step and the BatchNorm statistics
             assert torch.allclose(got["state"][name].double(), v.double(), rtol=1e-5, atol=1e-6), name
+
+
+def _main_worker(rank, store, out, method):
+    init_gloo(rank, store)
+    module = importlib.import_module(method)
+    module.main(common.parse(module.Args, [*TINY_RUN, *METHODS[method], "--epochs", "1", "--out-dir", f"{out}/run"]))
+    torch.save({"done": True}, f"{out}/{rank}.pt")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_main_on_two_processes_keeps_the_replicas_equal(method, tmp_path):
+    """Each method's own main on two processes, one epoch: RunDir.save stops a run whose processes' weights differ
+    (exit code 3), so a loop that trains the plain model instead of the DDP-wrapped one fails here."""
+    assert all(r["done"] for r in spawn(_main_worker, tmp_path, method))
