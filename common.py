@@ -286,6 +286,14 @@ def distribute(model: nn.Module, args: Args) -> nn.Module:
     return torch.compile(net) if args.compile else net
 
 
+def replicas_agree(state_dict: dict) -> bool:
+    """Whether every process holds the same weights (to float rounding): a sum per tensor, gathered. BatchNorm's
+    running statistics are left out: without --sync-bn each process keeps its own since DDP's last broadcast."""
+    sums = [t.double().sum() for k, t in state_dict.items() if t.is_floating_point() and "running_" not in k]
+    rows = gather_no_grad(torch.stack(sums or [torch.zeros((), dtype=torch.float64)])[None])  # [W, T]
+    return torch.allclose(rows, rows[:1].expand_as(rows), rtol=1e-5, atol=1e-6)
+
+
 def unwrap(net: nn.Module) -> nn.Module:
     net = getattr(net, "_orig_mod", net)
     return getattr(net, "module", net)
@@ -1034,6 +1042,9 @@ class RunDir:
         finite = torch.stack([f.to(flags[0].device) for f in flags]).all()  # on the model's device, for the group
         if all_reduce_mean(finite.float()).item() < 1:  # any process's
             self.diverged(f"the weights stopped being finite in epoch {epoch}")
+        if world()[1] > 1 and not replicas_agree(state.get("model", {})):
+            fail(f"the processes' weights differ after epoch {epoch}, so they trained apart (a step that bypassed "
+                 f"DistributedDataParallel?); {self.kept()}", code=3)
         self.write("checkpoint.pt", lambda tmp: torch.save(
             {"method": self.method, "epoch": epoch, "args": dataclasses.asdict(self.args), **state,
              "history": self.history}, tmp))

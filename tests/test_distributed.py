@@ -91,6 +91,19 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
             assert torch.allclose(got["state"][name].double(), v.double(), rtol=1e-5, atol=1e-6), name
 
 
+def _replicas_worker(rank, store, out):
+    init_gloo(rank, store)
+    same = {"w": torch.ones(3), "bn.running_mean": torch.full((2,), float(rank))}  # running statistics may differ
+    apart = {"w": torch.ones(3) + rank * 1e-3}
+    torch.save({"same": common.replicas_agree(same), "apart": common.replicas_agree(apart)}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_replicas_agree_only_when_every_process_holds_the_same_weights(tmp_path):
+    for got in spawn(_replicas_worker, tmp_path):
+        assert got == {"same": True, "apart": False}
+
+
 def _main_worker(rank, store, out, method):
     init_gloo(rank, store)
     module = importlib.import_module(method)
