@@ -91,6 +91,7 @@ class Args(common.Args):
                                        "proj_dim", "num_labels")
     NON_NEGATIVE = common.Args.NON_NEGATIVE + ("multicrop", "start_lr", "final_lr", "finetune_epochs",
                                                "finetune_final_lr")
+    FREE_ON_RESUME = common.Args.FREE_ON_RESUME + ("finetune_epochs", "finetune_lr", "finetune_final_lr")  # after it
 
     def check(self, world_size: int = 1):
         super().check(world_size)

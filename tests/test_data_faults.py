@@ -508,7 +508,7 @@ def test_odd_image_stops_the_run_in_one_line(tmp_path, fault, data_path):
     assert line.startswith(f"error: cannot read the image {path} ("), line
     assert line.endswith("): remove or replace it"), line
     assert snapshot(data) == before
-    assert not run.exists() or set(os.listdir(run)) <= {"args.json"}, sorted(os.listdir(run))
+    assert not run.exists() or set(os.listdir(run)) <= {"args.json", ".lock"}, sorted(os.listdir(run))
 
 
 @pytest.mark.scripts
