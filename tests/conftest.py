@@ -138,3 +138,22 @@ class TwoLayerEncoder(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+class _Built(Exception):
+    pass
+
+
+def backbone_built_by(main, args, monkeypatch) -> nn.Module:
+    """The backbone that `main(args)` builds through common.build_backbone (main stops right there)."""
+    built = []
+
+    def spy(*a, **kw):
+        built.append(real(*a, **kw))
+        raise _Built
+
+    real = common.build_backbone
+    monkeypatch.setattr(common, "build_backbone", spy)
+    with pytest.raises(_Built):
+        main(args)
+    return built[0]

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 import common
 import jem
-from conftest import SYNTHETIC, SYNTHETIC_FLAGS, TwoLayerEncoder, init_gloo, run_script, spawn, torchrun
+from conftest import (SYNTHETIC, SYNTHETIC_FLAGS, TwoLayerEncoder, backbone_built_by, init_gloo, run_script, spawn,
+                      torchrun)
 
 seeds = st.integers(0, 2**31 - 1)
 TINY = [*SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "64", "--workers", "0", "--log-every", "0.5",
@@ -536,24 +537,11 @@ def test_jem_cifar10_subset_against_cross_entropy(cifar10, tmp_path):
     assert r["jem"]["test_top1"] >= 0.125 and r["ce"]["test_top1"] >= 0.17
 
 
-class _Built(Exception):
-    pass
-
-
 def test_main_builds_the_official_wide_resnet(tmp_path, monkeypatch):
     # wideresnet.py of JEM: biases, the stride in a block's second convolution, PyTorch's default initialisation
     # (its conv_init is never called), no normalisation, LeakyReLU 0.2
-    built = []
-
-    def spy(*args, **kwargs):
-        built.append(real(*args, **kwargs))
-        raise _Built
-
-    real = common.build_backbone
-    monkeypatch.setattr(common, "build_backbone", spy)
-    with pytest.raises(_Built):
-        jem.main(jem.Args(dataset="digits", device="cpu", workers=0, out_dir=str(tmp_path / "r")))
-    net = built[0]
+    args = jem.Args(dataset="digits", device="cpu", workers=0, out_dir=str(tmp_path / "r"))
+    net = backbone_built_by(jem.main, args, monkeypatch)
     blocks = [m for m in net.modules() if isinstance(m, common._WideBlock)]
     assert len(blocks) == 12 and blocks[4].conv2.stride == (2, 2) and blocks[4].conv1.stride == (1, 1)
     assert all(m.bias is not None for m in net.modules() if isinstance(m, nn.Conv2d))

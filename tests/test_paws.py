@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 import common
 import paws
-from conftest import SYNTHETIC_FLAGS, TwoLayerEncoder, WORLD, init_gloo, run_script, shard, spawn, synthetic
+from conftest import (SYNTHETIC_FLAGS, WORLD, TwoLayerEncoder, backbone_built_by, init_gloo, run_script, shard, spawn,
+                      synthetic)
 
 seeds = st.integers(0, 2**31 - 1)
 taus = st.floats(0.05, 1.0)
@@ -815,23 +816,11 @@ def test_defaults_are_the_official_cifar10_configs():
     assert (a.finetune_epochs, a.finetune_lr, a.finetune_final_lr) == (30, 0.1, 0.01)
 
 
-class _Built(Exception):
-    pass
-
-
 def test_main_builds_suncets_wide_resnet(tmp_path, monkeypatch):
     # src/wide_resnet.py of suncet: biases, the stride in a block's second convolution, final BatchNorm momentum 0.99
-    built = []
-
-    def spy(*args, **kwargs):
-        built.append(real(*args, **kwargs))
-        raise _Built
-
-    real = common.build_backbone
-    monkeypatch.setattr(common, "build_backbone", spy)
-    with pytest.raises(_Built):
-        paws.main(paws.Args(dataset="digits", num_labels=100, device="cpu", workers=0, out_dir=str(tmp_path / "r")))
-    convs = [m for m in built[0].modules() if isinstance(m, nn.Conv2d)]
+    args = paws.Args(dataset="digits", num_labels=100, device="cpu", workers=0, out_dir=str(tmp_path / "r"))
+    net = backbone_built_by(paws.main, args, monkeypatch)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     assert all(m.bias is not None for m in convs) and [m.stride for m in convs].count((2, 2)) == 4
-    down = [m for m in built[0].modules() if isinstance(m, common._WideBlock)][4]
-    assert down.conv2.stride == (2, 2) and built[0][-4].momentum == 0.99
+    down = [m for m in net.modules() if isinstance(m, common._WideBlock)][4]
+    assert down.conv2.stride == (2, 2) and net[-4].momentum == 0.99

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import common
 import simclr
-from conftest import SYNTHETIC_INFO, TwoLayerEncoder, synthetic
+from conftest import SYNTHETIC_INFO, TwoLayerEncoder, backbone_built_by, synthetic
 
 temperatures = st.floats(0.05, 2.0)
 seeds = st.integers(0, 2**31 - 1)
@@ -257,23 +257,10 @@ def test_optimizer_as_main_builds_it():
         assert not group["clip"]
 
 
-class _Built(Exception):
-    pass
-
-
 def test_main_zero_initialises_the_last_batchnorm_of_every_residual_block(tmp_path, monkeypatch):
     # the official resnet.py: batch_norm_relu(..., init_zero=True) closes every residual block
-    built = []
-
-    def spy(*args, **kwargs):
-        built.append(real(*args, **kwargs))
-        raise _Built
-
-    real = common.build_backbone
-    monkeypatch.setattr(common, "build_backbone", spy)
-    with pytest.raises(_Built):
-        simclr.main(simclr.Args(dataset="digits", arch="resnet18", device="cpu", workers=0,
-                                out_dir=str(tmp_path / "r")))
-    blocks = [m for m in built[0].modules() if m.__class__.__name__ == "BasicBlock"]
+    args = simclr.Args(dataset="digits", arch="resnet18", device="cpu", workers=0, out_dir=str(tmp_path / "r"))
+    net = backbone_built_by(simclr.main, args, monkeypatch)
+    blocks = [m for m in net.modules() if m.__class__.__name__ == "BasicBlock"]
     assert len(blocks) == 8 and all(torch.count_nonzero(b.bn2.weight) == 0 for b in blocks)
     assert all(torch.count_nonzero(b.bn1.weight) == b.bn1.weight.numel() for b in blocks)  # the first keeps 1
