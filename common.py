@@ -315,7 +315,7 @@ def _uncaught(kind, error, traceback):
               f"{kept}: continue with {again}", file=sys.stderr, flush=True)
         os._exit(4)
     if not (isinstance(error, torch_dist.DistError) or (isinstance(error, RuntimeError) and re.search(
-            r"gloo|NCCL|[Cc]onnection|[Tt]imed out|[Pp]eer", str(error)))):
+            r"gloo|NCCL|[Cc]onnection|[Tt]ime(d )?out|[Pp]eer", str(error)))):  # gloo: "Application timeout ..."
         return sys.__excepthook__(kind, error, traceback)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops a node that lost the rendezvous host: line first
     lost = "another process"
