@@ -36,7 +36,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
-from einops import rearrange
 from PIL import Image
 
 # -------- CLI ---------------------------------------------------------------------------------------------------------
@@ -769,20 +768,19 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
 
 
 @torch.no_grad()
-def extract_features(net: nn.Module, dataset, args: Args, batch_size: int = 512):
-    """Features [N, D] and labels [N] of the dataset, in eval mode, on every process (each embeds every W-th)."""
+def extract_features(net: nn.Module, dataset, args: Args, batch_size: int = 512, epoch: int = 0):
+    """Features [N, D] and labels [N] of the dataset in eval mode, on every process (each embeds an equal share)."""
     (rank, size), n, was_training = world(), len(dataset), net.training
-    mine = torch.arange(rank, math.ceil(n / size) * size, size).clamp(max=n - 1).tolist()  # padded: equal shares
+    mine = torch.arange(math.ceil(n / size) * size).clamp(max=n - 1).view(size, -1)[rank].tolist()  # the last padded
     feats, labels = [], []
     net.eval()
-    for x, y, *_ in Batches(torch.utils.data.Subset(dataset, mine), args, batch_size=batch_size,
+    for x, y, *_ in Batches(torch.utils.data.Subset(dataset, mine), args, epoch, batch_size=batch_size,
                             num_workers=min(args.workers, 4)):
         with autocast(args):
             feats.append(net(to_device(x, args)).float())
         labels.append(to_device(y, args))
     net.train(was_training)
-    z, y = gather_no_grad(torch.cat(feats)), gather_no_grad(torch.cat(labels))  # rank r held samples r, r + W, ...
-    return rearrange(z, "(w p) d -> (p w) d", w=size)[:n], rearrange(y, "(w p) -> (p w)", w=size)[:n]
+    return gather_no_grad(torch.cat(feats))[:n], gather_no_grad(torch.cat(labels))[:n]  # the shares in rank order
 
 
 @torch.no_grad()
@@ -802,36 +800,44 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list
             for k in ks]
 
 
+def train_linear(head: nn.Linear, features, epochs: int, lr: float, batch_size: int, seed: int = 0,
+                 nesterov: bool = False, name: str = "") -> nn.Linear:
+    """`head` trained from zero on features(epoch) (z [N, D], y [N]; the same on every process, so is the head):
+    cross-entropy, SGD with momentum 0.9, cosine rate, no decay. With a name: a line per epoch, its last loss."""
+    g = torch.Generator().manual_seed(seed)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=nesterov)
+    for epoch in range(epochs):
+        z, y = features(epoch)
+        batches = torch.randperm(len(z), generator=g).to(z.device).split(batch_size)
+        for i, idx in enumerate(batches):
+            set_lr(opt, warmup_cosine(epoch * len(batches) + i, epochs * len(batches), 0, lr))
+            loss = F.cross_entropy(head(z[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if name:
+            print0(f"{name}: epoch {epoch + 1}/{epochs}  loss {float(loss.detach()):.4f}")
+    return head
+
+
 def linear_probe(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Tensor, test_y: torch.Tensor,
                  num_classes: int, epochs: int = 100, lr: float = 0.1, batch_size: int = 256, seed: int = 0) -> tuple:
-    """Test (top-1, top-5) of a linear classifier on frozen, standardised features (SGD, Nesterov, cosine). Papers
-    train it on augmented crops; precomputed features take seconds instead of hours and rank alike."""
-    g = torch.Generator().manual_seed(seed)
+    """Test (top-1, top-5) of a linear classifier on frozen, standardised features (Nesterov). Papers train it on
+    augmented crops (linear_protocol); precomputed features take seconds instead of hours and rank alike."""
     mean, std = train_z.mean(0, keepdim=True), train_z.std(0, keepdim=True).clamp_min(1e-6)
     train_z, test_z = (train_z - mean) / std, (test_z - mean) / std
     head = nn.Linear(train_z.shape[1], num_classes).to(train_z.device)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True)
-    per_epoch = math.ceil(len(train_z) / batch_size)
-    for step in range(epochs * per_epoch):
-        if step % per_epoch == 0:
-            order = torch.randperm(len(train_z), generator=g).to(train_z.device)
-        idx = order[(step % per_epoch) * batch_size:][:batch_size]
-        set_lr(opt, warmup_cosine(step, epochs * per_epoch, 0, lr))
-        loss = F.cross_entropy(head(train_z[idx]), train_y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    train_linear(head, lambda epoch: (train_z, train_y), epochs, lr, batch_size, seed, nesterov=True)
     with torch.no_grad():
         return tuple(topk_accuracy(head(test_z), test_y, (1, 5)))
 
 
 def linear_view_set(dataset, size: int):
-    """`dataset` (a Subset's too) served in the linear protocol's training view: a random crop (64 px or less: resized
-    to size, then RandomCrop(size, padding=size // 8), 4 px at 32 as MoCo's CIFAR demo and SimSiam; larger:
-    RandomResizedCrop(size)), a horizontal flip, then its evaluation view's steps after resize and centre crop (its
-    own normalisation)."""
+    """`dataset` (a Subset's too) in the linear protocol's training view: a random crop (64 px or less: resized to
+    size, then RandomCrop(size, padding=size // 8), 4 px at 32 as MoCo's CIFAR demo and SimSiam; larger:
+    RandomResizedCrop(size)), a horizontal flip, then its evaluation view's steps after resize and centre crop."""
     if isinstance(dataset, torch.utils.data.Subset):
         return Subset(linear_view_set(dataset.dataset, size), dataset.indices)
     crop = T.RandomResizedCrop(size) if size > 64 else T.Compose([T.Resize(size), T.RandomCrop(size, size // 8)])
@@ -842,32 +848,12 @@ def linear_view_set(dataset, size: int):
 
 
 def linear_protocol(backbone: nn.Module, train_set, num_classes: int, args: Args) -> nn.Linear:
-    """The standard linear protocol: a linear classifier trained on `train_set` (augmented views) through the frozen
-    backbone in eval mode (its weights and BatchNorm statistics untouched), SGD with momentum 0.9, no weight decay,
-    cosine schedule. Each process takes its share of every global batch and the gradients are averaged over the
-    processes: every process holds the head one process would train on the whole batches."""
+    """The standard linear protocol: a linear classifier on `train_set` (augmented views, new every epoch) through the
+    frozen backbone in eval mode (weights and BatchNorm statistics untouched), SGD with momentum 0.9, no weight decay,
+    cosine schedule. The processes embed each epoch's views together: each trains the head one process would."""
     head = nn.Linear(backbone.out_dim, num_classes).to(args.device)
-    nn.init.zeros_(head.weight)  # the same start on every process
-    nn.init.zeros_(head.bias)
-    opt = torch.optim.SGD(head.parameters(), lr=args.linear_lr, momentum=0.9)
-    batch_args = dataclasses.replace(args, batch_size=args.linear_batch_size)
-    was_training = backbone.training
-    backbone.eval()
-    for epoch in range(args.linear_epochs):
-        batches = train_loader(train_set, batch_args, epoch)
-        for i, (x, y, *_) in enumerate(batches):
-            with torch.no_grad(), autocast(args):
-                h = backbone(to_device(x, args)).float()  # [B, D], no gradient reaches the backbone
-            loss = F.cross_entropy(head(h), to_device(y, args))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for p in head.parameters():
-                p.grad = all_reduce_mean(p.grad)  # equal shares: the gradient of the global batch's mean loss
-            set_lr(opt, warmup_cosine(epoch * len(batches) + i, args.linear_epochs * len(batches), 0, args.linear_lr))
-            opt.step()
-        print0(f"linear protocol: epoch {epoch + 1}/{args.linear_epochs}  loss {float(loss.detach()):.4f}")
-    backbone.train(was_training)
-    return head
+    return train_linear(head, lambda epoch: extract_features(backbone, train_set, args, epoch=epoch),
+                        args.linear_epochs, args.linear_lr, args.linear_batch_size, args.seed, name="linear protocol")
 
 
 class Evaluation:
@@ -876,7 +862,7 @@ class Evaluation:
 
     def __init__(self, memory_set, test_set, num_classes: int, args: Args):
         self.memory_set, self.test_set, self.num_classes, self.args = memory_set, test_set, num_classes, args
-        self.last = None  # (epochs done, k-NN top-1) of the last monitor
+        self.last = None  # (epochs done, k-NN top-1, the features after the last epoch) of the last monitor
         if args.linear_epochs and len(memory_set) < args.linear_batch_size:  # said before training, not after it
             fail(f"--linear-batch-size {args.linear_batch_size} is larger than the training set ({len(memory_set)} "
                  f"images)")
@@ -886,43 +872,44 @@ class Evaluation:
         return epoch + 1 == self.args.epochs or bool(self.args.eval_every and (epoch + 1) % self.args.eval_every == 0)
 
     def knn(self, backbone: nn.Module, epochs_done: int = 0) -> float:
-        (train_z, train_y), (test_z, test_y) = (extract_features(backbone, s, self.args)
-                                                for s in (self.memory_set, self.test_set))
-        scores = knn_scores(train_z, train_y, test_z, self.num_classes, self.args.knn_k, self.args.knn_t)
-        self.last = (epochs_done, topk_accuracy(scores, test_y, (1,))[0])
-        print0(f"k-NN top-1 after epoch {epochs_done}: {self.last[1]:.4f}" if epochs_done else
-               f"k-NN top-1 of the untrained network: {self.last[1]:.4f}")
-        return self.last[1]
+        features = [extract_features(backbone, s, self.args) for s in (self.memory_set, self.test_set)]
+        (train_z, train_y), (test_z, test_y) = features
+        top1 = topk_accuracy(knn_scores(train_z, train_y, test_z, self.num_classes, self.args.knn_k, self.args.knn_t),
+                             test_y, (1,))[0]
+        self.last = (epochs_done, top1, features if epochs_done == self.args.epochs else None)  # kept for report
+        print0(f"k-NN top-1 after epoch {epochs_done}: {top1:.4f}" if epochs_done else
+               f"k-NN top-1 of the untrained network: {top1:.4f}")
+        return top1
 
     def report(self, backbone: nn.Module, run: RunDir, **extra) -> dict:
-        """The final k-NN and probe, with the method's `extra` results, to results.json, and a summary."""
+        """The final k-NN, probe and linear protocol (on the last k-NN's features) and the method's `extra` results to
+        results.json, and a summary."""
         args = self.args
-        knn_top1 = self.last[1] if self.last and self.last[0] == args.epochs else self.knn(backbone, args.epochs)
+        if not self.last or self.last[0] != args.epochs:  # not measured after the last epoch: a finished run resumed
+            self.knn(backbone, args.epochs)
+        _, knn_top1, ((train_z, train_y), (test_z, test_y)) = self.last
         untrained = next((r["knn_top1"] for r in run.history if r["epoch"] == 0), None)
         results = {"knn_top1_untrained": untrained, "knn_top1": knn_top1, **extra}
         protocols = {"knn_top1": f"weighted k-NN (k {args.knn_k}, t {args.knn_t}) on unaugmented training images"}
         if args.probe_epochs:
-            (train_h, train_y), (test_h, test_y) = (extract_features(backbone, s, args)
-                                                    for s in (self.memory_set, self.test_set))
             results["probe_top1"], results["probe_top5"] = linear_probe(
-                train_h, train_y, test_h, test_y, self.num_classes, args.probe_epochs, seed=args.seed)
+                train_z, train_y, test_z, test_y, self.num_classes, args.probe_epochs, seed=args.seed)
             protocols["probe_top1"] = (f"fast probe: linear classifier on cached features of unaugmented training "
                                        f"images, {args.probe_epochs} epochs")
         if args.linear_epochs:
-            train_set = linear_view_set(self.memory_set, dataset_info(args)[1])
-            head = linear_protocol(backbone, train_set, self.num_classes, args)
-            test_h, test_y = extract_features(backbone, self.test_set, args)
+            head = linear_protocol(backbone, linear_view_set(self.memory_set, dataset_info(args)[1]), self.num_classes,
+                                   args)
             with torch.no_grad():
-                results["linear_top1"], results["linear_top5"] = topk_accuracy(head(test_h), test_y, (1, 5))
+                results["linear_top1"], results["linear_top5"] = topk_accuracy(head(test_z), test_y, (1, 5))
             protocols["linear_top1"] = (f"linear protocol: linear classifier on random crops and flips through the "
                                         f"frozen network in eval mode, {args.linear_epochs} epochs, SGD lr "
                                         f"{args.linear_lr}, batch {args.linear_batch_size}, cosine")
         results["protocols"] = protocols  # which protocol measured each figure (a top-5 by its top-1's)
         run.write("results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
-        probe = f";  linear probe top-1 {results['probe_top1']:.4f}" if "probe_top1" in results else ""
-        probe += f";  linear protocol top-1 {results['linear_top1']:.4f}" if "linear_top1" in results else ""
         before = f"untrained {untrained:.4f} -> " if untrained is not None else ""
-        print0(f"k-NN top-1: {before}trained {knn_top1:.4f}{probe}  ({run.path})")
+        after = "".join(f";  {name} top-1 {results[key]:.4f}" for key, name in
+                        (("probe_top1", "linear probe"), ("linear_top1", "linear protocol")) if key in results)
+        print0(f"k-NN top-1: {before}trained {knn_top1:.4f}{after}  ({run.path})")
         return results
 
 
