@@ -1,8 +1,6 @@
-"""Plumbing shared by every method file: CLI, distributed, backbones, data, optimiser, evaluation, run directory.
-
-Nothing here is a method: a method file keeps its views, heads, losses and training step, and runs when copied with
-this file into an empty folder; device_data.py (the GPU data path) is optional, imported only when a run takes it.
-Sections: CLI, distributed, backbones, data, optimisation, evaluation, run directory (its files, resume, progress).
+"""Plumbing shared by every method file: CLI, distributed, backbones, data, optimisation, evaluation, run directory
+(its files, resume, progress). Nothing here is a method: a method file keeps its views, heads, losses and training
+step, and runs when copied with this file into an empty folder (device_data.py, the GPU data path, is optional).
 """
 
 from __future__ import annotations
@@ -77,7 +75,7 @@ class Args:
     probe_epochs: int = 100  # epochs of the linear probe on frozen features after training (0: skip it)
     linear_epochs: int = 0  # epochs of the papers' linear protocol (0: off): crops padded by side/8 (>64 px: resized)
     linear_lr: float = 0.1  # rate of the linear protocol's SGD (momentum 0.9, cosine, no decay, not batch-scaled)
-    linear_batch_size: int = 256  # global batch of the linear protocol (its crops also flipped), split over processes
+    linear_batch_size: int = 256  # batch of the linear protocol (its crops also flipped; all processes embed them)
     out_dir: str = ""  # run directory (default: runs/<method>-<date>-<time>)
     resume: bool = dataclasses.field(default=False, metadata={"help": (
         "continue the run in --out-dir from its checkpoint.pt, with the flags that decide its training as the run "
@@ -276,13 +274,12 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 def distribute(model: nn.Module, args: Args) -> nn.Module:
     """The model as trained: DDP on several processes (--sync-bn turns each BatchNorm into a GlobalBatchNorm in place,
     keys unchanged), compiled with --compile. `model` stays the plain module; unwrap() finds it in the wrappers."""
-    net = model
     if world()[1] > 1:
         for m in model.modules() if args.sync_bn else []:
             if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
                 m.__class__ = GlobalBatchNorm
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[args.device] if "cuda" in args.device else None)
-    return torch.compile(net) if args.compile else net
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.device] if "cuda" in args.device else None)
+    return torch.compile(model) if args.compile else model
 
 
 def replicas_agree(state_dict: dict) -> bool:
@@ -709,8 +706,8 @@ class LARS(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001,
                  clip: bool = False):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False,
-                                      clip=clip))
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip,
+                                      lars_exclude=False))
 
     @torch.no_grad()
     def step(self):
@@ -720,8 +717,7 @@ class LARS(torch.optim.Optimizer):
             if not ws:
                 continue
             if not group["lars_exclude"]:
-                if group["weight_decay"]:
-                    gs = torch._foreach_add(gs, ws, alpha=group["weight_decay"])  # g + wd w
+                gs = torch._foreach_add(gs, ws, alpha=group["weight_decay"])  # g + wd w
                 w_norm, g_norm = torch.stack(torch._foreach_norm(ws)), torch.stack(torch._foreach_norm(gs))  # [P]
                 trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, 1.0)
                 if group["clip"] and lr > 0:
