@@ -826,8 +826,7 @@ def linear_probe(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Ten
     train_z, test_z = (train_z - mean) / std, (test_z - mean) / std
     head = nn.Linear(train_z.shape[1], num_classes).to(train_z.device)
     train_linear(head, lambda epoch: (train_z, train_y), epochs, lr, batch_size, seed, nesterov=True)
-    with torch.no_grad():
-        return tuple(topk_accuracy(head(test_z), test_y, (1, 5)))
+    return tuple(topk_accuracy(head(test_z), test_y, (1, 5)))
 
 
 def linear_view_set(dataset, size: int):
@@ -895,8 +894,7 @@ class Evaluation:
         if args.linear_epochs:
             head = linear_protocol(backbone, linear_view_set(self.memory_set, dataset_info(args)[1]), self.num_classes,
                                    args)
-            with torch.no_grad():
-                results["linear_top1"], results["linear_top5"] = topk_accuracy(head(test_z), test_y, (1, 5))
+            results["linear_top1"], results["linear_top5"] = topk_accuracy(head(test_z), test_y, (1, 5))
             protocols["linear_top1"] = (f"linear protocol: linear classifier on random crops and flips through the "
                                         f"frozen network in eval mode, {args.linear_epochs} epochs, SGD lr "
                                         f"{args.linear_lr}, batch {args.linear_batch_size}, cosine")
