@@ -304,8 +304,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common
         step = loader.epoch * len(loader) + i  # the global step: the schedule's clock
         lr = common.set_lr(optimizer, lr_at(step))
         loss = train_step(model, batch, optimizer, buffer, queue, args)
-        total += loss.detach()
-        progress.update(step, loss, lr, len(batch[1]))
+        total += loss
+        progress.update(step, loss, lr, len(batch[1]))  # the images in this process's batch
     return common.all_reduce_mean(total / len(loader)).item()
 
 

@@ -284,7 +284,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common
         lr = common.set_lr(optimizer, lr_at(step))
         loss = train_step(model, batch, optimizer, args)
         total += loss
-        progress.update(step, loss, lr, len(batch[1]))
+        progress.update(step, loss, lr, len(batch[1]))  # the images in this process's batch
     return (total / len(loader)).item()
 
 
