@@ -222,12 +222,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common
     model.train()  # the target too: batch statistics in both networks, as the official code
     total_steps = args.epochs * len(loader)
     total = torch.zeros((), device=args.device)
-    for batch in progress(loader):
-        lr = common.set_lr(optimizer, lr_at(progress.step))
-        tau = target_momentum(progress.step, total_steps, args.tau_base)  # this step's
+    progress.start(len(loader))  # the epoch's clock
+    for i, batch in enumerate(loader):
+        step = loader.epoch * len(loader) + i  # the global step: the schedule's clock
+        lr = common.set_lr(optimizer, lr_at(step))
+        tau = target_momentum(step, total_steps, args.tau_base)  # this step's
         loss = train_step(model, batch, optimizer, tau, args)
         total += loss
-        progress.update(loss, lr, len(batch[1]))  # the images in this process's batch
+        progress.update(step, loss, lr, len(batch[1]))  # the images in this process's batch
     return common.all_reduce_mean(total / len(loader)).item()
 
 
@@ -261,7 +263,7 @@ def main(args: Args):
     for epoch in range(start, args.epochs):
         loss = train_one_epoch(ddp_model, train_data.loader(epoch), optimizer, lr_at, progress, args)
         knn_top1 = evaluation.knn(model.backbone, epoch + 1) if evaluation.due(epoch) else None
-        tau = target_momentum(progress.step, args.epochs * train_data.steps, args.tau_base)
+        tau = target_momentum((epoch + 1) * train_data.steps - 1, args.epochs * train_data.steps, args.tau_base)
         run.log(epoch=epoch + 1, loss=loss, knn_top1=knn_top1, tau=tau, **progress.summary())
         run.save(epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict())
     evaluation.report(model.backbone, run)

@@ -1084,49 +1084,40 @@ def load_checkpoint(path: Path, method: str, args: Args) -> dict:
 
 
 class Progress:
-    """`epoch e/E  step s/S  loss  lr  img/s  ETA` every --log-every seconds and at each epoch's end (the only reads
-    of the loss from the device), and the epoch's figures for metrics.jsonl. A loss that is not finite, or above
-    `diverge_at`, is noted on the device and read with the line (by every process at the epoch's end): it stops the
-    run (exit code 3) before the epoch's row and checkpoint are written."""
+    """The line `epoch e/E  step s/S  loss  lr  img/s  ETA`, told each step, every --log-every seconds and at each
+    epoch's end (the only reads of the loss from the device); the epoch's figures for metrics.jsonl. A loss that is not
+    finite, or above `diverge_at`, is noted on the device and read with the line (by every process at the epoch's end):
+    it stops the run (exit code 3) before the epoch's row and checkpoint are written."""
 
     def __init__(self, args: Args, epochs: int = 0, diverge_at: float = math.inf):
         self.epochs, self.every, self.diverge_at = epochs or args.epochs, args.log_every, diverge_at
-        self.start, self.done, self.step, self.lr = time.perf_counter(), 0, 0, 0.0
 
-    def __call__(self, batches):
-        self.epoch, self.steps, self.images = batches.epoch, len(batches), 0
+    def start(self, steps: int):  # an epoch of `steps` steps, before its first batch is loaded: its clock
+        self.steps, self.images = steps, 0
         self.epoch_start = self.last_time = time.perf_counter()
-        for self.i, batch in enumerate(batches):
-            self.step = batches.epoch * self.steps + self.i
-            yield batch
-        self.seconds = time.perf_counter() - self.epoch_start
 
-    def update(self, loss: torch.Tensor, lr: float, images: int):
-        self.done, self.lr, self.images = self.done + 1, lr, self.images + images * world()[1]
+    def update(self, step: int, loss: torch.Tensor, lr: float, images: int):  # the run's step, epoch * steps + i
+        epoch, i = divmod(step, self.steps)
         loss = loss.detach().float().reshape(())
-        if self.i == 0:  # [step, loss] of the epoch's first bad loss, on the device (step -1: none yet)
-            self.bad = loss.new_full((2,), -1.0)
-        first = ~(loss.isfinite() & (loss.abs() <= self.diverge_at)) & (self.bad[0] < 0)  # NaN, infinity too
-        self.bad = torch.where(first, torch.stack([torch.full_like(loss, self.i), loss]), self.bad)
-        now, last = time.perf_counter(), self.i + 1 == self.steps
+        if i == 0:  # [step, loss] of the epoch's first bad loss, on the device (step inf: none yet)
+            self.bad = loss.new_full((2,), math.inf)
+        first = ~(loss.isfinite() & (loss.abs() <= self.diverge_at)) & self.bad[0].isinf()  # NaN, infinity too
+        self.bad = torch.where(first, torch.stack([torch.full_like(loss, i), loss]), self.bad)
+        self.step, self.lr, self.images = step, lr, self.images + images * world()[1]
+        now, last = time.perf_counter(), i + 1 == self.steps
+        self.time_s = now - self.epoch_start
         if now - self.last_time < self.every and not last:
             return
-        rate = self.images / max(now - self.epoch_start, 1e-9)  # over the epoch so far
-        left = (self.epochs - self.epoch) * self.steps - self.i - 1  # steps still to run
-        eta = datetime.timedelta(seconds=round(max(0.0, (now - self.start) / self.done * left)))
         self.last_time = now
-        read = torch.cat([loss[None], self.bad])  # [loss, bad step, bad loss]
-        if last and world()[1] > 1:  # every process is here: the first bad step of any
-            rows = gather_no_grad(read[None])  # [W, 3]
-            read = torch.cat([read[:1], rows[torch.where(rows[:, 1] < 0, math.inf, rows[:, 1]).argmin(), 1:]])
-        value, bad_step, bad_loss = read.tolist()
-        print0(f"epoch {self.epoch + 1}/{self.epochs}  step {self.i + 1}/{self.steps}  "
-               f"loss {value:.4f}  lr {lr:.4g}  {rate:,.0f} img/s  ETA {eta}")
-        if bad_step >= 0 and (last or world()[1] == 1):
+        rows = gather_no_grad(self.bad[None]) if last else self.bad[None]  # at the end every process is here
+        value, bad_step, bad_loss = torch.cat([loss[None], rows[rows[:, 0].argmin()]]).tolist()  # the first of any
+        eta = datetime.timedelta(seconds=round(self.time_s / (i + 1) * ((self.epochs - epoch) * self.steps - i - 1)))
+        print0(f"epoch {epoch + 1}/{self.epochs}  step {i + 1}/{self.steps}  loss {value:.4f}  lr {lr:.4g}  "
+               f"{self.images / max(self.time_s, 1e-9):,.0f} img/s  ETA {eta}")
+        if bad_step < math.inf and (last or world()[1] == 1):
             what = "stopped being finite" if not math.isfinite(bad_loss) else f"passed {self.diverge_at:g}"
-            RunDir.current.diverged(f"the loss {what} ({bad_loss:.4g}) at epoch {self.epoch + 1}, step "
+            RunDir.current.diverged(f"the loss {what} ({bad_loss:.4g}) at epoch {epoch + 1}, step "
                                     f"{int(bad_step) + 1} of {self.steps}")  # the method's RunDir, made before this
 
     def summary(self) -> dict:
-        return {"step": self.step + 1, "lr": self.lr, "images_per_s": self.images / self.seconds,
-                "time_s": self.seconds}
+        return {"step": self.step + 1, "lr": self.lr, "images_per_s": self.images / self.time_s, "time_s": self.time_s}

@@ -300,11 +300,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common
     model.train()
     lam = consistency_weight(loader.epoch, args.lam, args.ramp_epochs)
     totals = torch.zeros(3, device=args.device)  # L, L_sup, L_cont
-    for batch in progress(loader):
-        lr = common.set_lr(optimizer, lr_at(progress.step))
+    progress.start(len(loader))  # the epoch's clock
+    for i, batch in enumerate(loader):
+        step = loader.epoch * len(loader) + i  # the global step: the schedule's clock
+        lr = common.set_lr(optimizer, lr_at(step))
         losses = train_step(model, batch, optimizer, candidates, targets, lam, args)
         totals += losses
-        progress.update(losses[0], lr, len(batch[2]))
+        progress.update(step, losses[0], lr, len(batch[2]))
     loss, loss_sup, loss_cont = (totals / len(loader)).tolist()
     return {"loss": loss} if args.naive else {"loss": loss, "sup_loss": loss_sup, "cont_loss": loss_cont}
 

@@ -299,11 +299,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common
     `model` is the network as trained (DDP on several processes); `buffer` feeds SGLD, `queue` HDGE (or None)."""
     model.train()
     total = torch.zeros((), device=args.device)
-    for x, y in progress(loader):
-        lr = common.set_lr(optimizer, lr_at(progress.step))
-        loss = train_step(model, (x, y), optimizer, buffer, queue, args)
-        total += loss.detach()
-        progress.update(loss, lr, len(y))
+    progress.start(len(loader))  # the epoch's clock
+    for i, batch in enumerate(loader):
+        step = loader.epoch * len(loader) + i  # the global step: the schedule's clock
+        lr = common.set_lr(optimizer, lr_at(step))
+        loss = train_step(model, batch, optimizer, buffer, queue, args)
+        total += loss
+        progress.update(step, loss, lr, len(batch[1]))  # the images in this process's batch
     return common.all_reduce_mean(total / len(loader)).item()
 
 

@@ -278,11 +278,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common
     """One pass over this process's share of the data; returns the epoch's mean loss (global batch)."""
     model.train()
     total = torch.zeros((), device=args.device)
-    for batch in progress(loader):
-        lr = common.set_lr(optimizer, lr_at(progress.step))
+    progress.start(len(loader))  # the epoch's clock
+    for i, batch in enumerate(loader):
+        step = loader.epoch * len(loader) + i  # the global step: the schedule's clock
+        lr = common.set_lr(optimizer, lr_at(step))
         loss = train_step(model, batch, optimizer, args)
         total += loss
-        progress.update(loss, lr, len(batch[1]))
+        progress.update(step, loss, lr, len(batch[1]))  # the images in this process's batch
     return (total / len(loader)).item()
 
 

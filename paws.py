@@ -343,11 +343,13 @@ def train_one_epoch(model: nn.Module, loader, supports, optimizer, lr_at, progre
     model.train()
     totals = torch.zeros(2, device=args.device)  # sums of CE and ME-MAX
     unlabelled = loader if loader is not None else [(None, None)] * len(supports)
-    for support_batch, batch in zip(progress(supports), unlabelled):
-        lr = common.set_lr(optimizer, lr_at(progress.step))
+    progress.start(len(supports))  # the epoch's clock
+    for i, (support_batch, batch) in enumerate(zip(supports, unlabelled)):
+        step = supports.epoch * len(supports) + i  # the global step: the schedule's clock
+        lr = common.set_lr(optimizer, lr_at(step))
         loss, terms = train_step(model, batch, optimizer, support_batch, args)
         totals += terms
-        progress.update(loss, lr, len(support_batch[1]) + (len(batch[0][0]) if loader is not None else 0))
+        progress.update(step, loss, lr, len(support_batch[1]) + (len(batch[0][0]) if loader is not None else 0))
     return tuple(common.all_reduce_mean(totals / len(supports)).tolist())
 
 
@@ -367,8 +369,9 @@ def finetune(model: nn.Module, supports: common.TrainData, args: Args, run: comm
     ddp_tuned.apply(lambda m: m.eval() if isinstance(m, nn.modules.batchnorm._BatchNorm) else None)
     for epoch in range(args.epochs, args.epochs + args.finetune_epochs):
         total_loss = torch.zeros((), device=args.device)
-        for views, y in progress(support_batches(supports, args, epoch, steps)):
-            step = progress.step - args.epochs * steps  # of the fine-tuning: cosine, no warm-up
+        progress.start(steps)  # the epoch's clock
+        for i, (views, y) in enumerate(support_batches(supports, args, epoch, steps)):
+            step = (epoch - args.epochs) * steps + i  # of the fine-tuning: cosine, no warm-up
             lr = common.set_lr(optimizer, common.warmup_cosine(step, last, 0, args.finetune_lr, args.finetune_final_lr))
             with common.autocast(args):
                 z = ddp_tuned(torch.cat(common.to_device(views, args)))  # [V s, D]
@@ -379,7 +382,7 @@ def finetune(model: nn.Module, supports: common.TrainData, args: Args, run: comm
             loss.backward()
             optimizer.step()
             total_loss += loss.detach()
-            progress.update(loss, lr, len(z))
+            progress.update(epoch * steps + i, loss, lr, len(z))  # the run's step: after training's
         run.log(epoch=epoch + 1, finetune_loss=common.all_reduce_mean(total_loss / steps).item(), **progress.summary())
     return tuned
 

@@ -191,12 +191,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common
     std of z/|z| (the collapse monitor)."""
     model.train()
     total, total_std = torch.zeros((), device=args.device), torch.zeros((), device=args.device)
-    for batch in progress(loader):
-        lr = common.set_lr(optimizer, lr_at(progress.step))  # the predictor keeps its fixed_lr
+    progress.start(len(loader))  # the epoch's clock
+    for i, batch in enumerate(loader):
+        step = loader.epoch * len(loader) + i  # the global step: the schedule's clock
+        lr = common.set_lr(optimizer, lr_at(step))  # the predictor keeps its fixed_lr
         loss, z_std = train_step(model, batch, optimizer, args)
         total += loss
         total_std += z_std
-        progress.update(loss, lr, len(batch[1]))  # the images in this process's batch
+        progress.update(step, loss, lr, len(batch[1]))  # the images in this process's batch
     return (common.all_reduce_mean(total / len(loader)).item(),
             common.all_reduce_mean(total_std / len(loader)).item())
 

@@ -320,7 +320,7 @@ def test_train_step_regresses_each_prediction_on_the_other_views_target_then_mov
 
 
 class Epoch(list):
-    """An epoch's batches as its loader gives them (Progress reads the epoch)."""
+    """An epoch's batches as its loader gives them (the loop reads the epoch)."""
     epoch = 1
 
 

@@ -324,15 +324,12 @@ def test_args_json_records_the_directory_and_device_the_run_used(tmp_path, monke
     assert saved["device"] == "cpu"
 
 
-class _Batches(list):
-    epoch = 0
-
-
 def test_progress_line_eta_never_negative_and_epoch_figures(capsys):
     args = common.Args(epochs=1, log_every=0.0)
     progress = common.Progress(args)
-    for _ in progress(_Batches([None] * 3)):
-        progress.update(torch.tensor(1.5), 0.1, 8)
+    progress.start(3)
+    for step in range(3):
+        progress.update(step, torch.tensor(1.5), 0.1, 8)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and lines[-1].endswith("ETA 0:00:00") and all("-1 day" not in line for line in lines)
     summary = progress.summary()

@@ -689,6 +689,20 @@ def poison(batch):
     return type(batch)(poison(b) for b in batch) if isinstance(batch, (list, tuple)) else batch
 
 
+class Poisoned:
+    """An epoch's loader (its length, its .epoch) whose third batch of the second epoch is not a number."""
+
+    def __init__(self, loader):
+        self.loader, self.epoch = loader, loader.epoch
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            yield poison(batch) if (self.epoch, i) == (1, 2) else batch
+
+
 def main_of(method: str, argv: list):
     module = __import__(method)
     module.main(common.parse(module.Args, [*TINY_RUN, *METHODS[method], *map(str, argv)]))
@@ -708,13 +722,10 @@ def test_divergence_stops_every_method_keeping_the_last_good_checkpoint(method, 
     main_of(method, ["--epochs", "1", "--out-dir", run])
     before = snapshot(run)
     capsys.readouterr()
-    progress_call = common.Progress.__call__
-
-    def poisoned(self, batches):
-        for batch in progress_call(self, batches):
-            yield poison(batch) if (self.epoch, self.i) == (1, 2) else batch
-
-    monkeypatch.setattr(common.Progress, "__call__", poisoned)
+    module = __import__(method)
+    train_one_epoch = module.train_one_epoch
+    monkeypatch.setattr(module, "train_one_epoch", lambda *a: train_one_epoch(
+        *(Poisoned(x) if hasattr(x, "epoch") else x for x in a)))  # the epoch's loaders, poisoned
     with pytest.raises(SystemExit) as exit_info:
         main_of(method, ["--epochs", "3", "--out-dir", run, "--resume"])
     assert exit_info.value.code == 3
@@ -750,8 +761,9 @@ def test_every_loss_that_is_not_finite_stops_the_epoch(tmp_path, capsys, value):
     common.RunDir(args, "simclr")
     progress = common.Progress(args)
     with pytest.raises(SystemExit) as exit_info:
-        for i, _ in enumerate(progress(common.Batches([0, 1, 2], args, batch_size=1, num_workers=0))):
-            progress.update(torch.tensor([1.0, value, 2.0][i]), 0.1, 1)
+        progress.start(3)
+        for step in range(3):
+            progress.update(step, torch.tensor([1.0, value, 2.0][step]), 0.1, 1)
     assert exit_info.value.code == 3
     assert f"the loss stopped being finite ({value:.4g}) at epoch 1, step 2 of 3" in capsys.readouterr().err
 

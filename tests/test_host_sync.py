@@ -11,6 +11,7 @@ own work (PIL views in worker processes on a GPU machine) is not the device's an
 """
 
 import contextlib
+import itertools
 import sys
 import traceback
 
@@ -85,6 +86,28 @@ class Copies(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class Recorded:
+    """An epoch's loader (its length, its .epoch) that tells the recorder the step of the batch it handed out, and
+    None while it loads the next."""
+
+    def __init__(self, loader, recorder):
+        self.loader, self.epoch, self.recorder = loader, loader.epoch, recorder
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        batches_iter = iter(self.loader)
+        for i in itertools.count():
+            self.recorder.step = None
+            try:
+                batch = next(batches_iter)
+            except StopIteration:
+                return
+            self.recorder.step = i
+            yield batch
+
+
 # a few steps of each method on tiny data: the flags that make its own parts small
 TINY = [*SYNTHETIC_FLAGS, "--arch", "tiny", "--batch-size", "32", "--subset", "128", "--epochs", "1",
         "--workers", "0", "--eval-every", "0", "--probe-epochs", "0", "--knn-k", "10", "--log-every", "1000"]
@@ -109,18 +132,10 @@ def test_no_step_waits_for_the_host(method, path, tmp_path, monkeypatch):
     module = __import__(method.split("-")[0])
     args = common.parse(module.Args, [*TINY, *METHODS[method], "--data-path", path, "--out-dir", str(tmp_path)])
     recorder = Recorder()
-    progress_call = common.Progress.__call__
+    train_one_epoch = module.train_one_epoch
 
-    def recorded(self, batches):  # the steps of the epoch: recording from the second on
-        batches_iter = progress_call(self, batches)
-        while True:
-            recorder.step = None
-            try:
-                batch = next(batches_iter)
-            except StopIteration:
-                return
-            recorder.step = self.i
-            yield batch
+    def recorded(*a):  # the steps of the epoch: recording from the second on
+        return train_one_epoch(*(Recorded(x, recorder) if hasattr(x, "epoch") else x for x in a))
 
     loader_iter = common.Batches.__iter__
 
@@ -136,12 +151,12 @@ def test_no_step_waits_for_the_host(method, path, tmp_path, monkeypatch):
                 recorder.paused = False
             yield batch
 
-    monkeypatch.setattr(common.Progress, "__call__", recorded)
+    monkeypatch.setattr(module, "train_one_epoch", recorded)
     monkeypatch.setattr(common.Batches, "__iter__", loader_apart)
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # set back what setup_distributed may install
     steps = []
-    monkeypatch.setattr(common.Progress, "update", lambda self, loss, lr, n, update=common.Progress.update: (
-        steps.append(self.i), update(self, loss, lr, n))[-1])
+    monkeypatch.setattr(common.Progress, "update", lambda self, step, loss, lr, n, update=common.Progress.update: (
+        steps.append(step), update(self, step, loss, lr, n))[-1])
     with contextlib.ExitStack() as stack:
         stack.enter_context(recorder)
         stack.enter_context(Copies(recorder))

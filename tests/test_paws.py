@@ -567,8 +567,8 @@ def test_main_trains_each_epoch_on_its_own_batches_with_build_optimizer(tmp_path
         got.append(dict(model=model, loader=loader, supports=supports, optimizer=optimizer))
         if len(got) == 2:
             raise _Stop
-        for _ in progress(_Epoch([None])):  # an epoch's progress for main's log line
-            progress.update(torch.zeros(()), 0.0, 1)
+        progress.start(1)  # an epoch's progress for main's log line
+        progress.update(0, torch.zeros(()), 0.0, 1)
         return 0.0, 0.0
 
     monkeypatch.setattr(paws, "train_one_epoch", epoch)

@@ -217,7 +217,7 @@ def test_train_step_is_nt_xent_of_the_views_paired_by_image(adv_eps):
 
 
 class Epoch(list):
-    """An epoch's batches as its loader gives them (Progress reads the epoch)."""
+    """An epoch's batches as its loader gives them (the loop reads the epoch)."""
     epoch = 1
 
 

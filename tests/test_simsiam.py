@@ -231,7 +231,7 @@ def test_train_step_is_the_symmetrised_loss_with_the_stop_gradient(stop_grad):
 
 
 class Epoch(list):
-    """An epoch's batches as its loader gives them (Progress reads the epoch)."""
+    """An epoch's batches as its loader gives them (the loop reads the epoch)."""
     epoch = 1
 
 

@@ -245,7 +245,7 @@ def test_train_step_is_l_out_of_the_views_paired_by_image_with_the_labels(method
 
 
 class Epoch(list):
-    """An epoch's batches as its loader gives them (Progress reads the epoch)."""
+    """An epoch's batches as its loader gives them (the loop reads the epoch)."""
     epoch = 1
 
 
