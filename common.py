@@ -353,11 +353,11 @@ class _WideBlock(nn.Module):
     style 'plcr' (DPLL's official network): stride in the first conv, no biases, and a widening block's shortcut
     takes act(norm(x)); 'suncet' (PAWS's and JEM's): stride in the second conv, biases, the shortcut takes x."""
 
-    def __init__(self, c_in, c_out, stride, norm, act, style="plcr"):
+    def __init__(self, c_in, c_out, stride, act, style="plcr"):
         super().__init__()
         plcr = style == "plcr"
-        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, stride if plcr else 1, 1, bias=not plcr)
-        self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, 1 if plcr else stride, 1, bias=not plcr)
+        self.norm1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride if plcr else 1, 1, bias=not plcr)
+        self.norm2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1 if plcr else stride, 1, bias=not plcr)
         self.act = act
         self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=not plcr) if stride != 1 or c_in != c_out else None
         self.preact_shortcut = plcr and self.shortcut is not None
@@ -371,34 +371,33 @@ class _WideBlock(nn.Module):
 
 
 class WideResNet(nn.Sequential):
-    """Wide-ResNet (Zagoruyko & Komodakis, 2016) of PAWS, DPLL and JEM; JEM's has norm='none' and act='leaky'.
+    """Wide-ResNet (Zagoruyko & Komodakis, 2016) of PAWS, DPLL and JEM; JEM's has act='leaky' (and no BatchNorm).
     style 'plcr': Kaiming fan-out initialisation of the convolutions; 'suncet': PyTorch's default initialisation
     and the final BatchNorm's momentum 0.99 (its running statistics follow the last batch almost alone)."""
 
-    def __init__(self, depth=28, widen=2, in_channels=3, norm="batch", act="relu", style="plcr"):
+    def __init__(self, depth=28, widen=2, in_channels=3, act="relu", style="plcr"):
         assert (depth - 4) % 6 == 0, "Wide-ResNet depth must be 6n + 4"
         w = [16, 16 * widen, 32 * widen, 64 * widen]
-        make_norm = (lambda c: nn.BatchNorm2d(c)) if norm == "batch" else (lambda c: nn.Identity())
-        activation = nn.LeakyReLU(0.2) if act == "leaky" else nn.ReLU(inplace=norm == "batch")  # x kept for +x
-        blocks = [_WideBlock(w[g + 1] if i else w[g], w[g + 1], 1 if i or g == 0 else 2, make_norm, activation, style)
+        activation = nn.LeakyReLU(0.2) if act == "leaky" else nn.ReLU(inplace=True)
+        blocks = [_WideBlock(w[g + 1] if i else w[g], w[g + 1], 1 if i or g == 0 else 2, activation, style)
                   for g in range(3) for i in range((depth - 4) // 6)]
-        super().__init__(nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=style != "plcr"), *blocks, make_norm(w[3]),
+        super().__init__(nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=style != "plcr"), *blocks, nn.BatchNorm2d(w[3]),
                          activation, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.out_dim = w[3]
-        if style != "plcr" and norm == "batch":
+        if style != "plcr":
             self[-4].momentum = 0.99
         for m in self.modules() if style == "plcr" else []:
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
-def build_backbone(arch: str, in_channels: int = 3, image_size: int = 32, norm: str = "batch",
-                   act: str = "relu", zero_init_residual: bool = False, style: str = "plcr") -> nn.Module:
+def build_backbone(arch: str, in_channels: int = 3, image_size: int = 32, act: str = "relu",
+                   zero_init_residual: bool = False, style: str = "plcr") -> nn.Module:
     """Backbone by name; ResNets get the CIFAR stem for images of 64 px or less; style: the Wide-ResNet's variant."""
     if arch.startswith("resnet"):
         return resnet(int(arch[6:]), in_channels, "cifar" if image_size <= 64 else "imagenet", zero_init_residual)
     if arch.startswith("wrn"):
-        return WideResNet(*(int(v) for v in arch[3:].split("_")), in_channels, norm=norm, act=act, style=style)
+        return WideResNet(*(int(v) for v in arch[3:].split("_")), in_channels, act=act, style=style)
     net = nn.Sequential(  # tiny: three conv-BN-ReLU layers and global pooling, for the tests and the quick start
         nn.Conv2d(in_channels, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
         nn.Conv2d(32, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
@@ -759,9 +758,9 @@ def lr_schedule(args: Args, steps_per_epoch: int, base_lr: float, final_lr: floa
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
-    """Set every group's learning rate; a group with 'fixed_lr' keeps that rate (SimSiam's predictor). Returns lr."""
+    """Set every group's learning rate; returns lr."""
     for group in optimizer.param_groups:
-        group["lr"] = group.get("fixed_lr", lr)
+        group["lr"] = lr
     return lr
 
 

@@ -146,7 +146,7 @@ class JEM(nn.Module):
 
 
 def without_batchnorm(net: nn.Module) -> nn.Module:
-    """Every BatchNorm replaced by the identity (--norm none on backbones built with it: module docstring)."""
+    """Every BatchNorm replaced by the identity (--norm none: module docstring)."""
     for name, child in net.named_children():
         setattr(net, name, nn.Identity() if isinstance(child, nn.modules.batchnorm._BatchNorm) else
                 without_batchnorm(child))
@@ -397,7 +397,7 @@ def main(args: Args):
     ood_set = ood_test_set(args, info, size)
     run = common.RunDir(args, "jem")
 
-    backbone = common.build_backbone(args.arch, info.channels, size, norm=args.norm, act="leaky", style="suncet")
+    backbone = common.build_backbone(args.arch, info.channels, size, act="leaky", style="suncet")
     model = JEM(without_batchnorm(backbone) if args.norm == "none" else backbone, info.num_classes)
     model = common.prepare_model(model, args)
     optimizer = build_optimizer(model, args)

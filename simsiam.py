@@ -168,6 +168,13 @@ def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
                            weight_decay=args.weight_decay)
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """The schedule's lr for every group but one with 'fixed_lr' (the official adjust_learning_rate); returns lr."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("fixed_lr", lr)
+    return lr
+
+
 def train_step(model: nn.Module, batch, optimizer, args: Args) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of SimSiam on one batch: L = 1/2 D(p1, stopgrad(z2)) + 1/2 D(p2, stopgrad(z1)), one SGD step.
     `model` is the network as trained (DDP on several processes). Returns this process's loss (a mean over its
@@ -192,7 +199,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common
     model.train()
     total, total_std = torch.zeros((), device=args.device), torch.zeros((), device=args.device)
     for batch in progress(loader):
-        lr = common.set_lr(optimizer, lr_at(progress.step))  # the predictor keeps its fixed_lr
+        lr = set_lr(optimizer, lr_at(progress.step))  # the predictor keeps its fixed_lr
         loss, z_std = train_step(model, batch, optimizer, args)
         total += loss
         total_std += z_std

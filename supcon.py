@@ -173,7 +173,6 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor | None = None, temp
         anchors, n_anchor_views = (contrast, v) if contrast_mode == "all" else (z[:, 0], 1)  # [A*B, D]
         positive, self_pair = supcon_masks(labels, b, v, n_anchor_views, z.device)  # [A*B, V*B] each
         logits = anchors @ contrast.T / temperature  # [A*B, V*B]
-        logits = logits - logits.max(dim=1, keepdim=True).values.detach()  # the official stabiliser; cancels below
         # log of exp(z_i.z_p/tau) / sum_{a in A(i)} exp(z_i.z_a/tau): the anchor is never its own candidate
         log_prob = logits - torch.logsumexp(logits.masked_fill(self_pair, float("-inf")), dim=1, keepdim=True)
         n_positive = positive.sum(1)  # |P(i)|, [A*B]
