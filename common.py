@@ -115,15 +115,13 @@ class Args:
     save_every: int = flag(1, "write checkpoint.pt every this many epochs (and always after the last)", "positive")
     seed: int = flag(0, "seed of every random draw (data order, augmentation, initialisation)")
     device: str = flag("", "cuda, cuda:N or cpu (default: cuda when available, else cpu)")
-    threads: int = flag(0, "CPU threads of each process (default 1 on a CPU: faster, robust to load; 4 with a GPU)",
-                        ">= 0")
+    threads: int = flag(0, "CPU threads per process (default 1 on a CPU: faster, robust to load; 4 with a GPU)", ">= 0")
     amp: bool = flag(False, "bfloat16 autocast for the networks (losses stay float32; CUDA convolutions use TF32)")
     compile: bool = flag(False, "torch.compile the model")
     channels_last: bool = flag(False, "channels-last memory format for the convolutions")
     sync_bn: bool = flag(False, "BatchNorm statistics over the global batch (all processes)")
     deterministic: bool = flag(False, "deterministic CUDA kernels: a resumed GPU run repeats an uninterrupted one")
-    dist_timeout: float = flag(300.0, "seconds to wait for a process that died or froze before stopping the run",
-                               "positive")
+    dist_timeout: float = flag(300.0, "seconds to wait for a dead or frozen process, then stop the run", "positive")
     log_every: float = flag(10.0, "seconds between progress lines", "positive")
     # what --resume lets change: where the data lives and how it is loaded, evaluation, saving, logging, the machine
     FREE_ON_RESUME = ("data_dir", "download", "eval_subset", "workers", "data_path", "eval_every", "knn_k", "knn_t",
