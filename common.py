@@ -110,8 +110,9 @@ class Args:
                                   "processes", "positive")
     out_dir: str = flag("", "run directory (default: runs/<method>-<date>-<time>)")
     resume: bool = flag(False, "continue the run in --out-dir from its checkpoint.pt with the flags that decide its "
-                        "training as it used them (another value is refused, naming the flag), but --epochs may grow, "
-                        "--lr be lowered (after a divergence), and these change: {free}; args.json: what it used")
+                        "training as it used them (another value is refused, naming the flag), but --epochs may grow "
+                        "and --lr be lowered (after a divergence); these may change: {free}. args.json records what "
+                        "the resumed run used")
     save_every: int = flag(1, "write checkpoint.pt every this many epochs (and always after the last)", "positive")
     seed: int = flag(0, "seed of every random draw (data order, augmentation, initialisation)")
     device: str = flag("", "cuda, cuda:N or cpu (default: cuda when available, else cpu)")
