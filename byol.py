@@ -61,34 +61,32 @@ import common
 
 @dataclass
 class Args(common.Args):
-    epochs: int = 1000  # training epochs (solo-learn's CIFAR-10 recipe)
-    batch_size: int = 256  # global batch N, split evenly over the processes
-    lr: float = 1.0  # base learning rate, scaled by batch_size / 256 (the official linear rule): 1.0 at 256
-    weight_decay: float = 1e-5  # LARS weight decay (solo-learn's CIFAR-10 recipe; 1.5e-6 on ImageNet)
-    warmup_epochs: float = 10  # linear warm-up epochs before the cosine decay
-    tau_base: float = 0.99  # tau_base, the target's EMA rate at step 0, raised to 1 by a cosine (0.996 on ImageNet)
-    proj_hidden_dim: int = 4096  # hidden width of the projector g and the predictor q
-    proj_dim: int = 256  # output size of g and q
-    crop_min_scale: float = 0.08  # smallest crop area as a fraction of the image (the paper's 0.08)
-    blur: int = -1  # Gaussian blur as the paper (view 1 always, view 2 with p 0.1): 1 on, 0 off, -1 above 64 px
-    solarize: float = 0.2  # probability of solarisation of the second view (the first view is never solarised)
-    momentum: float = 0.9  # LARS momentum
-    lars_eta: float = 0.02  # LARS trust coefficient (solo-learn's CIFAR-10 recipe; 0.001 in the official code)
-    lars_clip: bool = True  # cap the adapted rate at the lr (solo-learn's clip_lr; --no-lars-clip: official LARS)
-    sync_bn: bool = True  # BatchNorm statistics over the global batch (the official cross-replica BatchNorm)
+    epochs: int = common.flag(1000, "training epochs (solo-learn's CIFAR-10 recipe)")
+    batch_size: int = common.flag(256, "global batch N, split evenly over the processes")
+    lr: float = common.flag(1.0, "base learning rate, scaled by batch_size / 256 (the official linear rule): 1.0 "
+                            "at 256")
+    weight_decay: float = common.flag(1e-5, "LARS weight decay (solo-learn's CIFAR-10 recipe; 1.5e-6 on ImageNet)")
+    warmup_epochs: float = common.flag(10, "linear warm-up epochs before the cosine decay")
+    tau_base: float = common.flag(0.99, "tau_base, the target's EMA rate at step 0, raised to 1 by a cosine (0.996 "
+                                  "on ImageNet)", "in [0, 1]")
+    proj_hidden_dim: int = common.flag(4096, "hidden width of the projector g and the predictor q", ">= 1")
+    proj_dim: int = common.flag(256, "output size of g and q", ">= 1")
+    crop_min_scale: float = common.flag(0.08, "smallest crop area as a fraction of the image (the paper's 0.08)",
+                                        "in (0, 1]")
+    blur: int = common.flag(-1, "Gaussian blur as the paper (view 1 always, view 2 with p 0.1): 1 on, 0 off, -1 "
+                            "above 64 px", "in [-1, 1]")
+    solarize: float = common.flag(0.2, "probability of solarisation of the second view (the first view is never "
+                                  "solarised)", "in [0, 1]")
+    momentum: float = common.flag(0.9, "LARS momentum")
+    lars_eta: float = common.flag(0.02, "LARS trust coefficient (solo-learn's CIFAR-10 recipe; 0.001 in the "
+                                  "official code)")
+    lars_clip: bool = common.flag(True, "cap the adapted rate at the lr (solo-learn's clip_lr; --no-lars-clip: "
+                                  "official LARS)")
+    sync_bn: bool = common.flag(True, "BatchNorm statistics over the global batch (the official cross-replica "
+                                "BatchNorm)")
 
     def check(self, world_size: int = 1):
         super().check(world_size)
-        if not 0 <= self.tau_base <= 1:
-            raise ValueError(f"--tau-base must be in [0, 1], got {self.tau_base}")
-        if self.proj_hidden_dim < 1 or self.proj_dim < 1:
-            raise ValueError("--proj-hidden-dim and --proj-dim must be at least 1")
-        if self.blur not in (-1, 0, 1):
-            raise ValueError(f"--blur must be 1 (on), 0 (off) or -1 (automatic), got {self.blur}")
-        if not 0 <= self.solarize <= 1:
-            raise ValueError(f"--solarize must be a probability in [0, 1], got {self.solarize}")
-        if not 0 < self.crop_min_scale <= 1:
-            raise ValueError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
         if self.batch_size // world_size < 2:
             raise ValueError("BatchNorm needs at least 2 images per process (--batch-size)")
 

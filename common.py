@@ -51,54 +51,76 @@ def fail(message: str, every_rank: bool = False, prefix: str = "error: ", code: 
     raise error
 
 
+def flag(default, help: str, valid=None):
+    """A field of Args: its default, its --help, and the values check() takes: a tuple of choices, "positive",
+    ">= x" or "in [a, b]" ("(" or ")": that end excluded; words after it: why). Declared again, it keeps its rule."""
+    return dataclasses.field(default=default, metadata={"help": help, "valid": valid})
+
+
+def _rules(cls) -> dict:
+    """Each field's rule of flag(), from the last class that gives one (a method's Args over common.Args)."""
+    return {f.name: f.metadata["valid"] for k in reversed(cls.__mro__[:-1]) for f in dataclasses.fields(k)
+            if f.metadata.get("valid") is not None}
+
+
+def _within(value, rule: str) -> bool:
+    if rule == "positive":
+        return value > 0
+    if rule.startswith(">= "):
+        return value >= float(rule.split()[1])
+    low, a, b, high = re.match(r"in ([\[(])(\S+), (\S+?)([\])])", rule).groups()
+    above = float(a) <= value if low == "[" else float(a) < value
+    below = value <= float(b) if high == "]" else value < float(b)
+    return above and below
+
+
 @dataclass
 class Args:
     """Flags every method shares. A method subclasses this, adds its own fields and overrides defaults."""
 
-    dataset: str = "cifar10"  # cifar10 cifar100 stl10 svhn mnist fashionmnist kmnist imagefolder digits
-    data_dir: str = "data"  # where the dataset lives (torchvision layout, or train/ and val/ or test/ folders)
-    download: bool = False  # download a torchvision dataset into --data-dir when it is missing
-    image_size: int = 0  # side of the training crops in pixels (0: the dataset's own size)
-    subset: int = 0  # train on a class-balanced subset of this many images (0: the whole training split)
-    eval_subset: int = 0  # evaluate on a class-balanced subset of this many test images (0: the whole split)
-    workers: int = 4  # data-loading worker processes per training process
-    data_path: str = "auto"  # device: views made on the device (device_data.py); cpu: DataLoader; auto: device on CUDA
-    arch: str = "resnet18"  # resnet18 resnet34 resnet50 wrn28_2 wrn28_10 wrn34_10 tiny
-    epochs: int = 100  # training epochs
-    batch_size: int = 256  # global batch size, split evenly over the processes
-    lr: float = 0.1  # base learning rate
-    weight_decay: float = 1e-4  # L2 weight decay (not applied to biases and normalisation parameters)
-    warmup_epochs: float = 10  # linear warm-up from 0 before the cosine decay
-    eval_every: int = 10  # k-NN monitor every this many epochs (0: only before and after training)
-    knn_k: int = 200  # neighbours of the weighted k-NN monitor (InstDisc)
-    knn_t: float = 0.1  # temperature of the weighted k-NN monitor
-    probe_epochs: int = 100  # epochs of the linear probe on frozen features after training (0: skip it)
-    linear_epochs: int = 0  # epochs of the papers' linear protocol (0: off): crops padded by side/8 (>64 px: resized)
-    linear_lr: float = 0.1  # rate of the linear protocol's SGD (momentum 0.9, cosine, no decay, not batch-scaled)
-    linear_batch_size: int = 256  # batch of the linear protocol (its crops also flipped; all processes embed them)
-    out_dir: str = ""  # run directory (default: runs/<method>-<date>-<time>)
-    resume: bool = dataclasses.field(default=False, metadata={"help": (
-        "continue the run in --out-dir from its checkpoint.pt, with the flags that decide its training as the run "
-        "used them (another value is refused, naming the flag), but for --epochs, which may grow, and --lr, which "
-        "may be lowered (to go on after a divergence); these may change: {free}. args.json records what the resumed "
-        "run used (default: False)")})
-    save_every: int = 1  # write checkpoint.pt every this many epochs (and always after the last)
-    seed: int = 0  # seed of every random draw (data order, augmentation, initialisation)
-    device: str = ""  # cuda, cuda:N or cpu (default: cuda when available, else cpu)
-    threads: int = 0  # CPU threads of each process (default 1 on a CPU: faster, robust to load; 4 with a GPU)
-    amp: bool = False  # bfloat16 autocast for the networks (losses stay float32; CUDA convolutions use TF32 anyway)
-    compile: bool = False  # torch.compile the model
-    channels_last: bool = False  # channels-last memory format for the convolutions
-    sync_bn: bool = False  # BatchNorm statistics over the global batch (all processes)
-    deterministic: bool = False  # deterministic CUDA kernels: a resumed GPU run repeats an uninterrupted one exactly
-    dist_timeout: float = 300.0  # seconds to wait for a process that died or froze before stopping the run
-    log_every: float = 10.0  # seconds between progress lines
-    # what check() asks of the flags: one of these values; > 0; >= 0 (a method extends them)
-    CHOICES = {"data_path": ("auto", "device", "cpu")}
-    POSITIVE = ("epochs", "batch_size", "lr", "knn_k", "knn_t", "save_every", "log_every", "dist_timeout", "linear_lr",
-                "linear_batch_size")
-    NON_NEGATIVE = ("image_size", "subset", "eval_subset", "workers", "weight_decay", "warmup_epochs", "eval_every",
-                    "probe_epochs", "threads", "linear_epochs")
+    dataset: str = flag("cifar10", "the data (imagefolder: train/ and val/ or test/ folders of class folders)", (
+        "cifar10", "cifar100", "stl10", "svhn", "mnist", "fashionmnist", "kmnist", "imagefolder", "digits"))
+    data_dir: str = flag("data", "where the dataset lives (torchvision layout, or train/ and val/ or test/ folders)")
+    download: bool = flag(False, "download a torchvision dataset into --data-dir when it is missing")
+    image_size: int = flag(0, "side of the training crops in pixels (0: the dataset's own size)", ">= 0")
+    subset: int = flag(0, "train on a class-balanced subset of this many images (0: the whole training split)", ">= 0")
+    eval_subset: int = flag(0, "evaluate on a class-balanced subset of this many test images (0: all)", ">= 0")
+    workers: int = flag(4, "data-loading worker processes per training process", ">= 0")
+    data_path: str = flag("auto", "device: views made on the device (device_data.py); cpu: DataLoader; auto: "
+                          "device on CUDA", ("auto", "device", "cpu"))
+    arch: str = flag("resnet18", "backbone", ("resnet18", "resnet34", "resnet50", "wrn28_2", "wrn28_10", "wrn34_10",
+                                              "tiny"))
+    epochs: int = flag(100, "training epochs", "positive")
+    batch_size: int = flag(256, "global batch size, split evenly over the processes", "positive")
+    lr: float = flag(0.1, "base learning rate", "positive")
+    weight_decay: float = flag(1e-4, "L2 weight decay (not applied to biases and normalisation parameters)", ">= 0")
+    warmup_epochs: float = flag(10, "linear warm-up from 0 before the cosine decay", ">= 0")
+    eval_every: int = flag(10, "k-NN monitor every this many epochs (0: only before and after training)", ">= 0")
+    knn_k: int = flag(200, "neighbours of the weighted k-NN monitor (InstDisc)", "positive")
+    knn_t: float = flag(0.1, "temperature of the weighted k-NN monitor", "positive")
+    probe_epochs: int = flag(100, "epochs of the linear probe on frozen features after training (0: skip it)", ">= 0")
+    linear_epochs: int = flag(0, "epochs of the papers' linear protocol (0: off): crops padded by side/8 (>64 px: "
+                              "resized)", ">= 0")
+    linear_lr: float = flag(0.1, "rate of the linear protocol's SGD (momentum 0.9, cosine, no decay, not "
+                            "batch-scaled)", "positive")
+    linear_batch_size: int = flag(256, "batch of the linear protocol (crops also flipped; all processes embed them)",
+                                  "positive")
+    out_dir: str = flag("", "run directory (default: runs/<method>-<date>-<time>)")
+    resume: bool = flag(False, "continue the run in --out-dir from its checkpoint.pt with the flags that decide its "
+                        "training as it used them (another value is refused, naming the flag), but --epochs may grow "
+                        "and --lr be lowered (after a divergence); these may change: {free}. args.json records what "
+                        "the resumed run used")
+    save_every: int = flag(1, "write checkpoint.pt every this many epochs (and always after the last)", "positive")
+    seed: int = flag(0, "seed of every random draw (data order, augmentation, initialisation)")
+    device: str = flag("", "cuda, cuda:N or cpu (default: cuda when available, else cpu)")
+    threads: int = flag(0, "CPU threads per process (default 1 on a CPU: faster, robust to load; 4 with a GPU)", ">= 0")
+    amp: bool = flag(False, "bfloat16 autocast for the networks (losses stay float32; CUDA convolutions use TF32)")
+    compile: bool = flag(False, "torch.compile the model")
+    channels_last: bool = flag(False, "channels-last memory format for the convolutions")
+    sync_bn: bool = flag(False, "BatchNorm statistics over the global batch (all processes)")
+    deterministic: bool = flag(False, "deterministic CUDA kernels: a resumed GPU run repeats an uninterrupted one")
+    dist_timeout: float = flag(300.0, "seconds to wait for a dead or frozen process, then stop the run", "positive")
+    log_every: float = flag(10.0, "seconds between progress lines", "positive")
     # what --resume lets change: where the data lives and how it is loaded, evaluation, saving, logging, the machine
     FREE_ON_RESUME = ("data_dir", "download", "eval_subset", "workers", "data_path", "eval_every", "knn_k", "knn_t",
                       "probe_epochs", "linear_epochs", "linear_lr", "linear_batch_size", "out_dir", "resume",
@@ -106,53 +128,44 @@ class Args:
                       "log_every")
 
     def check(self, world_size: int = 1):
-        """Raise ValueError with a one-line reason for any invalid value (of every float: NaN and infinity too)."""
+        """Raise ValueError, one line, for a value its flag() refuses, a float not finite, or a rule across flags."""
+        rules = _rules(type(self))
         for name, value in vars(self).items():
+            option, rule = "--" + name.replace("_", "-"), rules.get(name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-        for name, allowed in {"dataset": DATASETS, "arch": ARCHS, **self.CHOICES}.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r} "
-                                 f"(choose from {', '.join(filter(None, allowed))})")
-        for name in self.POSITIVE:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in self.NON_NEGATIVE:
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{option} must be a finite number, got {value}")
+            if isinstance(rule, tuple) and value not in rule:
+                raise ValueError(f"unknown {option} {value!r} (choose from {', '.join(filter(None, rule))})")
+            if isinstance(rule, str) and not _within(value, rule):
+                raise ValueError(f"{option} must be {rule}, got {value}")
         for name in ["batch_size"] + ["linear_batch_size"] * bool(self.linear_epochs):
             if getattr(self, name) % world_size:
                 raise ValueError(f"{_flag(name, getattr(self, name))} does not divide evenly over {world_size} "
                                  f"processes")
         if self.resume and not self.out_dir:
             raise ValueError("--resume needs --out-dir, the directory of the run to continue")
-        if self.device and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
-            raise ValueError(f"--device must be cpu, cuda, cuda:N or mps, got {self.device!r}")
-        present = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}  # devices here
-        if self.device[:4] in present and int(self.device[5:] or 0) >= present[self.device[:4]]:
-            raise ValueError(f"--device {self.device} asked for, but this machine has {present[self.device[:4]]} "
-                             f"{self.device[:4].upper()} device(s)")
+        if self.device and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device[:4] == "cuda" and int(self.device[5:] or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {self.device} asked for, but this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s)")
 
 
 def parse(cls, argv: list[str] | None = None):
-    """The dataclass `cls` as flags (`batch_size` -> `--batch-size`), parsed, checked; help: each field's comment."""
-    comments = {}
-    for klass in reversed(cls.__mro__):
-        with contextlib.suppress(OSError, TypeError):
-            comments.update(re.findall(r"(?m)^\s+(\w+)\s*:[^=\n]+=.*?#\s*(.+)$", inspect.getsource(klass)))
+    """The dataclass `cls` as flags (`batch_size` -> `--batch-size`; help and choices from flag()), parsed, checked."""
     parser = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0]) or "python", description=sys.modules[
         cls.__module__].__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = lambda message: fail(message, prefix=f"{parser.prog}: error: ")  # one line, no usage, exit 2
+    rules = _rules(cls)
+    free = " ".join("--" + name.replace("_", "-") for name in cls.FREE_ON_RESUME)  # in --resume's help
     for f in dataclasses.fields(cls):
-        flag, kind, text = "--" + f.name.replace("_", "-"), typing.get_type_hints(cls)[f.name], comments.get(f.name, "")
-        if "help" in f.metadata:  # --resume's: the flags it lets change
-            text = f.metadata["help"].format(free=" ".join("--" + n.replace("_", "-") for n in cls.FREE_ON_RESUME))
-        text = text.strip() + ("" if "(default" in text else f" (default: {f.default})")
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        else:
-            parser.add_argument(flag, type=kind, default=f.default, help=text,
-                                metavar=f.name.upper() if kind is str else kind.__name__.upper())
+        kind = typing.get_type_hints(cls)[f.name]
+        text = f.metadata.get("help", "").replace("{free}", free)
+        text += "" if "(default" in text else f" (default: {f.default})"
+        choices = ",".join(filter(None, rules[f.name])) if isinstance(rules.get(f.name), tuple) else ""
+        metavar = "{" + choices + "}" if choices else (f.name if kind is str else kind.__name__).upper()  # argparse's
+        how = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind, "metavar": metavar}
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=text, **how)
     args = cls(**vars(parser.parse_args(argv)))
     try:
         args.check(world_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -329,9 +342,6 @@ def _uncaught(kind, error, traceback):
 
 # -------- Backbones: each maps images [B, C, H, W] to features [B, out_dim], with .out_dim set ------------------------
 
-ARCHS = ["resnet18", "resnet34", "resnet50", "wrn28_2", "wrn28_10", "wrn34_10", "tiny"]
-
-
 def resnet(depth: int, in_channels: int = 3, stem: str = "cifar", zero_init_residual: bool = False) -> nn.Module:
     """torchvision's ResNet without classifier; stem 'cifar': 3x3 conv, stride 1, no max-pool (SimCLR's CIFAR-10)."""
     net = getattr(torchvision.models, f"resnet{depth}")(weights=None, zero_init_residual=zero_init_residual)
@@ -349,11 +359,13 @@ class _WideBlock(nn.Module):
     style 'plcr' (DPLL's official network): stride in the first conv, no biases, and a widening block's shortcut
     takes act(norm(x)); 'suncet' (PAWS's and JEM's): stride in the second conv, biases, the shortcut takes x."""
 
-    def __init__(self, c_in, c_out, stride, norm, act, style="plcr"):
+    def __init__(self, c_in, c_out, stride, act, style="plcr"):
         super().__init__()
         plcr = style == "plcr"
-        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, stride if plcr else 1, 1, bias=not plcr)
-        self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, 1 if plcr else stride, 1, bias=not plcr)
+        self.norm1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride if plcr else 1, 1, bias=not plcr)
+        self.norm2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1 if plcr else stride, 1, bias=not plcr)
         self.act = act
         self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=not plcr) if stride != 1 or c_in != c_out else None
         self.preact_shortcut = plcr and self.shortcut is not None
@@ -367,34 +379,33 @@ class _WideBlock(nn.Module):
 
 
 class WideResNet(nn.Sequential):
-    """Wide-ResNet (Zagoruyko & Komodakis, 2016) of PAWS, DPLL and JEM; JEM's has norm='none' and act='leaky'.
+    """Wide-ResNet (Zagoruyko & Komodakis, 2016) of PAWS, DPLL and JEM; JEM's has act='leaky' (and no BatchNorm).
     style 'plcr': Kaiming fan-out initialisation of the convolutions; 'suncet': PyTorch's default initialisation
     and the final BatchNorm's momentum 0.99 (its running statistics follow the last batch almost alone)."""
 
-    def __init__(self, depth=28, widen=2, in_channels=3, norm="batch", act="relu", style="plcr"):
+    def __init__(self, depth=28, widen=2, in_channels=3, act="relu", style="plcr"):
         assert (depth - 4) % 6 == 0, "Wide-ResNet depth must be 6n + 4"
         w = [16, 16 * widen, 32 * widen, 64 * widen]
-        make_norm = (lambda c: nn.BatchNorm2d(c)) if norm == "batch" else (lambda c: nn.Identity())
-        activation = nn.LeakyReLU(0.2) if act == "leaky" else nn.ReLU(inplace=norm == "batch")  # x kept for +x
-        blocks = [_WideBlock(w[g + 1] if i else w[g], w[g + 1], 1 if i or g == 0 else 2, make_norm, activation, style)
+        activation = nn.LeakyReLU(0.2) if act == "leaky" else nn.ReLU(inplace=True)
+        blocks = [_WideBlock(w[g + 1] if i else w[g], w[g + 1], 1 if i or g == 0 else 2, activation, style)
                   for g in range(3) for i in range((depth - 4) // 6)]
-        super().__init__(nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=style != "plcr"), *blocks, make_norm(w[3]),
+        super().__init__(nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=style != "plcr"), *blocks, nn.BatchNorm2d(w[3]),
                          activation, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.out_dim = w[3]
-        if style != "plcr" and norm == "batch":
+        if style != "plcr":
             self[-4].momentum = 0.99
         for m in self.modules() if style == "plcr" else []:
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
-def build_backbone(arch: str, in_channels: int = 3, image_size: int = 32, norm: str = "batch",
-                   act: str = "relu", zero_init_residual: bool = False, style: str = "plcr") -> nn.Module:
+def build_backbone(arch: str, in_channels: int = 3, image_size: int = 32, act: str = "relu",
+                   zero_init_residual: bool = False, style: str = "plcr") -> nn.Module:
     """Backbone by name; ResNets get the CIFAR stem for images of 64 px or less; style: the Wide-ResNet's variant."""
     if arch.startswith("resnet"):
         return resnet(int(arch[6:]), in_channels, "cifar" if image_size <= 64 else "imagenet", zero_init_residual)
     if arch.startswith("wrn"):
-        return WideResNet(*(int(v) for v in arch[3:].split("_")), in_channels, norm=norm, act=act, style=style)
+        return WideResNet(*(int(v) for v in arch[3:].split("_")), in_channels, act=act, style=style)
     net = nn.Sequential(  # tiny: three conv-BN-ReLU layers and global pooling, for the tests and the quick start
         nn.Conv2d(in_channels, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
         nn.Conv2d(32, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
@@ -754,9 +765,9 @@ def lr_schedule(args: Args, steps_per_epoch: int, base_lr: float, final_lr: floa
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
-    """Set every group's learning rate; a group with 'fixed_lr' keeps that rate (SimSiam's predictor). Returns lr."""
+    """Set every group's learning rate; returns lr."""
     for group in optimizer.param_groups:
-        group["lr"] = group.get("fixed_lr", lr)
+        group["lr"] = lr
     return lr
 
 

@@ -69,33 +69,32 @@ import common
 
 @dataclass
 class Args(common.Args):
-    arch: str = "wrn34_10"  # backbone (the official CIFAR-10 model is Wide-ResNet-34-10)
-    epochs: int = 200  # training epochs (official main.py)
-    batch_size: int = 64  # global batch, split evenly over the processes (official loaders)
-    lr: float = 0.1  # SGD learning rate (not scaled with the batch size, as the official code)
-    weight_decay: float = 1e-4  # SGD weight decay, on every parameter as the official optimiser
-    momentum: float = 0.9  # SGD momentum
-    warmup_epochs: float = 0  # linear warm-up epochs before the step schedule (the official code has none)
-    milestones: str = "100,150"  # comma-separated epochs at which the learning rate is multiplied by --lr-decay
-    lr_decay: float = 0.1  # factor of the learning rate at each milestone (official MultiStepLR)
-    q: float = 0.4  # probability that each wrong label joins a candidate set (official --rate)
-    lam: float = 1.0  # lambda_max, the weight of the consistency loss after the ramp (official --lam)
-    ramp_epochs: float = 100  # epochs of the linear ramp of lambda from 0 to lambda_max (official: 100)
-    naive: bool = False  # baseline instead of DPLL: cross-entropy with the uniform distribution over each set
+    arch: str = common.flag("wrn34_10", "backbone (the official CIFAR-10 model is Wide-ResNet-34-10)")
+    epochs: int = common.flag(200, "training epochs (official main.py)")
+    batch_size: int = common.flag(64, "global batch, split evenly over the processes (official loaders)")
+    lr: float = common.flag(0.1, "SGD learning rate (not scaled with the batch size, as the official code)")
+    weight_decay: float = common.flag(1e-4, "SGD weight decay, on every parameter as the official optimiser")
+    momentum: float = common.flag(0.9, "SGD momentum", "in [0, 1)")
+    warmup_epochs: float = common.flag(0, "linear warm-up epochs before the step schedule (the official code has "
+                                       "none)")
+    milestones: str = common.flag("100,150", "comma-separated epochs at which the learning rate is multiplied by "
+                                  "--lr-decay")
+    lr_decay: float = common.flag(0.1, "factor of the learning rate at each milestone (official MultiStepLR)",
+                                  "in (0, 1]")
+    q: float = common.flag(0.4, "probability that each wrong label joins a candidate set (official --rate)",
+                           "in [0, 1]")
+    lam: float = common.flag(1.0, "lambda_max, the weight of the consistency loss after the ramp (official --lam)",
+                             ">= 0")
+    ramp_epochs: float = common.flag(100, "epochs of the linear ramp of lambda from 0 to lambda_max (official: 100)",
+                                     ">= 0")
+    naive: bool = common.flag(False, "baseline instead of DPLL: cross-entropy with the uniform distribution over "
+                              "each set")
 
     def milestone_epochs(self) -> list[int]:
         return [int(m) for m in self.milestones.split(",") if m.strip()]
 
     def check(self, world_size: int = 1):
         super().check(world_size)
-        if not 0 <= self.q <= 1:
-            raise ValueError(f"--q must be a probability in [0, 1], got {self.q}")
-        if self.lam < 0 or self.ramp_epochs < 0:
-            raise ValueError("--lam and --ramp-epochs must be >= 0")
-        if not 0 < self.lr_decay <= 1:
-            raise ValueError(f"--lr-decay must be in (0, 1], got {self.lr_decay}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
         try:
             epochs = self.milestone_epochs()
         except ValueError:

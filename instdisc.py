@@ -76,36 +76,35 @@ import common
 
 @dataclass
 class Args(common.Args):
-    epochs: int = 200  # training epochs (official cifar.py)
-    batch_size: int = 128  # global batch, split evenly over the processes (official cifar.py)
-    lr: float = 0.03  # SGD learning rate, x0.1 after 3/5 and 4/5 of the epochs (official: epochs 120, 160 of 200)
-    weight_decay: float = 5e-4  # SGD weight decay, on every parameter as the official code
-    warmup_epochs: float = 0  # linear warm-up epochs before the step schedule (0: none, as the official code)
-    momentum: float = 0.9  # SGD momentum
-    low_dim: int = 128  # D, size of the L2-normalised feature v and of each memory-bank row
-    nce_k: int = 0  # m, noise samples per image for NCE (0: the full non-parametric softmax over all N images)
-    temperature: float = 0.1  # tau of P(i|v) (the official --nce-t)
-    bank_momentum: float = 0.5  # m_b of the memory-bank update v_i <- normalise(m_b v_i + (1 - m_b) f(x_i))
-    proximal: float = 0.0  # lambda of the proximal term lambda ||v_i^(t) - v_i^(t-1)||^2 (0: off, as the official code)
-    crop_min_scale: float = 0.2  # smallest crop area as a fraction of the image (official: 0.2)
-    flip: bool = False  # random horizontal flip (off in the official CIFAR-10 script, on in its ImageNet one)
-    adv_eps: float = 0.0  # CLAE: L-inf radius of the adversarial view in pixels of [0, 1] (0: off; CLAE uses 0.03)
-    adv_steps: int = 1  # CLAE: gradient steps making the adversarial view (1: FGSM as CLAE, more: PGD)
-    adv_weight: float = 1.0  # CLAE: alpha, weight of the adversarial view's loss
-    adv_bn: bool = False  # AdvProp: auxiliary BatchNorms in the encoder, used for adversarial views only
+    epochs: int = common.flag(200, "training epochs (official cifar.py)")
+    batch_size: int = common.flag(128, "global batch, split evenly over the processes (official cifar.py)")
+    lr: float = common.flag(0.03, "SGD learning rate, x0.1 after 3/5 and 4/5 of the epochs (official: epochs 120, "
+                            "160 of 200)")
+    weight_decay: float = common.flag(5e-4, "SGD weight decay, on every parameter as the official code")
+    warmup_epochs: float = common.flag(0, "linear warm-up epochs before the step schedule (0: none, as the official "
+                                       "code)")
+    momentum: float = common.flag(0.9, "SGD momentum")
+    low_dim: int = common.flag(128, "D, size of the L2-normalised feature v and of each memory-bank row", ">= 1")
+    nce_k: int = common.flag(0, "m, noise samples per image for NCE (0: the full non-parametric softmax over all N "
+                             "images)", ">= 0")
+    temperature: float = common.flag(0.1, "tau of P(i|v) (the official --nce-t)", "positive")
+    bank_momentum: float = common.flag(0.5, "m_b of the memory-bank update v_i <- normalise(m_b v_i + (1 - m_b) "
+                                       "f(x_i))", "in [0, 1)")
+    proximal: float = common.flag(0.0, "lambda of the proximal term lambda ||v_i^(t) - v_i^(t-1)||^2 (0: off, as "
+                                  "the official code)", ">= 0")
+    crop_min_scale: float = common.flag(0.2, "smallest crop area as a fraction of the image (official: 0.2)",
+                                        "in (0, 1]")
+    flip: bool = common.flag(False, "random horizontal flip (off in the official CIFAR-10 script, on in its "
+                             "ImageNet one)")
+    adv_eps: float = common.flag(0.0, "CLAE: L-inf radius of the adversarial view in pixels of [0, 1] (0: off; "
+                                 "CLAE uses 0.03)", ">= 0")
+    adv_steps: int = common.flag(1, "CLAE: gradient steps making the adversarial view (1: FGSM as CLAE, more: PGD)",
+                                 ">= 1")
+    adv_weight: float = common.flag(1.0, "CLAE: alpha, weight of the adversarial view's loss", ">= 0")
+    adv_bn: bool = common.flag(False, "AdvProp: auxiliary BatchNorms in the encoder, used for adversarial views only")
 
     def check(self, world_size: int = 1):
         super().check(world_size)
-        for name, low in {"nce_k": 0, "proximal": 0, "low_dim": 1, "adv_eps": 0, "adv_steps": 1,
-                          "adv_weight": 0}.items():
-            if getattr(self, name) < low:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
-        if not self.temperature > 0:
-            raise ValueError(f"--temperature must be positive, got {self.temperature}")
-        if not 0 <= self.bank_momentum < 1:
-            raise ValueError(f"--bank-momentum must be in [0, 1), got {self.bank_momentum}")
-        if not 0 < self.crop_min_scale <= 1:
-            raise ValueError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
         if self.adv_bn and not self.adv_eps:
             raise ValueError("--adv-bn needs adversarial views: set --adv-eps (e.g. 0.03)")
 

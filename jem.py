@@ -64,41 +64,42 @@ import common
 
 @dataclass
 class Args(common.Args):
-    arch: str = "wrn28_10"  # backbone (the official Wide-ResNet 28-10; tiny or resnet18 for small runs)
-    norm: str = "none"  # none (official: every BatchNorm of the backbone removed) or batch (kept)
-    objective: str = "jem"  # jem (SGLD for p(x)), hdge (contrastive q(x|y)), hdge+sgld (both), ce (baseline)
-    epochs: int = 200  # training epochs (official)
-    batch_size: int = 64  # global batch, split evenly over the processes (official 64)
-    lr: float = 1e-4  # Adam learning rate (official)
-    weight_decay: float = 0.0  # Adam weight decay (official 0)
-    warmup_epochs: float = 1.28  # linear warm-up (the official 1,000 steps of batch 64 on 50,000 images)
-    decay_epochs: str = "160,180"  # epochs at which the learning rate is multiplied by --decay-rate
-    decay_rate: float = 0.3  # learning-rate decay factor (official)
-    sigma: float = 0.03  # std of the Gaussian noise added to training inputs in [-1, 1] (official)
-    p_x_weight: float = 1.0  # weight of the p(x) term L_p(x) (official)
-    p_y_x_weight: float = 1.0  # weight of the cross-entropy term (official)
-    buffer_size: int = 10000  # SGLD replay buffer size, over all processes (official)
-    reinit_freq: float = 0.05  # rho, probability that a chain restarts from uniform noise (official)
-    sgld_steps: int = 20  # SGLD steps per training step (official; more steps are more stable)
-    sgld_step_size: float = 1.0  # alpha, SGLD step size on the gradient of logsumexp f (official)
-    sgld_noise: float = 0.01  # sigma of the SGLD noise (official)
-    hdge_weight: float = 1.0  # weight of the HDGE term (official pxycontrast)
-    queue_size: int = 65536  # K, logit vectors kept by HDGE from earlier batches (official contrast_k)
-    hdge_temperature: float = 0.1  # T of HDGE (official contrast_t)
-    hdge_mask: str = "official"  # official (one-hot product inside logsumexp) or select (the label's entry only)
-    diverge_at: float = 1e8  # stop when |loss| exceeds this or is not finite (official 1e8)
-    ood_dataset: str = ""  # a second dataset for OOD-detection AUROC of the energy (e.g. svhn; empty: skip)
-    ood_data_dir: str = ""  # where --ood-dataset lives (default: --data-dir)
-    CHOICES = {**common.Args.CHOICES, "objective": ("jem", "hdge", "hdge+sgld", "ce"), "norm": ("none", "batch"),
-               "hdge_mask": ("official", "select"), "ood_dataset": ("", *common.DATASETS)}
-    POSITIVE = common.Args.POSITIVE + ("sgld_steps", "sgld_step_size", "hdge_temperature", "decay_rate", "diverge_at")
+    arch: str = common.flag("wrn28_10", "backbone (the official Wide-ResNet 28-10; tiny or resnet18 for small runs)")
+    norm: str = common.flag("none", "none (official: every BatchNorm of the backbone removed) or batch (kept)",
+                            ("none", "batch"))
+    objective: str = common.flag("jem", "jem (SGLD for p(x)), hdge (contrastive q(x|y)), hdge+sgld (both), ce "
+                                 "(baseline)", ("jem", "hdge", "hdge+sgld", "ce"))
+    epochs: int = common.flag(200, "training epochs (official)")
+    batch_size: int = common.flag(64, "global batch, split evenly over the processes (official 64)")
+    lr: float = common.flag(1e-4, "Adam learning rate (official)")
+    weight_decay: float = common.flag(0.0, "Adam weight decay (official 0)")
+    warmup_epochs: float = common.flag(1.28, "linear warm-up (the official 1,000 steps of batch 64 on 50,000 images)")
+    decay_epochs: str = common.flag("160,180", "epochs at which the learning rate is multiplied by --decay-rate")
+    decay_rate: float = common.flag(0.3, "learning-rate decay factor (official)", "positive")
+    sigma: float = common.flag(0.03, "std of the Gaussian noise added to training inputs in [-1, 1] (official)", ">= 0")
+    p_x_weight: float = common.flag(1.0, "weight of the p(x) term L_p(x) (official)", ">= 0")
+    p_y_x_weight: float = common.flag(1.0, "weight of the cross-entropy term (official)", ">= 0")
+    buffer_size: int = common.flag(10000, "SGLD replay buffer size, over all processes (official)")
+    reinit_freq: float = common.flag(0.05, "rho, probability that a chain restarts from uniform noise (official)",
+                                     "in [0, 1]")
+    sgld_steps: int = common.flag(20, "SGLD steps per training step (official; more steps are more stable)",
+                                  "positive")
+    sgld_step_size: float = common.flag(1.0, "alpha, SGLD step size on the gradient of logsumexp f (official)",
+                                        "positive")
+    sgld_noise: float = common.flag(0.01, "sigma of the SGLD noise (official)", ">= 0")
+    hdge_weight: float = common.flag(1.0, "weight of the HDGE term (official pxycontrast)", ">= 0")
+    queue_size: int = common.flag(65536, "K, logit vectors kept by HDGE from earlier batches (official contrast_k)")
+    hdge_temperature: float = common.flag(0.1, "T of HDGE (official contrast_t)", "positive")
+    hdge_mask: str = common.flag("official", "official (one-hot product inside logsumexp) or select (the label's "
+                                 "entry only)", ("official", "select"))
+    diverge_at: float = common.flag(1e8, "stop when |loss| exceeds this or is not finite (official 1e8)", "positive")
+    ood_dataset: str = common.flag("", "a second dataset for OOD-detection AUROC of the energy (e.g. svhn; empty: "
+                                   "skip)", ("", *common.DATASETS))
+    ood_data_dir: str = common.flag("", "where --ood-dataset lives (default: --data-dir)")
     FREE_ON_RESUME = common.Args.FREE_ON_RESUME + ("diverge_at", "ood_dataset", "ood_data_dir")  # not the training
-    NON_NEGATIVE = common.Args.NON_NEGATIVE + ("sigma", "sgld_noise", "p_x_weight", "p_y_x_weight", "hdge_weight")
 
     def check(self, world_size: int = 1):
         super().check(world_size)
-        if not 0 <= self.reinit_freq <= 1:
-            raise ValueError(f"--reinit-freq must be a probability in [0, 1], got {self.reinit_freq}")
         if self.buffer_size < self.batch_size or self.buffer_size % world_size:
             raise ValueError(f"--buffer-size {self.buffer_size} must hold a batch of chains (--batch-size) and "
                              f"divide over {world_size} processes")
@@ -146,7 +147,7 @@ class JEM(nn.Module):
 
 
 def without_batchnorm(net: nn.Module) -> nn.Module:
-    """Every BatchNorm replaced by the identity (--norm none on backbones built with it: module docstring)."""
+    """Every BatchNorm replaced by the identity (--norm none: module docstring)."""
     for name, child in net.named_children():
         setattr(net, name, nn.Identity() if isinstance(child, nn.modules.batchnorm._BatchNorm) else
                 without_batchnorm(child))
@@ -399,7 +400,7 @@ def main(args: Args):
     ood_set = ood_test_set(args, info, size)
     run = common.RunDir(args, "jem")
 
-    backbone = common.build_backbone(args.arch, info.channels, size, norm=args.norm, act="leaky", style="suncet")
+    backbone = common.build_backbone(args.arch, info.channels, size, act="leaky", style="suncet")
     model = JEM(without_batchnorm(backbone) if args.norm == "none" else backbone, info.num_classes)
     model = common.prepare_model(model, args)
     optimizer = build_optimizer(model, args)

@@ -62,31 +62,28 @@ import common
 
 @dataclass
 class Args(common.Args):
-    epochs: int = 200  # training epochs (official CIFAR demo)
-    batch_size: int = 512  # global batch N, split evenly over the processes
-    lr: float = 0.06  # learning rate of SGD at batch 512, scaled by batch_size / 512 (official CIFAR demo)
-    weight_decay: float = 5e-4  # SGD weight decay (official CIFAR demo)
-    warmup_epochs: float = 0  # linear warm-up epochs before the cosine decay (the demo has none)
-    queue_size: int = 4096  # K, negatives kept from earlier batches; a multiple of the keys enqueued per step
-    momentum: float = 0.99  # m of the key encoder: theta_k <- m theta_k + (1 - m) theta_q
-    temperature: float = 0.1  # T of InfoNCE (0.1 in the CIFAR demo, 0.2 in MoCo v2)
-    proj_dim: int = 128  # output size of the head (the feature dimension of the keys)
-    mlp: bool = False  # MoCo v2's 2-layer MLP head instead of the linear head
-    bn_splits: int = 8  # BatchNorm over this many groups of the batch, on one process (official CIFAR demo)
-    symmetric: bool = False  # the CIFAR demo's symmetric loss: both views are queries, both keys are enqueued
-    crop_min_scale: float = 0.08  # smallest crop area as a fraction of the image (the demo's 0.08)
-    sgd_momentum: float = 0.9  # SGD momentum
+    epochs: int = common.flag(200, "training epochs (official CIFAR demo)")
+    batch_size: int = common.flag(512, "global batch N, split evenly over the processes")
+    lr: float = common.flag(0.06, "learning rate of SGD at batch 512, scaled by batch_size / 512 (official CIFAR "
+                            "demo)")
+    weight_decay: float = common.flag(5e-4, "SGD weight decay (official CIFAR demo)")
+    warmup_epochs: float = common.flag(0, "linear warm-up epochs before the cosine decay (the demo has none)")
+    queue_size: int = common.flag(4096, "K, negatives kept from earlier batches; a multiple of the keys enqueued "
+                                  "per step")
+    momentum: float = common.flag(0.99, "m of the key encoder: theta_k <- m theta_k + (1 - m) theta_q", "in [0, 1]")
+    temperature: float = common.flag(0.1, "T of InfoNCE (0.1 in the CIFAR demo, 0.2 in MoCo v2)", "positive")
+    proj_dim: int = common.flag(128, "output size of the head (the feature dimension of the keys)", ">= 1")
+    mlp: bool = common.flag(False, "MoCo v2's 2-layer MLP head instead of the linear head")
+    bn_splits: int = common.flag(8, "BatchNorm over this many groups of the batch, on one process (official CIFAR "
+                                 "demo)", ">= 1")
+    symmetric: bool = common.flag(False, "the CIFAR demo's symmetric loss: both views are queries, both keys are "
+                                  "enqueued")
+    crop_min_scale: float = common.flag(0.08, "smallest crop area as a fraction of the image (the demo's 0.08)",
+                                        "in (0, 1]")
+    sgd_momentum: float = common.flag(0.9, "SGD momentum")
 
     def check(self, world_size: int = 1):
         super().check(world_size)
-        if not self.temperature > 0:
-            raise ValueError(f"--temperature must be positive, got {self.temperature}")
-        if not 0 <= self.momentum <= 1:
-            raise ValueError(f"--momentum must be in [0, 1], got {self.momentum}")
-        if self.proj_dim < 1 or self.bn_splits < 1:
-            raise ValueError("--proj-dim and --bn-splits must be at least 1")
-        if not 0 < self.crop_min_scale <= 1:
-            raise ValueError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
         keys = self.batch_size * (2 if self.symmetric else 1)
         if self.queue_size < 1 or self.queue_size % keys:
             raise ValueError(f"--queue-size {self.queue_size} must be a positive multiple of the {keys} keys "

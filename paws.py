@@ -59,48 +59,40 @@ import common
 
 @dataclass
 class Args(common.Args):
-    arch: str = "wrn28_2"  # encoder f (official CIFAR-10: Wide-ResNet-28-2)
-    epochs: int = 600  # training epochs (official CIFAR-10 config)
-    batch_size: int = 256  # global number of unlabelled images a step, split evenly over the processes
-    lr: float = 3.2  # learning rate reached after the warm-up (not scaled with the batch, as the official code)
-    start_lr: float = 0.8  # learning rate at the first step of the warm-up
-    final_lr: float = 0.032  # learning rate at the end of the cosine decay
-    weight_decay: float = 1e-6  # LARS weight decay (official CIFAR-10 config)
-    warmup_epochs: float = 10  # linear warm-up epochs from --start-lr to --lr before the cosine decay
-    momentum: float = 0.9  # LARS momentum
-    lars_eta: float = 0.001  # LARS trust coefficient
-    num_labels: int = 4000  # size of the labelled subset, class-balanced, drawn with --label-seed
-    label_seed: int = 152  # seed of the labelled split (the official CIFAR-10 split files are named by seed)
-    label_file: str = ""  # file of training-set indices, one a line, to use as the labelled subset instead
-    classes_per_batch: int = 10  # classes whose supports every step draws
-    supports_per_class: int = 64  # labelled images a step from each of those classes (global)
-    support_views: int = 2  # augmented views of each support image
-    multicrop: int = 6  # small multi-crop views of each unlabelled image, besides the two global views
-    temperature: float = 0.1  # tau of the soft nearest-neighbour classifier (training and PAWS-NN)
-    sharpen: float = 0.25  # T, the sharpening temperature of the targets
-    label_smoothing: float = 0.1  # eps of the support labels
-    me_max: bool = True  # add ME-MAX, the negative entropy of the mean sharpened prediction
-    proj_dim: int = 128  # output size of the projection head g
-    jitter_strength: float = 0.5  # s: colour jitter of brightness, contrast, saturation 0.8s and hue 0.2s
-    supervised_only: bool = False  # baseline: a linear classifier with cross-entropy on the supports alone
-    sync_bn: bool = True  # BatchNorm statistics over the global batch (the official code uses SyncBatchNorm)
-    finetune_epochs: int = 30  # after training, fine-tune a copy of f and g on the labelled set (official CIFAR-10)
-    finetune_lr: float = 0.1  # fine-tuning learning rate at its first step (official CIFAR-10 fine-tuning)
-    finetune_final_lr: float = 0.01  # fine-tuning learning rate at its last step, after a cosine decay
-    POSITIVE = common.Args.POSITIVE + ("temperature", "sharpen", "finetune_lr", "support_views", "supports_per_class",
-                                       "proj_dim", "num_labels")
-    NON_NEGATIVE = common.Args.NON_NEGATIVE + ("multicrop", "start_lr", "final_lr", "finetune_epochs",
-                                               "finetune_final_lr")
+    arch: str = common.flag("wrn28_2", "encoder f (official CIFAR-10: Wide-ResNet-28-2)")
+    epochs: int = common.flag(600, "training epochs (official CIFAR-10 config)")
+    batch_size: int = common.flag(256, "global number of unlabelled images a step, split evenly over the processes")
+    lr: float = common.flag(3.2, "learning rate after the warm-up (not scaled with the batch, as the official code)")
+    start_lr: float = common.flag(0.8, "learning rate at the first step of the warm-up", ">= 0")
+    final_lr: float = common.flag(0.032, "learning rate at the end of the cosine decay", ">= 0")
+    weight_decay: float = common.flag(1e-6, "LARS weight decay (official CIFAR-10 config)")
+    warmup_epochs: float = common.flag(10, "linear warm-up epochs from --start-lr to --lr before the cosine decay")
+    momentum: float = common.flag(0.9, "LARS momentum")
+    lars_eta: float = common.flag(0.001, "LARS trust coefficient")
+    num_labels: int = common.flag(4000, "labelled images: a class-balanced subset drawn with --label-seed", ">= 1")
+    label_seed: int = common.flag(152, "seed of the labelled split (official CIFAR-10 split files are named by seed)")
+    label_file: str = common.flag("", "file of training-set indices, one a line: the labelled subset instead")
+    classes_per_batch: int = common.flag(10, "classes whose supports every step draws", ">= 2 (for the SNN to choose)")
+    supports_per_class: int = common.flag(64, "labelled images a step from each of those classes (global)", "positive")
+    support_views: int = common.flag(2, "augmented views of each support image", "positive")
+    multicrop: int = common.flag(6, "small multi-crop views of each unlabelled image besides its 2 global ones", ">= 0")
+    temperature: float = common.flag(0.1, "tau of the soft nearest-neighbour classifier: training, PAWS-NN", "positive")
+    sharpen: float = common.flag(0.25, "T, the sharpening temperature of the targets", "positive")
+    label_smoothing: float = common.flag(0.1, "eps of the support labels", "in [0, 1)")
+    me_max: bool = common.flag(True, "add ME-MAX, the negative entropy of the mean sharpened prediction")
+    proj_dim: int = common.flag(128, "output size of the projection head g", "positive")
+    jitter_strength: float = common.flag(0.5, "s: colour jitter of brightness, contrast, saturation 0.8s and hue "
+                                         "0.2s", "in [0, 2.5] (hue 0.2s <= 0.5)")
+    supervised_only: bool = common.flag(False, "baseline: a linear classifier with cross-entropy on the supports alone")
+    sync_bn: bool = common.flag(True, "BatchNorm statistics over the global batch (official: SyncBatchNorm)")
+    finetune_epochs: int = common.flag(30, "after training, fine-tune a copy of f and g on the labelled set "
+                                       "(official CIFAR-10)", ">= 0")
+    finetune_lr: float = common.flag(0.1, "fine-tuning learning rate at its first step (official CIFAR-10)", "positive")
+    finetune_final_lr: float = common.flag(0.01, "fine-tuning learning rate at its last step (cosine decay)", ">= 0")
     FREE_ON_RESUME = common.Args.FREE_ON_RESUME + ("finetune_epochs", "finetune_lr", "finetune_final_lr")  # after it
 
     def check(self, world_size: int = 1):
         super().check(world_size)
-        if self.classes_per_batch < 2:  # the SNN must choose between classes
-            raise ValueError(f"--classes-per-batch must be >= 2, got {self.classes_per_batch}")
-        if not 0 <= self.jitter_strength <= 2.5:  # hue jitter 0.2s must stay within torchvision's 0.5
-            raise ValueError(f"--jitter-strength must be in [0, 2.5] (hue 0.2s <= 0.5), got {self.jitter_strength}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.supports_per_class % world_size:
             raise ValueError(f"--supports-per-class does not divide evenly over {world_size} processes")
 
@@ -405,7 +397,8 @@ def main(args: Args):
     train_set, memory_set, test_set = common.training_and_eval_sets(args, views, common.eval_transform(info, size))
     support_views = common.MultiView([support_view] * args.support_views)
     labelled = labelled_indices(train_set.targets, args)
-    support_set = common.Subset(common.training_and_eval_sets(args, support_views, None)[0], labelled)
+    in_split = [train_set.indices[i] for i in labelled] if args.subset else labelled  # rows of the training split
+    support_set = common.Subset(common.load_dataset(args, True, support_views), in_split)
     paws_nn = functools.partial(snn_accuracy, labelled_set=common.Subset(memory_set, labelled), test_set=test_set,
                                 num_classes=info.num_classes, args=args)  # network -> its PAWS-NN top-1
     if args.classes_per_batch > len(set(support_set.targets)):
@@ -444,14 +437,15 @@ def main(args: Args):
             tuned.load_state_dict(state["finetuned"])
         else:
             finetune_views = common.MultiView([finetune_view(info, size)] * args.support_views)
-            finetune_set = common.Subset(common.training_and_eval_sets(args, finetune_views, None)[0], labelled)
+            finetune_set = common.Subset(common.load_dataset(args, True, finetune_views), in_split)
             tuned = finetune(model, common.TrainData(finetune_set, finetune_views, args), args, run)
             run.save(args.epochs, force=True, model=model.state_dict(), optimizer=optimizer.state_dict(),
                      finetuned=tuned.state_dict())
         extra["finetune_snn_top1"] = paws_nn(tuned)
         common.print0(f"PAWS-NN top-1 after fine-tuning: {extra['finetune_snn_top1']:.4f}")
     if args.supervised_only:  # the baseline's own classifier, the other way it can use its labels
-        logits, y = common.extract_features(nn.Sequential(*model.children()), test_set, args)
+        classifier = nn.Sequential(model.backbone, model.projector, model.classifier)  # model(x, logits=True)
+        logits, y = common.extract_features(classifier, test_set, args)
         extra["classifier_top1"] = common.topk_accuracy(logits, y, (1,))[0]
         common.print0(f"classifier top-1: {extra['classifier_top1']:.4f}")
     evaluation.report(model.backbone, run, **extra)

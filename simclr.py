@@ -64,39 +64,37 @@ import common
 
 @dataclass
 class Args(common.Args):
-    epochs: int = 1000  # training epochs (official CIFAR-10 command)
-    batch_size: int = 512  # global batch N, split evenly over the processes
-    lr: float = 1.0  # base learning rate, scaled by batch_size / 256 (the official linear rule): 2.0 at 512
-    weight_decay: float = 1e-4  # LARS weight decay (official CIFAR-10 command)
-    warmup_epochs: float = 10  # linear warm-up epochs before the cosine decay
-    temperature: float = 0.5  # tau of NT-Xent (0.5 for CIFAR-10, 0.1 for ImageNet in the paper)
-    proj_dim: int = 128  # output size of the projection head g
-    proj_layers: int = 2  # linear layers of g (2 in SimCLR, 3 in SimCLR v2)
-    crop_min_scale: float = 0.08  # smallest crop area as a fraction of the image (the paper's 0.08)
-    jitter_strength: float = 0.5  # s: colour jitter of brightness, contrast, saturation 0.8s and hue 0.2s
-    blur: float = -1.0  # probability of Gaussian blur per view (-1: 0.5 above 64 px as for ImageNet, else 0)
-    momentum: float = 0.9  # LARS momentum
-    lars_eta: float = 0.001  # LARS trust coefficient
-    sync_bn: bool = True  # BatchNorm statistics over the global batch (the official 'global_bn')
-    adv_eps: float = 0.0  # CLAE: L-inf radius of the adversarial view in pixels of [0, 1] (0: off; CLAE uses 0.03)
-    adv_steps: int = 1  # CLAE: gradient steps making the adversarial view (1: FGSM as CLAE, more: PGD)
-    adv_weight: float = 1.0  # CLAE: alpha, weight of the loss between view 1 and its adversarial view
-    adv_bn: bool = False  # AdvProp: auxiliary BatchNorms in the encoder, used for adversarial views only
+    epochs: int = common.flag(1000, "training epochs (official CIFAR-10 command)")
+    batch_size: int = common.flag(512, "global batch N, split evenly over the processes")
+    lr: float = common.flag(1.0, "base learning rate, scaled by batch_size / 256 (the official linear rule): 2.0 "
+                            "at 512")
+    weight_decay: float = common.flag(1e-4, "LARS weight decay (official CIFAR-10 command)")
+    warmup_epochs: float = common.flag(10, "linear warm-up epochs before the cosine decay")
+    temperature: float = common.flag(0.5, "tau of NT-Xent (0.5 for CIFAR-10, 0.1 for ImageNet in the paper)",
+                                     "positive")
+    proj_dim: int = common.flag(128, "output size of the projection head g", ">= 1")
+    proj_layers: int = common.flag(2, "linear layers of g (2 in SimCLR, 3 in SimCLR v2)", ">= 1")
+    crop_min_scale: float = common.flag(0.08, "smallest crop area as a fraction of the image (the paper's 0.08)",
+                                        "in (0, 1]")
+    jitter_strength: float = common.flag(0.5, "s: colour jitter of brightness, contrast, saturation 0.8s and hue "
+                                         "0.2s", "in [0, 2.5] (hue 0.2s <= 0.5)")
+    blur: float = common.flag(-1.0, "probability of Gaussian blur per view (-1: 0.5 above 64 px as for ImageNet, "
+                              "else 0)")
+    momentum: float = common.flag(0.9, "LARS momentum")
+    lars_eta: float = common.flag(0.001, "LARS trust coefficient")
+    sync_bn: bool = common.flag(True, "BatchNorm statistics over the global batch (the official 'global_bn')")
+    adv_eps: float = common.flag(0.0, "CLAE: L-inf radius of the adversarial view in pixels of [0, 1] (0: off; "
+                                 "CLAE uses 0.03)", ">= 0")
+    adv_steps: int = common.flag(1, "CLAE: gradient steps making the adversarial view (1: FGSM as CLAE, more: PGD)",
+                                 ">= 1")
+    adv_weight: float = common.flag(1.0, "CLAE: alpha, weight of the loss between view 1 and its adversarial view",
+                                    ">= 0")
+    adv_bn: bool = common.flag(False, "AdvProp: auxiliary BatchNorms in the encoder, used for adversarial views only")
 
     def check(self, world_size: int = 1):
         super().check(world_size)
-        if not self.temperature > 0:
-            raise ValueError(f"--temperature must be positive, got {self.temperature}")
-        if self.proj_layers < 1 or self.proj_dim < 1:
-            raise ValueError("--proj-layers and --proj-dim must be at least 1")
         if not (self.blur == -1 or 0 <= self.blur <= 1):
             raise ValueError(f"--blur must be a probability in [0, 1] or -1 (automatic), got {self.blur}")
-        if not 0 < self.crop_min_scale <= 1:
-            raise ValueError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
-        if not 0 <= self.jitter_strength <= 2.5:  # hue jitter 0.2s must stay within torchvision's 0.5
-            raise ValueError(f"--jitter-strength must be in [0, 2.5] (hue 0.2s <= 0.5), got {self.jitter_strength}")
-        if self.adv_eps < 0 or self.adv_steps < 1 or self.adv_weight < 0:
-            raise ValueError("--adv-eps and --adv-weight must be >= 0 and --adv-steps at least 1")
         if self.adv_bn and not self.adv_eps:
             raise ValueError("--adv-bn needs adversarial views: set --adv-eps (e.g. 0.03)")
         if self.batch_size // world_size < 2:

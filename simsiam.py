@@ -52,29 +52,28 @@ import common
 
 @dataclass
 class Args(common.Args):
-    epochs: int = 800  # training epochs (the paper's CIFAR-10 setting)
-    batch_size: int = 512  # global batch N, split evenly over the processes
-    lr: float = 0.03  # base learning rate, scaled by batch_size / 256 (the paper's rule): 0.06 at 512
-    weight_decay: float = 5e-4  # SGD weight decay, on every parameter (CIFAR-10; 1e-4 on ImageNet)
-    warmup_epochs: float = 0  # linear warm-up epochs before the cosine decay (none in the paper)
-    momentum: float = 0.9  # SGD momentum
-    proj_dim: int = 2048  # output (and hidden) size of the projection MLP
-    proj_layers: int = 2  # linear layers of the projection MLP (2 on CIFAR, 3 on ImageNet)
-    pred_dim: int = 512  # hidden size of the prediction MLP's bottleneck
-    fix_pred_lr: bool = True  # keep the predictor's lr at base lr instead of decaying it (the official --fix-pred-lr)
-    stop_grad: bool = True  # stop-gradient on z (--no-stop-grad: the paper's ablation, which collapses)
-    crop_min_scale: float = 0.2  # smallest crop area as a fraction of the image (the official 0.2)
-    blur: float = -1.0  # probability of Gaussian blur per view (-1: 0.5 above 64 px as for ImageNet, else 0)
-    sync_bn: bool = True  # BatchNorm statistics over the global batch (the official SyncBatchNorm)
+    epochs: int = common.flag(800, "training epochs (the paper's CIFAR-10 setting)")
+    batch_size: int = common.flag(512, "global batch N, split evenly over the processes")
+    lr: float = common.flag(0.03, "base learning rate, scaled by batch_size / 256 (the paper's rule): 0.06 at 512")
+    weight_decay: float = common.flag(5e-4, "SGD weight decay, on every parameter (CIFAR-10; 1e-4 on ImageNet)")
+    warmup_epochs: float = common.flag(0, "linear warm-up epochs before the cosine decay (none in the paper)")
+    momentum: float = common.flag(0.9, "SGD momentum")
+    proj_dim: int = common.flag(2048, "output (and hidden) size of the projection MLP", ">= 1")
+    proj_layers: int = common.flag(2, "linear layers of the projection MLP (2 on CIFAR, 3 on ImageNet)", ">= 1")
+    pred_dim: int = common.flag(512, "hidden size of the prediction MLP's bottleneck", ">= 1")
+    fix_pred_lr: bool = common.flag(True, "keep the predictor's lr at base lr instead of decaying it (the official "
+                                    "--fix-pred-lr)")
+    stop_grad: bool = common.flag(True, "stop-gradient on z (--no-stop-grad: the paper's ablation, which collapses)")
+    crop_min_scale: float = common.flag(0.2, "smallest crop area as a fraction of the image (the official 0.2)",
+                                        "in (0, 1]")
+    blur: float = common.flag(-1.0, "probability of Gaussian blur per view (-1: 0.5 above 64 px as for ImageNet, "
+                              "else 0)")
+    sync_bn: bool = common.flag(True, "BatchNorm statistics over the global batch (the official SyncBatchNorm)")
 
     def check(self, world_size: int = 1):
         super().check(world_size)
-        if self.proj_dim < 1 or self.pred_dim < 1 or self.proj_layers < 1:
-            raise ValueError("--proj-dim, --pred-dim and --proj-layers must be at least 1")
         if not (self.blur == -1 or 0 <= self.blur <= 1):
             raise ValueError(f"--blur must be a probability in [0, 1] or -1 (automatic), got {self.blur}")
-        if not 0 < self.crop_min_scale <= 1:
-            raise ValueError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
         if self.batch_size // world_size < 2:
             raise ValueError("BatchNorm needs at least 2 images per process (--batch-size)")
 
@@ -168,6 +167,13 @@ def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
                            weight_decay=args.weight_decay)
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """The schedule's lr for every group but one with 'fixed_lr' (the official adjust_learning_rate); returns lr."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("fixed_lr", lr)
+    return lr
+
+
 def train_step(model: nn.Module, batch, optimizer, args: Args) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of SimSiam on one batch: L = 1/2 D(p1, stopgrad(z2)) + 1/2 D(p2, stopgrad(z1)), one SGD step.
     `model` is the network as trained (DDP on several processes). Returns this process's loss (a mean over its
@@ -194,7 +200,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, lr_at, progress: common
     progress.start(len(loader))  # the epoch's clock
     for i, batch in enumerate(loader):
         step = loader.epoch * len(loader) + i  # the global step: the schedule's clock
-        lr = common.set_lr(optimizer, lr_at(step))  # the predictor keeps its fixed_lr
+        lr = set_lr(optimizer, lr_at(step))  # the predictor keeps its fixed_lr
         loss, z_std = train_step(model, batch, optimizer, args)
         total += loss
         total_std += z_std

@@ -61,36 +61,25 @@ import common
 
 @dataclass
 class Args(common.Args):
-    arch: str = "resnet50"  # resnet18 resnet34 resnet50 wrn28_2 wrn28_10 wrn34_10 tiny (official: resnet50)
-    epochs: int = 1000  # training epochs (official CIFAR-10 command)
-    batch_size: int = 1024  # global batch N, split evenly over the processes
-    lr: float = 0.5  # learning rate of SGD (official CIFAR-10 command; not scaled with the batch)
-    weight_decay: float = 1e-4  # SGD weight decay, on every parameter as the official code
-    warmup_epochs: float = 10  # linear warm-up epochs before the cosine decay (official: for batches above 256)
-    method: str = "supcon"  # supcon: positives are views of the same class; simclr: only of the same image
-    temperature: float = 0.1  # tau of the loss (official CIFAR-10 command: 0.1 for SupCon, 0.5 for SimCLR)
-    base_temperature: float = 0.07  # the loss is scaled by temperature / base_temperature (official code)
-    contrast_mode: str = "all"  # all: every view is an anchor; one: only the first view of each image
-    proj_dim: int = 128  # output size of the projection head
-    crop_min_scale: float = 0.2  # smallest crop area as a fraction of the image (official: 0.2)
-    momentum: float = 0.9  # SGD momentum
-
-    def check(self, world_size: int = 1):
-        super().check(world_size)
-        if self.method not in ("supcon", "simclr"):
-            raise ValueError(f"--method must be supcon or simclr, got {self.method!r}")
-        if self.contrast_mode not in ("all", "one"):
-            raise ValueError(f"--contrast-mode must be all or one, got {self.contrast_mode!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"--temperature must be positive, got {self.temperature}")
-        if not self.base_temperature > 0:
-            raise ValueError(f"--base-temperature must be positive, got {self.base_temperature}")
-        if self.proj_dim < 1:
-            raise ValueError("--proj-dim must be at least 1")
-        if not 0 < self.crop_min_scale <= 1:
-            raise ValueError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
-        if self.batch_size // world_size < 1:
-            raise ValueError("the loss needs at least 1 image per process (--batch-size)")
+    arch: str = common.flag("resnet50", "backbone (official: resnet50)")
+    epochs: int = common.flag(1000, "training epochs (official CIFAR-10 command)")
+    batch_size: int = common.flag(1024, "global batch N, split evenly over the processes")
+    lr: float = common.flag(0.5, "learning rate of SGD (official CIFAR-10 command; not scaled with the batch)")
+    weight_decay: float = common.flag(1e-4, "SGD weight decay, on every parameter as the official code")
+    warmup_epochs: float = common.flag(10, "linear warm-up epochs before the cosine decay (official: for batches "
+                                       "above 256)")
+    method: str = common.flag("supcon", "supcon: positives are views of the same class; simclr: only of the same "
+                              "image", ("supcon", "simclr"))
+    temperature: float = common.flag(0.1, "tau of the loss (official CIFAR-10 command: 0.1 for SupCon, 0.5 for "
+                                     "SimCLR)", "positive")
+    base_temperature: float = common.flag(0.07, "the loss is scaled by temperature / base_temperature (official "
+                                          "code)", "positive")
+    contrast_mode: str = common.flag("all", "all: every view is an anchor; one: only the first view of each image",
+                                     ("all", "one"))
+    proj_dim: int = common.flag(128, "output size of the projection head", ">= 1")
+    crop_min_scale: float = common.flag(0.2, "smallest crop area as a fraction of the image (official: 0.2)",
+                                        "in (0, 1]")
+    momentum: float = common.flag(0.9, "SGD momentum")
 
 
 # -------- Views -------------------------------------------------------------------------------------------------------
@@ -173,7 +162,6 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor | None = None, temp
         anchors, n_anchor_views = (contrast, v) if contrast_mode == "all" else (z[:, 0], 1)  # [A*B, D]
         positive, self_pair = supcon_masks(labels, b, v, n_anchor_views, z.device)  # [A*B, V*B] each
         logits = anchors @ contrast.T / temperature  # [A*B, V*B]
-        logits = logits - logits.max(dim=1, keepdim=True).values.detach()  # the official stabiliser; cancels below
         # log of exp(z_i.z_p/tau) / sum_{a in A(i)} exp(z_i.z_a/tau): the anchor is never its own candidate
         log_prob = logits - torch.logsumexp(logits.masked_fill(self_pair, float("-inf")), dim=1, keepdim=True)
         n_positive = positive.sum(1)  # |P(i)|, [A*B]

@@ -296,7 +296,7 @@ def jem_entry(bench, info: common.DataInfo, size: int, images: int) -> Entry:
     buffer's samples besides the one over the batch, so the data path weighs little here."""
     args = method_args(jem.Args, bench)
     views = jem.jem_augment(info, size)  # the step adds the inputs' Gaussian noise (--sigma)
-    backbone = common.build_backbone(args.arch, info.channels, size, norm=args.norm, act="leaky")
+    backbone = common.build_backbone(args.arch, info.channels, size, act="leaky")
     model = jem.JEM(jem.without_batchnorm(backbone) if args.norm == "none" else backbone, info.num_classes)
     model = common.prepare_model(model, args)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)

@@ -144,16 +144,16 @@ class _Built(Exception):
     pass
 
 
-def backbone_built_by(main, args, monkeypatch) -> nn.Module:
-    """The backbone that `main(args)` builds through common.build_backbone (main stops right there)."""
+def backbone_built_by(main, args, monkeypatch, at=(common, "build_backbone")) -> nn.Module:
+    """What `main(args)` builds through common.build_backbone, or the function `at` names (main stops right there)."""
     built = []
 
     def spy(*a, **kw):
         built.append(real(*a, **kw))
         raise _Built
 
-    real = common.build_backbone
-    monkeypatch.setattr(common, "build_backbone", spy)
+    real = getattr(*at)
+    monkeypatch.setattr(*at, spy)
     with pytest.raises(_Built):
         main(args)
     return built[0]

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import common
+import jem
 import simclr
 from conftest import SYNTHETIC, init_gloo, spawn
 
@@ -255,7 +256,7 @@ def test_resnet_stems_and_wide_resnet_options():
     assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1) and isinstance(cifar.maxpool,
                                                                                              nn.Identity)
     assert imagenet.conv1.kernel_size == (7, 7) and isinstance(imagenet.maxpool, nn.MaxPool2d)
-    plain = common.build_backbone("wrn28_10", norm="none", act="leaky")
+    plain = jem.without_batchnorm(common.build_backbone("wrn28_10", act="leaky"))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
     assert any(isinstance(m, nn.LeakyReLU) for m in plain.modules())
     assert plain.out_dim == 640 and common.build_backbone("wrn34_10").out_dim == 640
@@ -488,18 +489,6 @@ def test_lars_on_a_models_param_groups_equals_transcription(clip):
         assert torch.allclose(p.detach(), w, rtol=1e-10, atol=1e-12)
 
 
-def test_set_lr_sets_every_group_but_a_fixed_rate_and_the_step_uses_it():
-    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
-    opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "fixed_lr": 0.05}], lr=1.0)
-    assert common.set_lr(opt, 0.3) == 0.3
-    assert [group["lr"] for group in opt.param_groups] == [0.3, 0.05]
-    a.grad, b.grad = torch.ones(2), torch.ones(2)
-    opt.step()
-    assert torch.allclose(a.detach(), torch.full((2,), 0.7)) and torch.allclose(b.detach(), torch.full((2,), 0.95))
-    common.set_lr(opt, 0.1)
-    assert [group["lr"] for group in opt.param_groups] == [0.1, 0.05]
-
-
 def test_warmup_cosine_equals_transcription_at_every_step():
     total, warmup, base, final, start = 50, 10, 2.0, 0.1, 0.4
     for step in range(total + 3):
@@ -560,14 +549,14 @@ def test_wide_resnet_suncet_style_is_paws_and_jems_official_network():
     assert torch.equal(_shortcut_input(down, x), x)  # suncet and JEM: the block's input itself
     final_bn = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)][-1]
     assert final_bn.num_features == 128 and final_bn.momentum == 0.99 and blocks[0].norm1.momentum == 0.1
-    jem = common.build_backbone("wrn28_10", norm="none", act="leaky", style="suncet")
-    weight = [m for m in jem.modules() if isinstance(m, common._WideBlock)][5].conv1.weight  # 320 -> 320
+    jems = jem.without_batchnorm(common.build_backbone("wrn28_10", act="leaky", style="suncet"))
+    weight = [m for m in jems.modules() if isinstance(m, common._WideBlock)][5].conv1.weight  # 320 -> 320
     assert abs(weight.std().item() / math.sqrt(1 / (3 * 320 * 9)) - 1) < 0.05  # PyTorch's default, not Kaiming
-    assert jem(torch.randn(2, 3, 32, 32)).shape == (2, 640)
+    assert jems(torch.randn(2, 3, 32, 32)).shape == (2, 640)
 
 
 def test_wide_resnet_without_normalisation_keeps_the_block_input_for_its_shortcut():
-    net = common.build_backbone("wrn28_2", norm="none", style="suncet")
+    net = jem.without_batchnorm(common.build_backbone("wrn28_2", act="leaky", style="suncet"))  # JEM's
     down = [m for m in net.modules() if isinstance(m, common._WideBlock)][4]
     x = torch.randn(2, 32, 8, 8)
     assert torch.equal(_shortcut_input(down, x.clone()), x)  # an in-place ReLU would have clipped it

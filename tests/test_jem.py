@@ -541,7 +541,7 @@ def test_main_builds_the_official_wide_resnet(tmp_path, monkeypatch):
     # wideresnet.py of JEM: biases, the stride in a block's second convolution, PyTorch's default initialisation
     # (its conv_init is never called), no normalisation, LeakyReLU 0.2
     args = jem.Args(dataset="digits", device="cpu", workers=0, out_dir=str(tmp_path / "r"))
-    net = backbone_built_by(jem.main, args, monkeypatch)
+    net = backbone_built_by(jem.main, args, monkeypatch, at=(jem, "JEM")).backbone  # as the model holds it
     blocks = [m for m in net.modules() if isinstance(m, common._WideBlock)]
     assert len(blocks) == 12 and blocks[4].conv2.stride == (2, 2) and blocks[4].conv1.stride == (1, 1)
     assert all(m.bias is not None for m in net.modules() if isinstance(m, nn.Conv2d))

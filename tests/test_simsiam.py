@@ -133,6 +133,18 @@ def test_model_as_the_official_builder_with_the_cifar_projector():
     assert imagenet.predictor[0].out_features == 512 and imagenet.predictor[-1].out_features == 2048
 
 
+def test_set_lr_sets_every_group_but_a_fixed_rate_and_the_step_uses_it():
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "fixed_lr": 0.05}], lr=1.0)
+    assert simsiam.set_lr(opt, 0.3) == 0.3
+    assert [group["lr"] for group in opt.param_groups] == [0.3, 0.05]
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    opt.step()
+    assert torch.allclose(a.detach(), torch.full((2,), 0.7)) and torch.allclose(b.detach(), torch.full((2,), 0.95))
+    simsiam.set_lr(opt, 0.1)
+    assert [group["lr"] for group in opt.param_groups] == [0.1, 0.05]
+
+
 def test_optimizer_as_main_builds_it_the_predictor_keeping_its_lr():
     model = simsiam.SimSiam(common.build_backbone("tiny", 3), proj_dim=8, pred_dim=4)
     args = simsiam.Args(lr=0.03, batch_size=512, weight_decay=1e-3, momentum=0.8)
@@ -145,14 +157,14 @@ def test_optimizer_as_main_builds_it_the_predictor_keeping_its_lr():
     for group in opt.param_groups:  # decay on every parameter, the paper's momentum
         assert group["weight_decay"] == 1e-3 and group["momentum"] == 0.8 and group["lr"] == pytest.approx(0.06)
     assert "fixed_lr" not in encoder and predictor["fixed_lr"] == pytest.approx(0.06)
-    assert common.set_lr(opt, 0.01) == 0.01
+    assert simsiam.set_lr(opt, 0.01) == 0.01
     assert encoder["lr"] == 0.01 and predictor["lr"] == pytest.approx(0.06)  # the schedule moves the encoder only
     restored = simsiam.build_optimizer(model, simsiam.Args(lr=1.0, batch_size=512))
     restored.load_state_dict(opt.state_dict())  # a resumed run keeps the flag
-    common.set_lr(restored, 0.002)
+    simsiam.set_lr(restored, 0.002)
     assert restored.param_groups[0]["lr"] == 0.002 and restored.param_groups[1]["lr"] == pytest.approx(0.06)
     plain = simsiam.build_optimizer(model, simsiam.Args(fix_pred_lr=False))  # --no-fix-pred-lr: both decay
-    common.set_lr(plain, 0.002)
+    simsiam.set_lr(plain, 0.002)
     assert [group["lr"] for group in plain.param_groups] == [0.002, 0.002]
 
 
