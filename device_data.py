@@ -1,6 +1,7 @@
 """The training set held on the device, each batch's views made there: the fast GPU data path (--data-path device,
 or auto on CUDA). Optional: common.py imports this file only when a run takes that path; without it every method
-runs on the CPU DataLoader.
+runs on the CPU DataLoader. It needs nothing of common.py: common.TrainData hands it the dataset, the batches and a
+seeded generator.
 
 A training set that fits in memory (CIFAR, STL-10, SVHN, MNIST-like, digits, an image folder of 64 px or less) is
 decoded once into a uint8 tensor on the device. Every sample draws its own view parameters from a seeded generator
@@ -14,6 +15,7 @@ step, crops are resized without antialiasing, and another generator draws other 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 
@@ -22,8 +24,6 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF2
-
-import common
 
 # ColorJitter's four factors, in its order, each with the range that leaves the image as it is
 JITTER = {"brightness": (1.0, 1.0), "contrast": (1.0, 1.0), "saturation": (1.0, 1.0), "hue": (0.0, 0.0)}
@@ -119,9 +119,8 @@ def _flatten(transform) -> list:
 
 
 def view_specs(views) -> list[ViewSpec]:
-    """The specs of a MultiView's transforms (or of one transform)."""
-    transforms = views.transforms if isinstance(views, common.MultiView) else [views]
-    return [ViewSpec.from_torchvision(t) for t in transforms]
+    """The specs of a list (or tuple) of transforms, a MultiView's, or of one transform."""
+    return [ViewSpec.from_torchvision(t) for t in (views if isinstance(views, (list, tuple)) else [views])]
 
 
 @dataclass
@@ -211,8 +210,8 @@ def apply_params(images: torch.Tensor, params: ViewParams, standardize: bool = T
         x = solarize(x, p.threshold, p.solarize)
     if spec.equalize > 0:
         x = equalize(x, p.equalize)
-    if standardize and spec.mean:
-        x = (x - common.constant(spec.mean, str(x.device))) / common.constant(spec.std, str(x.device))
+    if standardize and spec.mean:  # channel by channel with numbers: no tensor of them copied to the device
+        x = torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(spec.mean, spec.std))], 1)
     return x
 
 
@@ -324,116 +323,74 @@ def equalize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class DeviceData:
-    """A training set held whole on the device: images uint8 [N, C, H, W] and labels [N], decoded once, and the
-    specs of its views. `with_index`: the set was a WithIndex, so batches carry the samples' positions too."""
+    """A training set held whole on the device: images uint8 [N, C, H, W] and labels [N], decoded once, with the
+    specs of its views (`multi`: a list of views a batch, else one). `with_index`: its batches carry the samples'
+    positions too (a memory bank's rows)."""
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, with_index: bool = False, specs=None):
-        self.images, self.targets, self.with_index, self.specs = images, targets, with_index, specs
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, specs: list, multi: bool, with_index: bool):
+        self.images, self.targets, self.specs, self.multi, self.with_index = images, targets, specs, multi, with_index
+        for spec in specs:  # a padded crop that cannot fit these images fails here, not in the first step
+            draw_params(spec, 1, *images.shape[2:], torch.Generator(images.device))
 
     def __len__(self):
         return len(self.images)
 
+    def __str__(self):
+        return (f"{len(self)} images of {tuple(self.images.shape[1:])} ({self.images.numel() / 2**20:.1f} MiB), "
+                f"views made there")
+
     @classmethod
-    def from_dataset(cls, dataset, device, args: common.Args = common.Args(device="cpu", workers=0),
-                     max_bytes: float = float("inf")):
-        """The images of a training set of common.load_dataset (through Subset and WithIndex), in its order.
-        ValueError when they cannot be held: too large, of differing sizes, larger than 64 px (an image folder of
-        ImageNet scale stays on the DataLoader), or a dataset without raw images."""
-        base, indices, with_index = dataset, list(range(len(dataset))), False
-        while isinstance(base, (common.WithIndex, torch.utils.data.Subset)):
-            if isinstance(base, torch.utils.data.Subset):
-                indices = [base.indices[i] for i in indices]
-            with_index, base = with_index or isinstance(base, common.WithIndex), base.dataset
-        targets = torch.as_tensor([base.targets[i] for i in indices], dtype=torch.long)
-        if isinstance(base, common.ImageTensorDataset):
-            source = base.images.permute(0, 3, 1, 2)  # [N, C, H, W]
-        elif isinstance(base, torchvision.datasets.ImageFolder):
-            width, height = common.open_image(base.samples[indices[0]][0]).size
-            if max(width, height) > 64:
+    def from_dataset(cls, dataset, device, views=(), decode=None, fit: bool = False) -> DeviceData:
+        """`dataset` (through Subset and WithIndex wrappers) in its order, its images decoded as its own __getitem__
+        decodes them (the same pixels), in the batches of `decode` (a loader of a dataset; default a DataLoader).
+        `views`: a list of transforms (a MultiView's) or one. ValueError where it cannot be held: views without a
+        batched version, images of differing sizes, larger than 64 px in an image folder (an ImageNet-scale folder
+        stays on the CPU DataLoader), or, with `fit`, more than a quarter of the device's free memory."""
+        specs = view_specs(views)
+        top = base = copy.copy(dataset)  # shallow copies down to the dataset that decodes, to decode without views
+        while hasattr(base, "dataset"):
+            base.dataset = copy.copy(base.dataset)
+            base = base.dataset
+        base.transform = T.PILToTensor()
+        decode = decode or functools.partial(torch.utils.data.DataLoader, batch_size=256)
+        try:
+            first = next(iter(decode(torch.utils.data.Subset(top, [0]))))[0]  # the first image alone, for its size
+            height, width = first.shape[2:]
+            if isinstance(base, torchvision.datasets.ImageFolder) and max(width, height) > 64:
                 raise ValueError(f"images of {width}x{height} px: the device copy is for small images (64 px or "
                                  f"less); an ImageNet-scale folder stays on the CPU DataLoader")
-            if len(indices) * 3 * width * height > max_bytes:
-                raise ValueError(f"{len(indices)} images do not fit in the memory set aside for them")
-            decoded = copy.copy(base)  # its files to tensors as ImageFolder decodes them: the same pixels
-            decoded.transform, decoded.target_transform = T.PILToTensor(), None
-            files = common.Batches(torch.utils.data.Subset(decoded, indices), args, batch_size=256)
-            try:
-                return cls(torch.cat([x for x, _ in files]).to(device), targets.to(device), with_index)  # [N, 3, H, W]
-            except RuntimeError as err:  # stacking images of different sizes
-                raise ValueError(f"the images differ in size ({str(err).splitlines()[0]})") from None
-        elif hasattr(getattr(base, "data", None), "shape"):  # torchvision's CIFAR, SVHN, STL-10, MNIST-like
-            source = torch.as_tensor(base.data)
-            if source.ndim == 3:  # MNIST-like: [N, H, W]
-                source = source[:, None]
-            elif isinstance(base, torchvision.datasets.CIFAR10):  # [N, H, W, C]; SVHN and STL-10: [N, C, H, W]
-                source = source.permute(0, 3, 1, 2)
-        else:
-            raise ValueError(f"no device copy of a {type(base).__name__}")
-        if len(indices) * source[0].numel() > max_bytes:
-            raise ValueError(f"{len(indices) * source[0].numel() / 2**30:.1f} GiB of images do not fit in the "
-                             f"memory set aside for them")
-        return cls(source[torch.as_tensor(indices)].contiguous().to(device), targets.to(device), with_index)
+            max_bytes = torch.cuda.mem_get_info(device)[0] / 4 if fit else math.inf
+            if len(dataset) * first.numel() > max_bytes:
+                raise ValueError(f"{len(dataset) * first.numel() / 2**30:.1f} GiB of images do not fit in the memory "
+                                 f"set aside for them")
+            columns = list(zip(*decode(top)))  # images [b, C, H, W], labels [b] (and positions [b]) of each batch
+            images, targets = (torch.cat(column).to(device) for column in columns[:2])
+        except RuntimeError as err:  # a batch of images of different sizes
+            raise ValueError(f"the images differ in size ({str(err).splitlines()[0]})") from None
+        return cls(images, targets, specs, isinstance(views, (list, tuple)), len(columns) == 3)
 
-    def loader(self, epoch: int, args: common.Args, batches=None, salt: int = 0) -> DeviceLoader:
-        return DeviceLoader(self, args, epoch, batches, salt)
-
-
-def epoch_batches(n: int, args: common.Args, epoch: int) -> torch.Tensor:
-    """This process's share of epoch `epoch` of n samples as batches of indices [steps, local batch] on the device:
-    the seeded shuffle of common.train_loader (DistributedSampler: a W-th of the epoch each, reshuffled with seed +
-    epoch), full batches only. Made once an epoch, outside its steps."""
-    rank, size = common.world()
-    sampler = torch.utils.data.DistributedSampler(range(n), size, rank, shuffle=True, seed=args.seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    local_batch = args.batch_size // size
-    steps = len(sampler) // local_batch
-    return torch.tensor(list(sampler))[:steps * local_batch].view(steps, local_batch).to(args.device)
+    def loader(self, batches, seed: int, epoch: int) -> DeviceLoader:
+        return DeviceLoader(self, batches, seed, epoch)
 
 
 class DeviceLoader:
-    """One epoch from a DeviceData, shaped as common.train_loader's batches: (views, labels), or (views, labels,
-    indices) for a WithIndex set, the views a list when its specs are. The views come from a generator on the device
-    seeded by (--seed, epoch, rank), so --resume reproduces them. `batches` ([steps, b] indices, default
-    epoch_batches): a method's own sampler's; `salt` gives a second loader of the same epoch its own views."""
+    """One epoch of a DeviceData in `batches` (lists of indices, one a step), shaped as its DataLoader's batches:
+    (views, labels), or (views, labels, indices), the views a list for several specs, drawn from a generator on the
+    device seeded with `seed` (so that --resume draws them again). `epoch`: its number, for the progress line."""
 
-    def __init__(self, data: DeviceData, args: common.Args, epoch: int, batches=None, salt: int = 0):
+    def __init__(self, data: DeviceData, batches, seed: int, epoch: int):
         self.data, self.epoch = data, epoch
-        self.batches = (epoch_batches(len(data), args, epoch) if batches is None
-                        else torch.as_tensor(batches, dtype=torch.long).to(args.device))
-        seed = common.epoch_seed(args.seed, epoch, common.world()[0])
-        common.seed_everything(seed)  # what the step draws from the global generators is the epoch's too
-        self.generator = torch.Generator(args.device).manual_seed(seed + (salt << 32))
+        self.generator = torch.Generator(data.images.device).manual_seed(seed)
+        self.batches = torch.as_tensor(list(batches), dtype=torch.long).to(data.images.device)  # [steps, b], once
 
     def __len__(self):
         return len(self.batches)
 
     def __iter__(self):
-        specs = self.data.specs if isinstance(self.data.specs, list) else [self.data.specs]
+        data = self.data
         for idx in self.batches:
-            images = self.data.images[idx]  # [b, C, H, W] uint8
-            views = [apply_params(images, draw_params(s, len(idx), *images.shape[2:], self.generator)) for s in specs]
-            x = views if isinstance(self.data.specs, list) else views[0]
-            yield (x, self.data.targets[idx], idx) if self.data.with_index else (x, self.data.targets[idx])
-
-
-def train_data(train_set, views, args: common.Args) -> DeviceData | None:
-    """The training set on the device with its views' specs, for common.TrainData; None, saying why, where --data-path
-    auto falls back to the DataLoader (views or data that cannot be translated, or a set larger than a quarter of
-    the free GPU memory); one line and exit code 2 where --data-path device cannot be honoured."""
-    try:
-        specs = view_specs(views)
-        budget = torch.cuda.mem_get_info(args.device)[0] / 4 if args.data_path == "auto" else float("inf")
-        data = DeviceData.from_dataset(train_set, args.device, args, budget)
-        data.specs = specs if isinstance(views, common.MultiView) else specs[0]
-        for spec in specs:  # a padded crop that cannot fit these images fails here, not in the first step
-            draw_params(spec, 1, *data.images.shape[2:], torch.Generator(args.device))
-    except common.BadImage as err:  # the first image, opened for the size (the others fail as they are decoded)
-        common.fail(str(err))
-    except ValueError as err:
-        if args.data_path == "device":
-            common.fail(f"--data-path device: {err}")
-        common.print0(f"training data through the CPU DataLoader: {err}")
-        return None
-    common.print0(f"training data on {args.device}: {len(data)} images of {tuple(data.images.shape[1:])} "
-                  f"({data.images.numel() / 2**20:.1f} MiB), views made there")
-    return data
+            images = data.images[idx]  # [b, C, H, W] uint8
+            views = [apply_params(images, draw_params(s, len(idx), *images.shape[2:], self.generator))
+                     for s in data.specs]
+            x = views if data.multi else views[0]
+            yield (x, data.targets[idx], idx) if data.with_index else (x, data.targets[idx])
