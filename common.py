@@ -679,8 +679,7 @@ class TrainData:
                 import device_data  # optional: without it, every run takes the DataLoader
                 views = views.transforms if isinstance(views, MultiView) else views  # a list of views, or one
                 decode = functools.partial(Batches, args=args, batch_size=256)
-                self.device = device_data.DeviceData.from_dataset(train_set, args.device, views, decode,
-                                                                  fit=args.data_path == "auto")
+                self.device = device_data.DeviceData(train_set, args.device, views, decode, args.data_path == "auto")
                 print0(f"training data on {args.device}: {self.device}")
             except (ImportError, ValueError) as err:  # --data-path auto falls back to the DataLoader, saying why
                 why = "needs device_data.py beside the method file" if isinstance(err, ImportError) else err

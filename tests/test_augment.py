@@ -305,7 +305,7 @@ def test_spec_from_simclr_views():
                                         grayscale=0.2, blur=0.5, blur_kernel=3, blur_sigma=(0.1, 2.0),
                                         mean=info.mean, std=info.std)
     solarized = T.Compose([T.RandomResizedCrop(8), T.RandomSolarize(128, p=0.3), T.ToTensor()])
-    assert device_data.ViewSpec.from_torchvision(solarized).solarize_threshold == 128 / 255  # PIL's 8-bit units
+    assert device_data.ViewSpec.from_torchvision(solarized).solarize_range == (128 / 255,) * 2  # PIL's 8-bit units
     for unsupported in [T.Compose([T.RandomResizedCrop(8), T.RandomRotation(10)]),
                         T.Compose([T.RandomResizedCrop(8), T.RandomGrayscale(), T.ColorJitter(0.4)]),  # order
                         T.Compose([T.Resize(8), T.ToTensor()])]:
@@ -324,7 +324,7 @@ def test_byol_asymmetric_views_translate_to_two_different_specs():
                          blur_kernel=3, blur_sigma=(0.1, 2.0), mean=info.mean,
                          std=info.std)
     assert first == device_data.ViewSpec(32, blur=1.0, solarize=0.0, **common_fields)
-    assert second == device_data.ViewSpec(32, blur=0.1, solarize=0.2, solarize_threshold=128 / 255, **common_fields)
+    assert second == device_data.ViewSpec(32, blur=0.1, solarize=0.2, solarize_range=(128 / 255,) * 2, **common_fields)
 
 
 def test_paws_views_translate_with_their_multicrop_sizes_random_thresholds_and_equalize():
@@ -405,7 +405,7 @@ def test_device_data_keeps_the_subset_order_and_the_indices(tmp_path):
     args = tiny_args(subset=100)
     views = common.MultiView([T.Compose([T.RandomResizedCrop(16), T.ToTensor()])] * 2)
     train, _, _ = common.training_and_eval_sets(args, views, T.ToTensor())
-    data = device_data.DeviceData.from_dataset(common.WithIndex(train), torch.device("cpu"))
+    data = device_data.DeviceData(common.WithIndex(train), torch.device("cpu"))
     assert data.with_index and len(data) == 100
     raw = common.load_dataset(args, True)
     for i in (0, 37, 99):
@@ -422,16 +422,16 @@ def test_device_data_decodes_a_small_image_folder_as_imagefolder_does(tmp_path):
             Image.fromarray(pixels).save(tmp_path / "train" / cls / f"{i}.jpg", quality=90)
     args = tiny_args(dataset="imagefolder", data_dir=str(tmp_path))
     folder = common.load_dataset(args, True)
-    data = device_data.DeviceData.from_dataset(folder, torch.device("cpu"))
+    data = device_data.DeviceData(folder, torch.device("cpu"))
     assert data.images.shape == (6, 3, 10, 10) and data.targets.tolist() == folder.targets
     for i in range(6):
         assert torch.equal(data.images[i], TF.pil_to_tensor(folder[i][0]))
     Image.new("RGB", (12, 10)).save(tmp_path / "train" / "a" / "odd.png")
     with pytest.raises(ValueError, match="differ in size"):
-        device_data.DeviceData.from_dataset(common.load_dataset(args, True), torch.device("cpu"))
+        device_data.DeviceData(common.load_dataset(args, True), torch.device("cpu"))
     Image.new("RGB", (100, 100)).save(tmp_path / "train" / "a" / "0.jpg")
     with pytest.raises(ValueError, match="ImageNet-scale"):
-        device_data.DeviceData.from_dataset(common.load_dataset(args, True), torch.device("cpu"))
+        device_data.DeviceData(common.load_dataset(args, True), torch.device("cpu"))
 
 
 def device_train_data(args, views):
