@@ -694,10 +694,9 @@ class TrainData:
         rank, size = world()
         seed_everything(epoch_seed(self.args.seed, epoch, rank))  # what this process draws: views, the step's
         if batch_sampler is None:
-            sampler = torch.utils.data.DistributedSampler(self.train_set, size, rank, seed=self.args.seed,
-                                                          drop_last=True)
-            sampler.set_epoch(epoch)
-            batch_sampler = torch.utils.data.BatchSampler(sampler, self.args.batch_size // size, drop_last=True)
+            shard = torch.utils.data.DistributedSampler(self.train_set, size, rank, seed=self.args.seed, drop_last=True)
+            shard.set_epoch(epoch)
+            batch_sampler = torch.utils.data.BatchSampler(shard, self.args.batch_size // size, drop_last=True)
         if self.device is None:
             return Batches(self.train_set, self.args, epoch, salt, batch_sampler=batch_sampler)
         return self.device.loader(batch_sampler, epoch_seed(self.args.seed, epoch, rank) + (salt << 32), epoch)
