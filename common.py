@@ -637,8 +637,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 class Batches:
-    """One epoch's batches of `dataset`: a DataLoader (pinned for a GPU; its workers seeded from (--seed, epoch, rank,
-    salt), not from the global generator). An undecodable image, here or in a worker, ends the run in one line."""
+    """A DataLoader (pinned for a GPU, its workers seeded by seed, epoch, rank, salt); a bad image: one line, exit 2."""
 
     def __init__(self, dataset, args: Args, epoch: int = 0, salt: int = 0, **kwargs):
         generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, world()[0]) + (salt << 32))
@@ -669,8 +668,7 @@ def to_device(x, args: Args):
 
 
 class TrainData:
-    """`loader(epoch)`: the training set's batches, from the CPU DataLoader or, with --data-path device (or auto on
-    CUDA), from device_data.py: the set decoded once onto the device, views made there. `views`: its transform."""
+    """The training set's batches, `loader(epoch)`: from the CPU DataLoader or, by --data-path, from device_data.py."""
 
     def __init__(self, train_set, views, args: Args):
         self.train_set, self.args, self.steps, self.device = train_set, args, len(train_set) // args.batch_size, None
@@ -682,15 +680,13 @@ class TrainData:
                 self.device = device_data.DeviceData(train_set, args.device, views, decode, args.data_path == "auto")
                 print0(f"training data on {args.device}: {self.device}")
             except (ImportError, ValueError) as err:  # --data-path auto falls back to the DataLoader, saying why
-                why = "needs device_data.py beside the method file" if isinstance(err, ImportError) else err
                 if args.data_path == "device":
-                    fail(f"--data-path device: {why}")
-                print0(f"training data through the CPU DataLoader: {why}")
+                    fail(f"--data-path device: {err}")
+                print0(f"training data through the CPU DataLoader: {err}")
         self.on_device = self.device is not None
 
     def loader(self, epoch: int, batch_sampler=None, salt: int = 0):
-        """One epoch in the batches of `batch_sampler` (default: this process's share of a shuffle, full batches), its
-        views seeded by (--seed, epoch, rank) so that --resume draws them again; `salt`: other views of the epoch."""
+        """One epoch, in `batch_sampler`'s batches or this process's shard, seeded by (seed, epoch, rank, salt)."""
         rank, size = world()
         seed_everything(epoch_seed(self.args.seed, epoch, rank))  # what this process draws: views, the step's
         if batch_sampler is None:
