@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import torch
 import torch.nn as nn
-
-import common
 
 
 class DualBatchNorm(nn.Module):
@@ -54,11 +53,17 @@ def adversarial_bn(module: nn.Module, enabled: bool = True):
             m.use_aux = False
 
 
+@functools.lru_cache
+def constant(values: tuple, device: str) -> torch.Tensor:
+    """Per-channel values [1, C, 1, 1] copied to the device once: a copy every step would make the host wait."""
+    return torch.tensor(values).view(1, -1, 1, 1).to(device)
+
+
 def adversarial_view(loss_fn, x: torch.Tensor, eps: float, steps: int, mean, std) -> torch.Tensor:
     """CLAE's adversarial view (Ho & Vasconcelos, NeurIPS 2020): within `eps` (L-inf, pixels in [0, 1]) of `x`, the
     image that increases loss_fn, by FGSM (one step of eps) or PGD (steps of 2.5 eps / steps, projected). x and
     the (detached) result are standardised by `mean`, `std`. Only the input gets gradient, no parameter."""
-    mean, std = common.constant(tuple(mean), str(x.device)), common.constant(tuple(std), str(x.device))  # [1, C, 1, 1]
+    mean, std = constant(tuple(mean), str(x.device)), constant(tuple(std), str(x.device))  # [1, C, 1, 1]
     pixels = (x.detach() * std + mean).clamp(0, 1)
     adv, alpha = pixels.clone(), eps if steps == 1 else 2.5 * eps / steps
     for _ in range(steps):

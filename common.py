@@ -644,11 +644,10 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 class Batches:
-    """One epoch's batches of `dataset`: a DataLoader (pinned for a GPU; its workers seeded by a generator of its
-    own, not the global one). An undecodable image, here or in a worker, ends the run in one line naming it."""
+    """A DataLoader (pinned for a GPU, its workers seeded by seed, epoch, rank, salt); a bad image: one line, exit 2."""
 
-    def __init__(self, dataset, args: Args, epoch: int = 0, **kwargs):
-        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, world()[0]))
+    def __init__(self, dataset, args: Args, epoch: int = 0, salt: int = 0, **kwargs):
+        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, world()[0]) + (salt << 32))
         kwargs = {"num_workers": args.workers, "generator": generator, "pin_memory": "cuda" in args.device, **kwargs}
         self.loader, self.epoch = torch.utils.data.DataLoader(dataset, **kwargs), epoch
 
@@ -663,12 +662,8 @@ class Batches:
 
 
 def train_loader(dataset, args: Args, epoch: int) -> Batches:
-    """This process's share of the epoch, seeded: full batches of a shuffle split over the processes."""
-    rank, size = world()
-    sampler = torch.utils.data.DistributedSampler(dataset, size, rank, shuffle=True, seed=args.seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    seed_everything(epoch_seed(args.seed, epoch, rank))  # the views drawn in this process (--workers 0)
-    return Batches(dataset, args, epoch, batch_size=args.batch_size // size, sampler=sampler, drop_last=True)
+    """This process's share of an epoch of `dataset` through the CPU DataLoader (TrainData's CPU path)."""
+    return TrainData(dataset, None, args).loader(epoch)
 
 
 def to_device(x, args: Args):
@@ -679,31 +674,35 @@ def to_device(x, args: Args):
     return x.contiguous(memory_format=torch.channels_last) if args.channels_last and x.dim() == 4 else x
 
 
-@functools.lru_cache
-def constant(values: tuple, device: str) -> torch.Tensor:
-    """Per-channel values [1, C, 1, 1] copied to the device once: a copy every step would make the host wait."""
-    return torch.tensor(values).view(1, -1, 1, 1).to(device)
-
-
 class TrainData:
-    """`loader(epoch)`: the batches of the CPU DataLoader, or of device_data.py (the set decoded once on the device,
-    views made there) with --data-path device, or auto on CUDA. `views`: the training set's transform."""
+    """The training set's batches, `loader(epoch)`: from the CPU DataLoader or, by --data-path, from device_data.py."""
 
     def __init__(self, train_set, views, args: Args):
         self.train_set, self.args, self.steps, self.device = train_set, args, len(train_set) // args.batch_size, None
-        if args.data_path == "device" or (args.data_path == "auto" and "cuda" in args.device):
+        if views is not None and (args.data_path == "device" or (args.data_path == "auto" and "cuda" in args.device)):
             try:
-                import device_data
-            except ImportError:
+                import device_data  # optional: without it, every run takes the DataLoader
+                views = views.transforms if isinstance(views, MultiView) else views  # a list of views, or one
+                decode = functools.partial(Batches, args=args, batch_size=256)
+                self.device = device_data.DeviceData(train_set, args.device, views, decode, args.data_path == "auto")
+                print0(f"training data on {args.device}: {self.device}")
+            except (ImportError, ValueError) as err:  # --data-path auto falls back to the DataLoader, saying why
                 if args.data_path == "device":
-                    fail("--data-path device needs device_data.py beside the method file (--data-path cpu does not)")
-                print0("training data through the CPU DataLoader: device_data.py is not here")
-            else:
-                self.device = device_data.train_data(train_set, views, args)  # None where auto falls back
+                    fail(f"--data-path device: {err}")
+                print0(f"training data through the CPU DataLoader: {err}")
         self.on_device = self.device is not None
 
-    def loader(self, epoch: int):
-        return self.device.loader(epoch, self.args) if self.device else train_loader(self.train_set, self.args, epoch)
+    def loader(self, epoch: int, batch_sampler=None, salt: int = 0):
+        """One epoch, in `batch_sampler`'s batches or this process's shard, seeded by (seed, epoch, rank, salt)."""
+        rank, size = world()
+        seed_everything(epoch_seed(self.args.seed, epoch, rank))  # what this process draws: views, the step's
+        if batch_sampler is None:
+            shard = torch.utils.data.DistributedSampler(self.train_set, size, rank, seed=self.args.seed, drop_last=True)
+            shard.set_epoch(epoch)
+            batch_sampler = torch.utils.data.BatchSampler(shard, self.args.batch_size // size, drop_last=True)
+        if self.device is None:
+            return Batches(self.train_set, self.args, epoch, salt, batch_sampler=batch_sampler)
+        return self.device.loader(batch_sampler, epoch_seed(self.args.seed, epoch, rank) + (salt << 32), epoch)
 
 
 # -------- Optimisation ------------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """The training set held on the device, each batch's views made there: the fast GPU data path (--data-path device,
-or auto on CUDA). Optional: common.py imports this file only when a run takes that path; without it every method
-runs on the CPU DataLoader.
+or auto on CUDA). Optional: common.TrainData imports this file only when a run takes that path (handing it the
+dataset, the batches and the seed); without it every method runs on the CPU DataLoader.
 
-A training set that fits in memory (CIFAR, STL-10, SVHN, MNIST-like, digits, an image folder of 64 px or less) is
-decoded once into a uint8 tensor on the device. Every sample draws its own view parameters from a seeded generator
-on the device, as torchvision's transforms do per image, but a batch is one set of tensor ops of fixed shapes, so
-nothing waits for the host. The ops follow torchvision's tensor versions (tests/test_augment.py compares them).
+A small training set (CIFAR, STL-10, SVHN, MNIST-like, digits, an image folder of 64 px or less) is decoded once into
+a uint8 tensor on the device. Every sample draws its own view parameters, as torchvision's transforms do per image,
+but a batch is one set of tensor ops of fixed shapes, so nothing waits for the host. The ops follow torchvision's
+tensor versions (tests/test_augment.py compares them).
 
 Unlike the CPU path (torchvision on PIL images): the views stay in float where PIL rounds to 8 bits after every
 step, crops are resized without antialiasing, and another generator draws other (equally distributed) views.
@@ -14,6 +14,7 @@ step, crops are resized without antialiasing, and another generator draws other 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 
@@ -23,12 +24,9 @@ import torchvision
 import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF2
 
-import common
-
 # ColorJitter's four factors, in its order, each with the range that leaves the image as it is
 JITTER = {"brightness": (1.0, 1.0), "contrast": (1.0, 1.0), "saturation": (1.0, 1.0), "hue": (0.0, 0.0)}
-# the steps with a batched version, by their place in a view (the flip aside), and the spec's field of each one's
-# probability (ColorJitter and GaussianBlur take their RandomApply's)
+# the steps with a batched version: their place in a view (the flip aside) and the spec's field of their probability
 STEPS = {T.Pad: (1, None), T.RandomResizedCrop: (2, None), T.RandomCrop: (2, None), T.ColorJitter: (3, "jitter"),
          T.RandomGrayscale: (4, "grayscale"), T.GaussianBlur: (5, "blur"), T.RandomSolarize: (6, "solarize"),
          T.RandomEqualize: (7, "equalize"), T.ToTensor: (8, None), T.Normalize: (9, None)}
@@ -40,9 +38,8 @@ class ViewSpec:
     RandomResizedCrop(size, scale, ratio) (or, with crop "padded", Pad(pad, reflect) -> RandomCrop(size)) ->
     RandomHorizontalFlip(flip) -> RandomApply([ColorJitter(brightness, contrast, saturation, hue)], jitter) ->
     RandomGrayscale(grayscale) -> RandomApply([GaussianBlur(blur_kernel, blur_sigma)], blur) ->
-    RandomSolarize(solarize_threshold, solarize) (a threshold per sample with solarize_range) ->
-    RandomEqualize(equalize) -> Normalize(mean, std). Factors are drawn uniformly in (low, high), probabilities per
-    sample, and the four jitter steps in an order drawn for each sample, as ColorJitter draws one for each image."""
+    RandomSolarize(threshold in solarize_range, solarize) -> RandomEqualize(equalize) -> Normalize(mean, std).
+    Per sample: factors and thresholds drawn uniformly in (low, high), each step's coin, the jitter steps' order."""
 
     size: int  # side of the output view in pixels
     crop: str = "resized"  # resized: RandomResizedCrop; padded: a size x size crop of the reflect-padded image
@@ -50,7 +47,7 @@ class ViewSpec:
     scale: tuple = (0.08, 1.0)  # crop area as a fraction of the image
     ratio: tuple = (3 / 4, 4 / 3)  # crop aspect ratio (width / height), drawn log-uniformly
     flip: float = 0.0  # probability of a horizontal flip
-    brightness: tuple = (1.0, 1.0)  # colour jitter factor ranges; (1, 1) and hue (0, 0) leave that step out
+    brightness: tuple = (1.0, 1.0)  # colour jitter factor ranges; (1, 1) and hue (0, 0): the image as it is
     contrast: tuple = (1.0, 1.0)
     saturation: tuple = (1.0, 1.0)
     hue: tuple = (0.0, 0.0)
@@ -59,9 +56,8 @@ class ViewSpec:
     blur: float = 0.0  # probability of the Gaussian blur
     blur_kernel: int = 3  # its (odd) kernel side
     blur_sigma: tuple = (0.1, 2.0)  # its sigma range
-    solarize: float = 0.0  # probability of solarisation: x -> 1 - x where x >= solarize_threshold
-    solarize_threshold: float = 0.5  # in [0, 1] pixel units
-    solarize_range: tuple = ()  # instead: a threshold for each sample, uniform in this range (PAWS's solarize)
+    solarize: float = 0.0  # probability of solarisation: x -> 1 - x where x >= a threshold
+    solarize_range: tuple = (0.5, 0.5)  # its range in [0, 1] pixel units, drawn per sample (PAWS's), or (t, t)
     equalize: float = 0.0  # probability of histogram equalisation of each channel (PIL's, on 8-bit values)
     mean: tuple = ()  # standardisation (empty: the view stays in [0, 1])
     std: tuple = ()
@@ -69,11 +65,13 @@ class ViewSpec:
     @classmethod
     def from_torchvision(cls, transform) -> ViewSpec:
         """The spec of a torchvision pipeline of the steps above (nested Compose, RandomApply around one step,
-        ToTensor and Normalize last; the flip anywhere, as mirroring commutes with every other step's distribution).
-        ValueError for a step or an order without a batched version here. A RandomSolarize with `threshold_range`
-        draws its threshold for each image in that range (paws.py's)."""
+        ToTensor and Normalize last; the flip anywhere, as mirroring commutes with every other step's distribution),
+        ValueError for the others. A RandomSolarize with `threshold_range` draws one in it per image (paws.py's)."""
         fields, last = {}, 0
-        for step in _flatten(transform):
+        steps = [transform]
+        while any(isinstance(s, T.Compose) for s in steps):  # nested Compose, flattened
+            steps = [t for s in steps for t in (s.transforms if isinstance(s, T.Compose) else [s])]
+        for step in steps:
             p = 1.0
             if isinstance(step, T.RandomApply) and len(step.transforms) == 1:
                 p, step = step.p, step.transforms[0]
@@ -105,8 +103,8 @@ class ViewSpec:
                     raise ValueError("the batched blur has a square kernel")
                 fields.update(blur_kernel=step.kernel_size[0], blur_sigma=tuple(step.sigma))
             elif kind is T.RandomSolarize:  # before ToTensor: on PIL images, whose threshold is in 8-bit units
-                drawn = tuple(v / 255 for v in getattr(step, "threshold_range", ()))  # then its threshold is unused
-                fields.update({"solarize_range": drawn} if drawn else {"solarize_threshold": step.threshold / 255})
+                thresholds = getattr(step, "threshold_range", (step.threshold, step.threshold))
+                fields["solarize_range"] = tuple(v / 255 for v in thresholds)
             elif kind is T.Normalize:
                 fields.update(mean=tuple(step.mean), std=tuple(step.std))
         if "size" not in fields or (fields.get("pad") and fields.get("crop") != "padded"):
@@ -114,14 +112,9 @@ class ViewSpec:
         return cls(**fields)
 
 
-def _flatten(transform) -> list:
-    return [s for t in transform.transforms for s in _flatten(t)] if isinstance(transform, T.Compose) else [transform]
-
-
 def view_specs(views) -> list[ViewSpec]:
-    """The specs of a MultiView's transforms (or of one transform)."""
-    transforms = views.transforms if isinstance(views, common.MultiView) else [views]
-    return [ViewSpec.from_torchvision(t) for t in transforms]
+    """The specs of a list (or tuple) of transforms, a MultiView's, or of one transform."""
+    return [ViewSpec.from_torchvision(t) for t in (views if isinstance(views, (list, tuple)) else [views])]
 
 
 @dataclass
@@ -145,11 +138,9 @@ class ViewParams:
 
 def draw_params(spec: ViewSpec, batch: int, height: int, width: int, generator: torch.Generator) -> ViewParams:
     """Per-sample parameters for `batch` views of images height x width, from `generator` (on the device). The crop
-    is torchvision's RandomResizedCrop.get_params vectorised: ten candidate boxes per sample (area uniform in `scale`,
-    aspect ratio log-uniform in `ratio`, sides rounded), the first that fits placed uniformly, as its loop of up to ten
-    tries; where none fits, its fallback (the centred whole image clamped to `ratio`). A "padded" crop is
-    RandomCrop.get_params on the image padded by spec.pad: a size x size box at a uniform offset (ValueError when it
-    cannot fit)."""
+    is RandomResizedCrop.get_params vectorised: its up to ten tries as ten candidates per sample, the first that fits
+    placed uniformly, else its fallback. A "padded" crop is RandomCrop.get_params on the image padded by spec.pad
+    (ValueError when it cannot fit)."""
     device = generator.device
 
     def uniform(low, high, *shape):
@@ -172,10 +163,9 @@ def draw_params(spec: ViewSpec, batch: int, height: int, width: int, generator: 
         fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # [B, 10]
         first = fits.int().argmax(1, keepdim=True)  # the first candidate that fits (0 when none does)
         w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]  # [B]
-        # torchvision's fallback: the whole image, clamped to the ratios
+        found = fits.any(1)  # else torchvision's fallback: the whole image, clamped to the ratios
         fw = round(height * max(spec.ratio)) if width / height > max(spec.ratio) else width
         fh = round(width / min(spec.ratio)) if width / height < min(spec.ratio) else height
-        found = fits.any(1)
         w, h = torch.where(found, w, fw), torch.where(found, h, fh)
         top = torch.where(found, (uniform(0, 1, batch) * (height - h + 1)).floor().long(), (height - h) // 2)
         left = torch.where(found, (uniform(0, 1, batch) * (width - w + 1)).floor().long(), (width - w) // 2)
@@ -186,23 +176,22 @@ def draw_params(spec: ViewSpec, batch: int, height: int, width: int, generator: 
     grayscale = coin(spec.grayscale)
     sigma = torch.where(coin(spec.blur), uniform(*spec.blur_sigma, batch), 0.0)
     solarize = coin(spec.solarize)
-    threshold = (uniform(*spec.solarize_range, batch) if spec.solarize_range
-                 else torch.full((batch,), spec.solarize_threshold, device=device))
+    threshold = uniform(*spec.solarize_range, batch)
     equalize = coin(spec.equalize) if spec.equalize > 0 else torch.zeros(batch, dtype=torch.bool, device=device)
     return ViewParams(spec, top, left, h, w, flip, jitter, order, grayscale, sigma, solarize, threshold, equalize)
 
 
 @torch.no_grad()
-def apply_params(images: torch.Tensor, params: ViewParams, standardize: bool = True) -> torch.Tensor:
-    """The views of `images` ([B, C, H, W], uint8 or float in [0, 1]) for `params`: [B, C, size, size] float,
-    standardised with the spec's mean and std (or left in [0, 1] with standardize=False)."""
-    spec, p = params.spec, params
+def apply_params(images: torch.Tensor, p: ViewParams, standardize: bool = True) -> torch.Tensor:
+    """The views of `images` ([B, C, H, W], uint8 or float in [0, 1]) for the parameters `p`: [B, C, size, size]
+    float, standardised with the spec's mean and std (or left in [0, 1] with standardize=False)."""
+    spec = p.spec
     x = images.float() / 255 if images.dtype == torch.uint8 else images.float()  # [B, C, H, W] in [0, 1]
     if spec.pad:
         x = F.pad(x, (spec.pad,) * 4, mode="reflect")  # [B, C, H + 2 pad, W + 2 pad]
     x = resized_crop(x, p.top, p.left, p.height, p.width, spec.size, p.flip)  # [B, C, size, size]
     if spec.jitter > 0:
-        x = color_jitter(x, p.jitter, p.order, [getattr(spec, k) != identity for k, identity in JITTER.items()])
+        x = color_jitter(x, p.jitter, p.order)
     if spec.grayscale > 0:
         x = torch.where(p.grayscale[:, None, None, None], rgb_to_grayscale(x).expand_as(x), x)
     if spec.blur > 0:
@@ -211,17 +200,15 @@ def apply_params(images: torch.Tensor, params: ViewParams, standardize: bool = T
         x = solarize(x, p.threshold, p.solarize)
     if spec.equalize > 0:
         x = equalize(x, p.equalize)
-    if standardize and spec.mean:
-        x = (x - common.constant(spec.mean, str(x.device))) / common.constant(spec.std, str(x.device))
+    if standardize and spec.mean:  # channel by channel with numbers: no tensor of them copied to the device
+        x = torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(spec.mean, spec.std))], 1)
     return x
 
 
 def resized_crop(x: torch.Tensor, top, left, height, width, size: int, flip=None) -> torch.Tensor:
     """Each sample's box (top, left, height, width: [B] integers) of x [B, C, H, W] resized to size x size, bilinear
     without antialiasing, mirrored where flip [B] is set: torchvision's resized_crop(antialias=False) then hflip.
-    Output pixel i of an axis interpolates the box at (i + 0.5) * length / size - 0.5, clamped to the box, between
-    its two neighbours: two gathers per axis, not grid_sample, so that samples near the box's edges are clamped to it
-    as torchvision's are."""
+    Two gathers per axis, not grid_sample, so that samples near the box's edges are clamped to it as there."""
     i = torch.arange(size, device=top.device, dtype=torch.float32)
     for dim, start, length in ((2, top, height), (3, left, width)):  # rows: [B, C, size, W], then columns
         pos = ((i + 0.5) * (length[:, None] / size) - 0.5).clamp(min=0)  # [B, size], in box pixels
@@ -238,32 +225,22 @@ def resized_crop(x: torch.Tensor, top, left, height, width, size: int, flip=None
     return x
 
 
-def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
-    """Luma (ITU-R 601-2, torchvision's weights) [B, 1, H, W] of RGB x [B, 3, H, W]; one channel stays as it is."""
-    if x.shape[1] == 1:
-        return x
-    r, g, b = x.unbind(1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
-
-
-def _blend(x: torch.Tensor, other, factor: torch.Tensor) -> torch.Tensor:
-    f = factor.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * other).clamp(0, 1)
+rgb_to_grayscale = TF2.rgb_to_grayscale  # luma [B, 1, H, W] of RGB [B, 3, H, W] (a copy of one channel): batched
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """x [B, C, H, W] in [0, 1] scaled by factor [B] (blended with black)."""
-    return _blend(x, 0.0, factor)
+    return (x * factor.view(-1, 1, 1, 1)).clamp(0, 1)
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """x blended with its own mean luma by factor [B]."""
-    return _blend(x, rgb_to_grayscale(x).mean((1, 2, 3), keepdim=True), factor)
+    """x blended with its own mean luma by factor [B] (factor 1: exactly x)."""
+    return torch.lerp(rgb_to_grayscale(x).mean((1, 2, 3), keepdim=True), x, factor.view(-1, 1, 1, 1)).clamp(0, 1)
 
 
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """x blended with its grayscale by factor [B]; a one-channel image has no saturation to change."""
-    return x if x.shape[1] == 1 else _blend(x, rgb_to_grayscale(x), factor)
+    return x if x.shape[1] == 1 else torch.lerp(rgb_to_grayscale(x), x, factor.view(-1, 1, 1, 1)).clamp(0, 1)
 
 
 def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -283,16 +260,14 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return torch.where((factor == 0).view(-1, 1, 1, 1), x, out)  # exactly x when not rotated
 
 
-def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, active=(True,) * 4) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """ColorJitter with per-sample factors [B, 4] (brightness, contrast, saturation, hue) in each sample's own order
-    [B, 4], as torchvision draws a permutation per image. At each of the four places, every step runs on the whole
-    batch, with its identity factor for the samples whose step there is another: fixed shapes, so nothing waits for
-    the host. `active`: the steps that can change anything (one whose range is the identity is left out)."""
+    [B, 4], as torchvision draws a permutation per image. At each of the four places every step runs on the whole
+    batch, with its identity factor (exactly x) for the samples whose step there is another: fixed shapes."""
     steps, identity = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue), (1.0, 1.0, 1.0, 0.0)
     for place in range(4):
         for j, step in enumerate(steps):
-            if active[j]:
-                x = step(x, torch.where(order[:, place] == j, factors[:, j], identity[j]))
+            x = step(x, torch.where(order[:, place] == j, factors[:, j], identity[j]))
     return x
 
 
@@ -303,8 +278,7 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> tor
     t = torch.arange(kernel_size, device=x.device, dtype=torch.float32) - (kernel_size - 1) / 2  # [k]
     kernel = torch.exp(-0.5 * (t / sigma.clamp(min=1e-6)[:, None]) ** 2)  # [B, k]; sigma 0: a unit impulse
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(channels, 0)  # [B*C, k]
-    pad = kernel_size // 2
-    y = F.pad(x.reshape(1, batch * channels, height, width), (pad, pad, pad, pad), mode="reflect")
+    y = F.pad(x.reshape(1, batch * channels, height, width), (kernel_size // 2,) * 4, mode="reflect")
     y = F.conv2d(y, kernel.view(-1, 1, kernel_size, 1), groups=batch * channels)  # along rows
     y = F.conv2d(y, kernel.view(-1, 1, 1, kernel_size), groups=batch * channels)  # along columns
     return y.view(batch, channels, height, width)
@@ -324,116 +298,63 @@ def equalize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class DeviceData:
-    """A training set held whole on the device: images uint8 [N, C, H, W] and labels [N], decoded once, and the
-    specs of its views. `with_index`: the set was a WithIndex, so batches carry the samples' positions too."""
+    """`dataset` (through Subset and WithIndex) held whole on the device in its order: images uint8 [N, C, H, W]
+    decoded by its own __getitem__ (the same pixels) in the batches of `decode` (a loader; default a DataLoader),
+    labels [N], the specs of `views` (a list of transforms, then a list of views a batch, or one). ValueError where
+    it cannot be held: views without a batched version, images of differing sizes, larger than 64 px in an image
+    folder, or, with `fit`, more than a quarter of the device's free memory."""
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, with_index: bool = False, specs=None):
-        self.images, self.targets, self.with_index, self.specs = images, targets, with_index, specs
+    def __init__(self, dataset, device, views=(), decode=None, fit: bool = False):
+        self.specs, self.multi = view_specs(views), isinstance(views, (list, tuple))
+        top = base = copy.copy(dataset)  # shallow copies down to the dataset that decodes, to decode without views
+        while hasattr(base, "dataset"):
+            base.dataset = copy.copy(base.dataset)
+            base = base.dataset
+        base.transform = T.PILToTensor()
+        decode = decode or functools.partial(torch.utils.data.DataLoader, batch_size=256)
+        try:
+            first = next(iter(decode(torch.utils.data.Subset(top, [0]))))[0]  # the first image alone, for its size
+            height, width = first.shape[2:]
+            if isinstance(base, torchvision.datasets.ImageFolder) and max(width, height) > 64:
+                raise ValueError(f"images of {width}x{height} px: the device copy is for small images (64 px or "
+                                 f"less); an ImageNet-scale folder stays on the CPU DataLoader")
+            if fit and len(dataset) * first.numel() > torch.cuda.mem_get_info(device)[0] / 4:
+                raise ValueError(f"{len(dataset) * first.numel() / 2**30:.1f} GiB of images do not fit in the memory "
+                                 f"set aside for them")
+            columns = list(zip(*decode(top)))  # images [b, C, H, W], labels [b] (and positions [b]) of each batch
+            self.images, self.targets = (torch.cat(column).to(device) for column in columns[:2])
+        except RuntimeError as err:  # a batch of images of different sizes
+            raise ValueError(f"the images differ in size ({str(err).splitlines()[0]})") from None
+        self.with_index = len(columns) == 3
+        for spec in self.specs:  # a padded crop that cannot fit these images fails here, not in the first step
+            draw_params(spec, 1, height, width, torch.Generator(device))
 
     def __len__(self):
         return len(self.images)
 
-    @classmethod
-    def from_dataset(cls, dataset, device, args: common.Args = common.Args(device="cpu", workers=0),
-                     max_bytes: float = float("inf")):
-        """The images of a training set of common.load_dataset (through Subset and WithIndex), in its order.
-        ValueError when they cannot be held: too large, of differing sizes, larger than 64 px (an image folder of
-        ImageNet scale stays on the DataLoader), or a dataset without raw images."""
-        base, indices, with_index = dataset, list(range(len(dataset))), False
-        while isinstance(base, (common.WithIndex, torch.utils.data.Subset)):
-            if isinstance(base, torch.utils.data.Subset):
-                indices = [base.indices[i] for i in indices]
-            with_index, base = with_index or isinstance(base, common.WithIndex), base.dataset
-        targets = torch.as_tensor([base.targets[i] for i in indices], dtype=torch.long)
-        if isinstance(base, common.ImageTensorDataset):
-            source = base.images.permute(0, 3, 1, 2)  # [N, C, H, W]
-        elif isinstance(base, torchvision.datasets.ImageFolder):
-            width, height = common.open_image(base.samples[indices[0]][0]).size
-            if max(width, height) > 64:
-                raise ValueError(f"images of {width}x{height} px: the device copy is for small images (64 px or "
-                                 f"less); an ImageNet-scale folder stays on the CPU DataLoader")
-            if len(indices) * 3 * width * height > max_bytes:
-                raise ValueError(f"{len(indices)} images do not fit in the memory set aside for them")
-            decoded = copy.copy(base)  # its files to tensors as ImageFolder decodes them: the same pixels
-            decoded.transform, decoded.target_transform = T.PILToTensor(), None
-            files = common.Batches(torch.utils.data.Subset(decoded, indices), args, batch_size=256)
-            try:
-                return cls(torch.cat([x for x, _ in files]).to(device), targets.to(device), with_index)  # [N, 3, H, W]
-            except RuntimeError as err:  # stacking images of different sizes
-                raise ValueError(f"the images differ in size ({str(err).splitlines()[0]})") from None
-        elif hasattr(getattr(base, "data", None), "shape"):  # torchvision's CIFAR, SVHN, STL-10, MNIST-like
-            source = torch.as_tensor(base.data)
-            if source.ndim == 3:  # MNIST-like: [N, H, W]
-                source = source[:, None]
-            elif isinstance(base, torchvision.datasets.CIFAR10):  # [N, H, W, C]; SVHN and STL-10: [N, C, H, W]
-                source = source.permute(0, 3, 1, 2)
-        else:
-            raise ValueError(f"no device copy of a {type(base).__name__}")
-        if len(indices) * source[0].numel() > max_bytes:
-            raise ValueError(f"{len(indices) * source[0].numel() / 2**30:.1f} GiB of images do not fit in the "
-                             f"memory set aside for them")
-        return cls(source[torch.as_tensor(indices)].contiguous().to(device), targets.to(device), with_index)
+    def __str__(self):
+        return f"{len(self)} images of {tuple(self.images.shape[1:])} ({self.images.numel() / 2**20:.1f} MiB)"
 
-    def loader(self, epoch: int, args: common.Args, batches=None, salt: int = 0) -> DeviceLoader:
-        return DeviceLoader(self, args, epoch, batches, salt)
-
-
-def epoch_batches(n: int, args: common.Args, epoch: int) -> torch.Tensor:
-    """This process's share of epoch `epoch` of n samples as batches of indices [steps, local batch] on the device:
-    the seeded shuffle of common.train_loader (DistributedSampler: a W-th of the epoch each, reshuffled with seed +
-    epoch), full batches only. Made once an epoch, outside its steps."""
-    rank, size = common.world()
-    sampler = torch.utils.data.DistributedSampler(range(n), size, rank, shuffle=True, seed=args.seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    local_batch = args.batch_size // size
-    steps = len(sampler) // local_batch
-    return torch.tensor(list(sampler))[:steps * local_batch].view(steps, local_batch).to(args.device)
+    def loader(self, batches, seed: int, epoch: int) -> DeviceLoader:
+        return DeviceLoader(self, batches, seed, epoch)
 
 
 class DeviceLoader:
-    """One epoch from a DeviceData, shaped as common.train_loader's batches: (views, labels), or (views, labels,
-    indices) for a WithIndex set, the views a list when its specs are. The views come from a generator on the device
-    seeded by (--seed, epoch, rank), so --resume reproduces them. `batches` ([steps, b] indices, default
-    epoch_batches): a method's own sampler's; `salt` gives a second loader of the same epoch its own views."""
+    """One epoch of a DeviceData in `batches` (lists of indices), shaped as the DataLoader's batches, its views drawn
+    from a generator on the device seeded with `seed` (so that --resume draws them again)."""
 
-    def __init__(self, data: DeviceData, args: common.Args, epoch: int, batches=None, salt: int = 0):
+    def __init__(self, data: DeviceData, batches, seed: int, epoch: int):
         self.data, self.epoch = data, epoch
-        self.batches = (epoch_batches(len(data), args, epoch) if batches is None
-                        else torch.as_tensor(batches, dtype=torch.long).to(args.device))
-        seed = common.epoch_seed(args.seed, epoch, common.world()[0])
-        common.seed_everything(seed)  # what the step draws from the global generators is the epoch's too
-        self.generator = torch.Generator(args.device).manual_seed(seed + (salt << 32))
+        self.generator = torch.Generator(data.images.device).manual_seed(seed)
+        self.batches = torch.as_tensor(list(batches), dtype=torch.long).to(data.images.device)  # [steps, b], once
 
     def __len__(self):
         return len(self.batches)
 
     def __iter__(self):
-        specs = self.data.specs if isinstance(self.data.specs, list) else [self.data.specs]
         for idx in self.batches:
             images = self.data.images[idx]  # [b, C, H, W] uint8
-            views = [apply_params(images, draw_params(s, len(idx), *images.shape[2:], self.generator)) for s in specs]
-            x = views if isinstance(self.data.specs, list) else views[0]
+            views = [apply_params(images, draw_params(s, len(idx), *images.shape[2:], self.generator))
+                     for s in self.data.specs]
+            x = views if self.data.multi else views[0]
             yield (x, self.data.targets[idx], idx) if self.data.with_index else (x, self.data.targets[idx])
-
-
-def train_data(train_set, views, args: common.Args) -> DeviceData | None:
-    """The training set on the device with its views' specs, for common.TrainData; None, saying why, where --data-path
-    auto falls back to the DataLoader (views or data that cannot be translated, or a set larger than a quarter of
-    the free GPU memory); one line and exit code 2 where --data-path device cannot be honoured."""
-    try:
-        specs = view_specs(views)
-        budget = torch.cuda.mem_get_info(args.device)[0] / 4 if args.data_path == "auto" else float("inf")
-        data = DeviceData.from_dataset(train_set, args.device, args, budget)
-        data.specs = specs if isinstance(views, common.MultiView) else specs[0]
-        for spec in specs:  # a padded crop that cannot fit these images fails here, not in the first step
-            draw_params(spec, 1, *data.images.shape[2:], torch.Generator(args.device))
-    except common.BadImage as err:  # the first image, opened for the size (the others fail as they are decoded)
-        common.fail(str(err))
-    except ValueError as err:
-        if args.data_path == "device":
-            common.fail(f"--data-path device: {err}")
-        common.print0(f"training data through the CPU DataLoader: {err}")
-        return None
-    common.print0(f"training data on {args.device}: {len(data)} images of {tuple(data.images.shape[1:])} "
-                  f"({data.images.numel() / 2**20:.1f} MiB), views made there")
-    return data

@@ -283,15 +283,11 @@ def support_labels(y: torch.Tensor, views: int, num_classes: int, smoothing: flo
 
 def support_batches(supports: common.TrainData, args: Args, epoch: int, steps: int):
     """This process's class-stratified support batches (views, labels) of an epoch of `steps` steps, with views of
-    their own: made on the device when the training data is there, else by a DataLoader."""
+    their own (salt 1), not the unlabelled batches' views."""
     rank, world = common.world()
     sampler = ClassStratifiedSampler(supports.train_set.targets, args.classes_per_batch, args.supports_per_class,
                                      steps, args.seed, epoch, rank, world)
-    if supports.on_device:
-        return supports.device.loader(epoch, args, batches=list(sampler), salt=1)
-    common.seed_everything(common.epoch_seed(args.seed, epoch, rank))  # the views drawn here with --workers 0
-    generator = torch.Generator().manual_seed(common.epoch_seed(args.seed, epoch, rank) + 1)  # the workers' own
-    return common.Batches(supports.train_set, args, epoch, batch_sampler=sampler, generator=generator)
+    return supports.loader(epoch, sampler, salt=1)
 
 
 def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:

@@ -305,7 +305,7 @@ def test_spec_from_simclr_views():
                                         grayscale=0.2, blur=0.5, blur_kernel=3, blur_sigma=(0.1, 2.0),
                                         mean=info.mean, std=info.std)
     solarized = T.Compose([T.RandomResizedCrop(8), T.RandomSolarize(128, p=0.3), T.ToTensor()])
-    assert device_data.ViewSpec.from_torchvision(solarized).solarize_threshold == 128 / 255  # PIL's 8-bit units
+    assert device_data.ViewSpec.from_torchvision(solarized).solarize_range == (128 / 255,) * 2  # PIL's 8-bit units
     for unsupported in [T.Compose([T.RandomResizedCrop(8), T.RandomRotation(10)]),
                         T.Compose([T.RandomResizedCrop(8), T.RandomGrayscale(), T.ColorJitter(0.4)]),  # order
                         T.Compose([T.Resize(8), T.ToTensor()])]:
@@ -318,19 +318,19 @@ def test_byol_asymmetric_views_translate_to_two_different_specs():
     only. Both must reach the device path with their own probabilities, not one spec twice."""
     info = common.DATASETS["cifar10"]
     views = common.MultiView([byol.byol_augment(info, 32, 1.0, 0.0), byol.byol_augment(info, 32, 0.1, 0.2)])
-    first, second = device_data.view_specs(views)
+    first, second = device_data.view_specs(views.transforms)
     common_fields = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5, brightness=(0.6, 1.4),
                          contrast=(0.6, 1.4), saturation=(0.8, 1.2), hue=(-0.1, 0.1), jitter=0.8, grayscale=0.2,
                          blur_kernel=3, blur_sigma=(0.1, 2.0), mean=info.mean,
                          std=info.std)
     assert first == device_data.ViewSpec(32, blur=1.0, solarize=0.0, **common_fields)
-    assert second == device_data.ViewSpec(32, blur=0.1, solarize=0.2, solarize_threshold=128 / 255, **common_fields)
+    assert second == device_data.ViewSpec(32, blur=0.1, solarize=0.2, solarize_range=(128 / 255,) * 2, **common_fields)
 
 
 def test_paws_views_translate_with_their_multicrop_sizes_random_thresholds_and_equalize():
     info = common.DATASETS["cifar10"]
     views, support_view = paws.paws_views(info, 32, 2, 0.5)
-    specs = device_data.view_specs(views)
+    specs = device_data.view_specs(views.transforms)
     colour = dict(flip=0.5, brightness=(0.6, 1.4), contrast=(0.6, 1.4), saturation=(0.6, 1.4), hue=(-0.1, 0.1),
                   jitter=0.8, solarize=0.2, solarize_range=(0.0, 256 / 255), equalize=0.2, mean=info.mean,
                   std=info.std)
@@ -381,11 +381,13 @@ def test_epoch_batches_split_the_data_over_two_ranks_like_the_dataloader(n, batc
         return  # train_loader refuses this too
     dataset = common.WithIndex(common.ImageTensorDataset(torch.zeros(n, 1, 1, 1, dtype=torch.uint8), [0] * n,
                                                          transform=T.PILToTensor()))
+    view = T.Compose([T.RandomCrop(1), T.ToTensor()])  # views with a batched version: the device path
+    held = common.TrainData(dataset, view, tiny_args(data_path="device", batch_size=batch, seed=seed))
     ranks = []
     for rank in range(2):
         with pytest.MonkeyPatch.context() as patch:  # as if on rank `rank` of 2 processes
             patch.setattr(common, "world", lambda rank=rank: (rank, 2))
-            ours = device_data.epoch_batches(n, args, epoch)  # [steps, local]
+            ours = held.loader(epoch).batches  # [steps, local]
             assert ours.shape == ((n // 2) // local, local)
             cpu = [i for _, _, i in common.train_loader(dataset, args, epoch)]
             assert torch.equal(ours, torch.stack(cpu)), "the same batches as the CPU DataLoader"
@@ -395,15 +397,15 @@ def test_epoch_batches_split_the_data_over_two_ranks_like_the_dataloader(n, batc
     assert len(seen) == 2 * ((n // 2) // local) * local  # every full batch, no partial one
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(common, "world", lambda: (0, 2))
-        other = device_data.epoch_batches(n, args, epoch + 1)
-        assert n < 20 or not torch.equal(other, device_data.epoch_batches(n, args, epoch))  # reshuffled
+        other = held.loader(epoch + 1).batches
+        assert n < 20 or not torch.equal(other, held.loader(epoch).batches)  # reshuffled
 
 
 def test_device_data_keeps_the_subset_order_and_the_indices(tmp_path):
     args = tiny_args(subset=100)
     views = common.MultiView([T.Compose([T.RandomResizedCrop(16), T.ToTensor()])] * 2)
     train, _, _ = common.training_and_eval_sets(args, views, T.ToTensor())
-    data = device_data.DeviceData.from_dataset(common.WithIndex(train), torch.device("cpu"))
+    data = device_data.DeviceData(common.WithIndex(train), torch.device("cpu"))
     assert data.with_index and len(data) == 100
     raw = common.load_dataset(args, True)
     for i in (0, 37, 99):
@@ -420,16 +422,16 @@ def test_device_data_decodes_a_small_image_folder_as_imagefolder_does(tmp_path):
             Image.fromarray(pixels).save(tmp_path / "train" / cls / f"{i}.jpg", quality=90)
     args = tiny_args(dataset="imagefolder", data_dir=str(tmp_path))
     folder = common.load_dataset(args, True)
-    data = device_data.DeviceData.from_dataset(folder, torch.device("cpu"))
+    data = device_data.DeviceData(folder, torch.device("cpu"))
     assert data.images.shape == (6, 3, 10, 10) and data.targets.tolist() == folder.targets
     for i in range(6):
         assert torch.equal(data.images[i], TF.pil_to_tensor(folder[i][0]))
     Image.new("RGB", (12, 10)).save(tmp_path / "train" / "a" / "odd.png")
     with pytest.raises(ValueError, match="differ in size"):
-        device_data.DeviceData.from_dataset(common.load_dataset(args, True), torch.device("cpu"))
+        device_data.DeviceData(common.load_dataset(args, True), torch.device("cpu"))
     Image.new("RGB", (100, 100)).save(tmp_path / "train" / "a" / "0.jpg")
     with pytest.raises(ValueError, match="ImageNet-scale"):
-        device_data.DeviceData.from_dataset(common.load_dataset(args, True), torch.device("cpu"))
+        device_data.DeviceData(common.load_dataset(args, True), torch.device("cpu"))
 
 
 def device_train_data(args, views):

@@ -233,8 +233,7 @@ def test_broken_image_in_the_data_loader_is_one_line(tmp_path, capsys, quick_loa
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("damage", ["truncated", "zero_bytes", "broken_header"])
 def test_broken_image_on_the_device_path_is_one_line(tmp_path, capsys, quick_loader_shutdown, damage, workers):
-    """device_data decodes the whole training set up front, the first image on its own (for the size)."""
-    import device_data
+    """The device path decodes the whole training set up front (through common.Batches, with its workers)."""
     import simclr
 
     how, name = DAMAGES[damage]
@@ -245,7 +244,7 @@ def test_broken_image_on_the_device_path_is_one_line(tmp_path, capsys, quick_loa
     views = common.MultiView([simclr.simclr_augment(info, 16) for _ in range(2)])
     train_set = common.load_dataset(args, True, views)
     with pytest.raises(SystemExit) as exit_info:
-        device_data.train_data(train_set, views, args)
+        common.TrainData(train_set, views, args)
     line = assert_refused_here(exit_info, capsys, path, "remove or replace it")
     assert line.startswith(f"error: cannot read the image {path}"), line
 

@@ -240,4 +240,4 @@ def test_one_method_file_and_common_py_alone_run_in_an_empty_folder(method, devi
     assert ("training data on cpu" in out.stdout) == device
     if not device:
         assert_refused(run_script(*argv, "--data-path", "device", "--out-dir", "again", cwd=tmp_path,
-                                  env_extra={"PYTHONPATH": ""}), "--data-path device needs device_data.py")
+                                  env_extra={"PYTHONPATH": ""}), "--data-path device: No module named 'device_data'")
