@@ -300,13 +300,10 @@ def unwrap(net: nn.Module) -> nn.Module:
 
 
 def _uncaught(kind, error, traceback):
-    """sys.excepthook: what stops a run from outside ends the process with one line that says what is kept and how to
-    continue: Ctrl-C (exit code 130), a DataLoader worker that died (4), a peer that died or froze for --dist-timeout
-    seconds (4). Anything else is a bug: its traceback. The process ends at once, not through the DataLoader's and the
-    group's teardown, which would wait for the workers and the lost peer."""
+    """sys.excepthook: what stops a run from outside ends it in one line saying what is kept and how to continue: Ctrl-C
+    (exit code 130), a killed DataLoader worker or a peer that died or froze for --dist-timeout seconds (4); at once,
+    not through the teardown, which would wait for them. Anything else is a bug: its traceback."""
     run, (rank, size) = RunDir.current, world()
-    kept = run.kept() if run else "nothing was written yet"
-    again = f"--resume --out-dir {run.path}" if run else "the same command"  # before the run directory: no resume
     if isinstance(error, KeyboardInterrupt):
         what, code = "interrupted", 130
     elif isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker"):  # killed: out of memory?
@@ -321,11 +318,13 @@ def _uncaught(kind, error, traceback):
             store.set(f"survivor/{rank}", "1")
             time.sleep(3)
             lost = "process " + ", ".join(str(r) for r in range(size) if not store.check([f"survivor/{r}"]))
-        what, code, again = f"process {rank} lost {lost}", 4, f"{again} on every node"
+        what, code = f"process {rank} lost {lost}", 4
     else:
         return sys.__excepthook__(kind, error, traceback)
     if rank == 0 or code == 4:  # Ctrl-C reaches every process: rank 0 speaks for all
-        print(f"error: {what}; {kept}: continue with {again}", file=sys.stderr, flush=True)
+        again = f"--resume --out-dir {run.path}{' on every node' if size > 1 else ''}" if run else "the same command"
+        print(f"error: {what}; {run.kept() if run else 'nothing was written yet'}: continue with {again}",
+              file=sys.stderr, flush=True)
     os._exit(code)
 
 
@@ -979,9 +978,8 @@ class RunDir:
 
     def kept(self, good: str = "") -> str:
         """What the run keeps if it stops now, for the line that says so."""
-        if self.saved_epoch:
-            return f"checkpoint.pt of epoch {self.saved_epoch} in {self.path} is intact{good}"
-        return "no checkpoint was written yet"
+        return f"checkpoint.pt of epoch {self.saved_epoch} in {self.path} is intact{good}" if self.saved_epoch else (
+            "no checkpoint was written yet")
 
     def diverged(self, what: str):
         """Stop the run that diverged (exit code 3), its last good checkpoint kept."""
@@ -991,11 +989,12 @@ class RunDir:
     def write(self, name: str, save):
         """Rank 0: `save(temporary)`, renamed to `name`. A failed write (a full disk) removes the temporary and ends
         the run in one line, the file before it intact."""
+        if world()[0] != 0:
+            return
         tmp = self.path / f"{name}.tmp"
         try:
-            if world()[0] == 0:
-                save(tmp)
-                os.replace(tmp, self.path / name)
+            save(tmp)
+            os.replace(tmp, self.path / name)
         except (OSError, RuntimeError) as err:  # torch.save's writer raises RuntimeError
             why = getattr(err, "strerror", None) or "the write stopped: is the disk full?"
             fail(f"cannot write {self.path / name} ({why}); {self.kept()}: make room, then continue with --resume "
