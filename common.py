@@ -472,7 +472,7 @@ def open_image(path: str, header_only: bool = False) -> Image.Image:
                 top = np.iinfo(x.dtype).max if x.dtype.kind in "iu" else 1.0
                 if not 0 <= x.min() <= x.max() <= top:  # (NaN fails too)
                     raise ValueError(f"mode {img.mode} with values outside [0, {top}]")
-                return Image.fromarray(np.round(x * (255 / top)).astype(np.uint8)).convert("RGB")
+                img = Image.fromarray(np.round(x * (255 / top)).astype(np.uint8))
             img.info.pop("transparency", None)  # (PIL warns where a palette's transparency is dropped)
             return img.convert("RGB")
     except Exception as err:  # empty, truncated, not an image, a broken header, a decompression bomb
