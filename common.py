@@ -972,7 +972,7 @@ class RunDir:
         if done and not checkpoint:
             return f"{path} holds no checkpoint.pt, but its metrics.jsonl holds a run of {done} epoch(s), which " \
                    f"starting over would delete: put checkpoint.pt back and pass --resume, or choose another --out-dir"
-        if not resume and (checkpoint or metrics.is_file()):  # (a stale temporary is replaced by the next write)
+        if not resume and (checkpoint or metrics.is_file()):
             return f"{path} already holds a run: pass --resume to continue it, or choose another --out-dir"
         return None
 
@@ -988,7 +988,7 @@ class RunDir:
 
     def write(self, name: str, save):
         """Rank 0: `save(temporary)`, renamed to `name`. A failed write (a full disk) removes the temporary and ends
-        the run in one line, the file before it intact."""
+        the run in one line, the file before it intact. A stale temporary (of a run killed while writing) is replaced."""
         if world()[0] != 0:
             return
         tmp = self.path / f"{name}.tmp"
