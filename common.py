@@ -988,7 +988,7 @@ class RunDir:
 
     def write(self, name: str, save):
         """Rank 0: `save(temporary)`, renamed to `name`. A failed write (a full disk) removes the temporary and ends
-        the run in one line, the file before it intact. A stale temporary (of a run killed while writing) is replaced."""
+        the run in one line, the file before it intact. A stale temporary (a run killed while writing) is replaced."""
         if world()[0] != 0:
             return
         tmp = self.path / f"{name}.tmp"
