@@ -974,6 +974,8 @@ class RunDir:
                    f"starting over would delete: put checkpoint.pt back and pass --resume, or choose another --out-dir"
         if not resume and (checkpoint or metrics.is_file()):
             return f"{path} already holds a run: pass --resume to continue it, or choose another --out-dir"
+        for name in RUN_FILES:  # the temporaries of a run killed while writing
+            (path / f"{name}.tmp").unlink(missing_ok=True)
         return None
 
     def kept(self, good: str = "") -> str:
@@ -988,7 +990,7 @@ class RunDir:
 
     def write(self, name: str, save):
         """Rank 0: `save(temporary)`, renamed to `name`. A failed write (a full disk) removes the temporary and ends
-        the run in one line, the file before it intact. A stale temporary (a run killed while writing) is replaced."""
+        the run in one line, the file before it intact."""
         if world()[0] != 0:
             return
         tmp = self.path / f"{name}.tmp"
