@@ -309,35 +309,32 @@ def unwrap(net: nn.Module) -> nn.Module:
 
 
 def _uncaught(kind, error, traceback):
-    """sys.excepthook: what stops a run from outside ends the process with one line that says what is kept and how to
-    continue: Ctrl-C (exit code 130), a DataLoader worker that died (4), a peer that died or froze for --dist-timeout
-    seconds (4). Anything else is a bug: its traceback."""
+    """sys.excepthook: what stops a run from outside ends it in one line saying what is kept and how to continue: Ctrl-C
+    (exit code 130), a killed DataLoader worker or a peer that died or froze for --dist-timeout seconds (4); at once,
+    not through the teardown, which would wait for them. Anything else is a bug: its traceback."""
     run, (rank, size) = RunDir.current, world()
-    again = f"--resume --out-dir {run.path}" if run else "the same command"  # before the run directory: no resume
-    kept = run.kept() if run else "nothing was written yet"
     if isinstance(error, KeyboardInterrupt):
-        if rank == 0:
-            print(f"error: interrupted; {kept}: continue with {again}", file=sys.stderr, flush=True)
-        os._exit(130)  # not through the DataLoader's and the group's teardown, which wait for workers and peers
-    if isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker"):  # killed: out of memory?
-        print(f"error: {re.split(r'[.] ', str(error).strip())[0].rstrip('.')} (fewer --workers need less memory); "
-              f"{kept}: continue with {again}", file=sys.stderr, flush=True)
-        os._exit(4)
-    if not (isinstance(error, torch_dist.DistError) or (isinstance(error, RuntimeError) and re.search(
-            r"gloo|NCCL|[Cc]onnection|[Tt]ime(d )?out|[Pp]eer", str(error)))):  # gloo: "Application timeout ..."
+        what, code = "interrupted", 130
+    elif isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker"):  # killed: out of memory?
+        what, code = f"{str(error).split('.')[0]} (fewer --workers need less memory)", 4
+    elif isinstance(error, torch_dist.DistError) or (isinstance(error, RuntimeError) and re.search(
+            r"gloo|NCCL|[Cc]onnection|[Tt]ime(d )?out|[Pp]eer", str(error))):  # gloo: "Application timeout ..."
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops a node that lost the rendezvous host: line first
+        lost = "another process"
+        with contextlib.suppress(Exception):  # the survivors check in; the store may have gone with the lost node
+            store = torch_dist.distributed_c10d._get_default_store()
+            store.set_timeout(datetime.timedelta(seconds=5))
+            store.set(f"survivor/{rank}", "1")
+            time.sleep(3)
+            lost = "process " + ", ".join(str(r) for r in range(size) if not store.check([f"survivor/{r}"]))
+        what, code = f"process {rank} lost {lost}", 4
+    else:
         return sys.__excepthook__(kind, error, traceback)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops a node that lost the rendezvous host: line first
-    lost = "another process"
-    with contextlib.suppress(Exception):  # the survivors check in; the store may have gone with the lost node
-        store = torch_dist.distributed_c10d._get_default_store()
-        store.set_timeout(datetime.timedelta(seconds=5))
-        store.set(f"survivor/{rank}", "1")
-        time.sleep(3)
-        lost = "process " + ", ".join(str(r) for r in range(size) if not store.check([f"survivor/{r}"]))
-    reason = re.split(r"\.\s", re.sub(r"^\[[^\]]*\] ", "", str(error).strip().splitlines()[-1]))[0][:160]
-    print(f"error: process {rank} lost {lost} ({reason}); {kept}: start every node again with the same command"
-          f"{' and ' + again if run else ''}", file=sys.stderr, flush=True)
-    os._exit(4)  # exit code 4 (a lost peer), not through the group's teardown, which would wait for the lost peer
+    if rank == 0 or code == 4:  # Ctrl-C reaches every process: rank 0 speaks for all
+        again = f"--resume --out-dir {run.path}{' on every node' if size > 1 else ''}" if run else "the same command"
+        print(f"error: {what}; {run.kept() if run else 'nothing was written yet'}: continue with {again}",
+              file=sys.stderr, flush=True)
+    os._exit(code)
 
 
 # -------- Backbones: each maps images [B, C, H, W] to features [B, out_dim], with .out_dim set ------------------------
@@ -482,11 +479,11 @@ def open_image(path: str, header_only: bool = False) -> Image.Image:
                 top = np.iinfo(x.dtype).max if x.dtype.kind in "iu" else 1.0
                 if not 0 <= x.min() <= x.max() <= top:  # (NaN fails too)
                     raise ValueError(f"mode {img.mode} with values outside [0, {top}]")
-                return Image.fromarray(np.round(x * (255 / top)).astype(np.uint8)).convert("RGB")
+                img = Image.fromarray(np.round(x * (255 / top)).astype(np.uint8))
             img.info.pop("transparency", None)  # (PIL warns where a palette's transparency is dropped)
             return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # empty, truncated, not an image,
-        raise BadImage(f"cannot read the image {path} ({err}): remove or replace it") from None  # a broken header
+    except Exception as err:  # empty, truncated, not an image, a broken header, a decompression bomb
+        raise BadImage(f"cannot read the image {path} ({err}): remove or replace it") from None
 
 
 def _image_files(folder: str, seen: set) -> list[str]:
@@ -507,13 +504,14 @@ def _image_files(folder: str, seen: set) -> list[str]:
 
 
 class ImageFolder(torchvision.datasets.ImageFolder):
-    """torchvision's, its samples found by _image_files (no link loop counted twice, no file that is not regular)."""
+    """torchvision's, its samples found by _image_files; a class folder without images refused."""
 
     @staticmethod
     def make_dataset(directory, class_to_idx: dict, *args, **kwargs) -> list[tuple[str, int]]:
         found = {c: _image_files(os.path.join(directory, c), set()) for c in class_to_idx}
         if empty := [c for c, files in found.items() if not files]:
-            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+            fail(f"{directory}: no image in the class folder(s) {', '.join(empty)}: add images to that class folder or "
+                 f"remove it (in every split)")
         return [(f, class_to_idx[c]) for c, files in found.items() for f in files]
 
 
@@ -560,19 +558,14 @@ def load_dataset(args: Args, train: bool, transform=None):
     if name == "digits":
         return ImageTensorDataset(*_digits(train), transform=transform)
     if name == "imagefolder":
-        try:
-            return ImageFolder(str(_split(root, train)), transform=transform, loader=open_image)
-        except FileNotFoundError as err:  # a class folder without images
-            fail(f"{_split(root, train)}: {err}: add images to that class folder or remove it (in every split)")
+        return ImageFolder(str(_split(root, train)), transform=transform, loader=open_image)
     kwargs = {"split": "train" if train else "test"} if name in ("svhn", "stl10") else {"train": train}
     try:
         cls = next(getattr(torchvision.datasets, c) for c in dir(torchvision.datasets) if c.lower() == name)
         ds = cls(str(root), download=args.download, transform=transform, **kwargs)
-    except RuntimeError:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
-        fix = "pass --download to fetch it" if not args.download else "the download did not complete"
+    except (RuntimeError, OSError) as err:  # torchvision's "Dataset not found or corrupted"; a failed download
+        fix = f"the download failed: {err}; copy it there by hand" if args.download else "pass --download to fetch it"
         fail(f"{name} not found or incomplete in --data-dir {root} ({fix}, or point --data-dir at a copy)")
-    except OSError as err:  # a failed download (no network)
-        fail(f"could not download {name} into {root}: {err}; copy the dataset there by hand and omit --download")
     ds.targets = [int(v) for v in getattr(ds, "targets", getattr(ds, "labels", None))]  # SVHN, STL-10: labels
     return ds
 
@@ -657,8 +650,8 @@ class Batches:
     def __iter__(self):
         try:
             yield from self.loader
-        except BadImage as err:  # from a worker, its message ends with the original "common.BadImage: ..." line
-            fail(re.sub(r"^[\w.]*BadImage: ", "", str(err).strip().splitlines()[-1]), every_rank=True)
+        except BadImage as err:  # from a worker: its traceback, the last line "common.BadImage: <the message>"
+            fail(str(err).strip().splitlines()[-1].split("BadImage: ", 1)[-1], every_rank=True)
 
 
 def train_loader(dataset, args: Args, epoch: int) -> Batches:
@@ -923,9 +916,9 @@ METRIC_KEYS = ["epoch", "step", "loss", "lr", "knn_top1", "images_per_s", "time_
 
 
 class RunDir:
-    """The run's files, each written atomically by rank 0 (args.json with the first row of metrics.jsonl: a start that
-    fails its checks leaves none). Rank 0 locks .lock for the life of its process: one run a directory. A run is
-    continued with --resume, never started over (but one stopped before its first checkpoint is started again)."""
+    """The run's files, each written atomically by rank 0 (args.json with metrics.jsonl's rows: a start that fails its
+    checks leaves neither). Rank 0 holds an OS lock (flock) on .lock while its process lives: one run a directory. A
+    run is continued with --resume, never started over (but one stopped before its first checkpoint starts again)."""
 
     current: RunDir | None = None  # this process's run, named by the line that stops it
     lock: int | None = None  # the file descriptor that holds this process's run directory
@@ -933,8 +926,8 @@ class RunDir:
     def __init__(self, args: Args, method: str):
         self.args, self.method, self.saved_epoch, self.history = args, method, 0, []  # history: metrics.jsonl's rows
         path = Path(args.out_dir or f"runs/{method}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-        box = [(path, self._take(path, args.resume), not (path / "checkpoint.pt").is_file())] if world()[0] == 0 \
-            else [None]
+        box = [(path, self._take(path, args.resume), not (path / "checkpoint.pt").is_file()) if world()[0] == 0
+               else None]
         if world()[1] > 1:
             torch_dist.broadcast_object_list(box)  # rank 0's view of the directory, for every process
         self.path, problem, self.fresh = box[0]
@@ -942,14 +935,11 @@ class RunDir:
             fail(problem)
         args.out_dir = str(self.path)  # args.json and the checkpoint record the directory the run used
         self.checkpoint_path, self.metrics_path = self.path / "checkpoint.pt", self.path / "metrics.jsonl"
-        self.wrote_args = False  # args.json: written with the first row of metrics.jsonl
         RunDir.current = self
 
     @staticmethod
     def _take(path: Path, resume: bool) -> str | None:
         """Rank 0: lock the directory, then read what it holds: why the run is refused, or None."""
-        if path.exists() and not path.is_dir():
-            return f"--out-dir {path} is not a directory"
         odd = next((path / n for n in RUN_FILES if (path / n).exists() and not (path / n).is_file()), None)
         if odd:
             return f"{odd} is not a file: move it out of {path}, or choose another --out-dir"
@@ -973,21 +963,16 @@ class RunDir:
         if done and not checkpoint:
             return f"{path} holds no checkpoint.pt, but its metrics.jsonl holds a run of {done} epoch(s), which " \
                    f"starting over would delete: put checkpoint.pt back and pass --resume, or choose another --out-dir"
-        if not resume and checkpoint:
+        if not resume and (checkpoint or metrics.is_file()):
             return f"{path} already holds a run: pass --resume to continue it, or choose another --out-dir"
-        if not resume and metrics.exists():
-            return f"{path} holds a run that stopped before its first checkpoint: pass --resume to start it again " \
-                   f"there, or choose another --out-dir"
-        for name in RUN_FILES:  # the temporaries a run killed while writing left
-            with contextlib.suppress(OSError):
-                (path / f"{name}.tmp").unlink()
+        for name in RUN_FILES:  # the temporaries of a run killed while writing
+            (path / f"{name}.tmp").unlink(missing_ok=True)
         return None
 
     def kept(self, good: str = "") -> str:
         """What the run keeps if it stops now, for the line that says so."""
-        if self.saved_epoch:
-            return f"checkpoint.pt of epoch {self.saved_epoch} in {self.path} is intact{good}"
-        return "no checkpoint was written yet"
+        return f"checkpoint.pt of epoch {self.saved_epoch} in {self.path} is intact{good}" if self.saved_epoch else (
+            "no checkpoint was written yet")
 
     def diverged(self, what: str):
         """Stop the run that diverged (exit code 3), its last good checkpoint kept."""
@@ -1004,23 +989,20 @@ class RunDir:
             save(tmp)
             os.replace(tmp, self.path / name)
         except (OSError, RuntimeError) as err:  # torch.save's writer raises RuntimeError
-            why = err.strerror if isinstance(err, OSError) and err.strerror else "the write stopped: is the disk full?"
+            why = getattr(err, "strerror", None) or "the write stopped: is the disk full?"
             fail(f"cannot write {self.path / name} ({why}); {self.kept()}: make room, then continue with --resume "
                  f"--out-dir {self.path}")
         finally:  # what a failed or interrupted write left (none after the rename)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            tmp.unlink(missing_ok=True)
 
     def log(self, **metrics):
         """One row of metrics.jsonl: the keys every method shares (None where not measured or not finite), then its
-        own. The first also writes args.json, with the flags this run used."""
+        own; then args.json, the flags this run used."""
         row = {**{k: metrics.pop(k, None) for k in METRIC_KEYS}, **metrics}
         self.history.append({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()})
-        if not self.wrote_args:
-            self.write("args.json", lambda tmp: tmp.write_text(json.dumps(
-                {"method": self.method, **dataclasses.asdict(self.args)}, indent=2) + "\n"))
-            self.wrote_args = True
         self.write("metrics.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history)))
+        self.write("args.json", lambda tmp: tmp.write_text(json.dumps(
+            {"method": self.method, **dataclasses.asdict(self.args)}, indent=2) + "\n"))
 
     def save(self, epoch: int, force: bool = False, **state):
         """Every --save-every epochs, after the last, or `force`: checkpoint.pt (`state`, epoch, arguments, metrics),
