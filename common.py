@@ -14,7 +14,6 @@ import dataclasses
 import datetime
 import fcntl
 import functools
-import inspect
 import json
 import math
 import os
