@@ -630,16 +630,17 @@ class MultiView:
         return [t(img) for t in self.transforms]
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """The seed of a process's epoch: a resumed run draws what an uninterrupted one would."""
-    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**31)
+def epoch_seed(seed: int, epoch: int, rank: int, salt: int = 0) -> int:
+    """The seed of a process's epoch: a resumed run draws what an uninterrupted one would. A second loader of the epoch
+    (salt 1) gets its own, in the 32 bits a CPU generator keeps."""
+    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**31) + salt * 2**31
 
 
 class Batches:
     """A DataLoader (pinned for a GPU, its workers seeded by seed, epoch, rank, salt); a bad image: one line, exit 2."""
 
     def __init__(self, dataset, args: Args, epoch: int = 0, salt: int = 0, **kwargs):
-        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, world()[0]) + (salt << 32))
+        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, world()[0], salt))
         kwargs = {"num_workers": args.workers, "generator": generator, "pin_memory": "cuda" in args.device, **kwargs}
         self.loader, self.epoch = torch.utils.data.DataLoader(dataset, **kwargs), epoch
 
@@ -694,7 +695,7 @@ class TrainData:
             batch_sampler = torch.utils.data.BatchSampler(shard, self.args.batch_size // size, drop_last=True)
         if self.device is None:
             return Batches(self.train_set, self.args, epoch, salt, batch_sampler=batch_sampler)
-        return self.device.loader(batch_sampler, epoch_seed(self.args.seed, epoch, rank) + (salt << 32), epoch)
+        return self.device.loader(batch_sampler, epoch_seed(self.args.seed, epoch, rank, salt), epoch)
 
 
 # -------- Optimisation ------------------------------------------------------------------------------------------------

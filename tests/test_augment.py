@@ -439,11 +439,13 @@ def device_train_data(args, views):
     return common.TrainData(train, views, args)
 
 
-def test_an_epoch_of_views_does_not_depend_on_what_ran_before():
-    """What --resume relies on: the views of epoch e are a function of (seed, epoch, rank) alone."""
+@pytest.mark.parametrize("path", ["device", "cpu"])
+def test_an_epoch_of_views_does_not_depend_on_what_ran_before(path):
+    """What --resume relies on: the views of epoch e are a function of (seed, epoch, rank) alone, on both paths
+    (the CPU path with --workers 0 draws them from the generator the loader reseeds)."""
     views = common.MultiView([simclr.simclr_augment(SYNTHETIC_INFO, 16, blur=0.5)] * 2)
-    data = device_train_data(tiny_args(data_path="device"), views)
-    assert data.on_device
+    data = device_train_data(tiny_args(data_path=path), views)
+    assert data.on_device == (path == "device")
     first = [v for (v, _) in data.loader(2)]
     torch.rand(100)
     list(data.loader(1))
@@ -452,6 +454,15 @@ def test_an_epoch_of_views_does_not_depend_on_what_ran_before():
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(first[0][0], first[0][1]), "two different views of each image"
     assert not torch.equal(first[0][0], next(iter(data.loader(3)))[0][0]), "another epoch, other views"
+    same = [list(range(8))]  # the same images: in another epoch, or through a second loader (a salt), other views
+    epoch_2, epoch_3 = (next(iter(data.loader(e, same)))[0][0] for e in (2, 3))
+    assert torch.equal(epoch_2, next(iter(data.loader(2, same)))[0][0])
+    assert not torch.equal(epoch_2, epoch_3)
+    # a second loader of the epoch (a salt) has a generator of its own (on the CPU path its workers': with
+    # --workers 0 every loader draws from the one the loader reseeds)
+    salted = data if path == "device" else device_train_data(tiny_args(data_path=path, workers=1), views)
+    first_loader, second_loader = (next(iter(salted.loader(2, same, salt)))[0][0] for salt in (0, 1))
+    assert not torch.equal(first_loader, second_loader)
 
 
 def test_a_with_index_set_gives_the_cpu_batches_structure_on_the_device():
