@@ -282,11 +282,9 @@ def support_labels(y: torch.Tensor, views: int, num_classes: int, smoothing: flo
 
 
 def support_batches(supports: common.TrainData, args: Args, epoch: int, steps: int):
-    """This process's class-stratified support batches (views, labels) of an epoch of `steps` steps, with views of
-    their own (salt 1), not the unlabelled batches' views."""
-    rank, world = common.world()
+    """This process's class-stratified support batches (views, labels) of `steps` steps; views of their own (salt 1)."""
     sampler = ClassStratifiedSampler(supports.train_set.targets, args.classes_per_batch, args.supports_per_class,
-                                     steps, args.seed, epoch, rank, world)
+                                     steps, args.seed, epoch, *common.world())  # rank, world size
     return supports.loader(epoch, sampler, salt=1)
 
 
