@@ -823,8 +823,8 @@ def train_linear(head: nn.Linear, features, epochs: int, lr: float, batch_size: 
 
 def linear_probe(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Tensor, test_y: torch.Tensor,
                  num_classes: int, epochs: int = 100, lr: float = 0.1, batch_size: int = 256, seed: int = 0) -> tuple:
-    """Test (top-1, top-5) of a linear classifier on frozen, standardised features (Nesterov). Papers train it on
-    augmented crops (linear_protocol); precomputed features take seconds instead of hours and rank alike."""
+    """Test (top-1, top-5) of a linear classifier on frozen, standardised features (Nesterov): seconds, where the
+    papers' protocol on augmented crops (linear_protocol) takes hours; the two rank networks alike."""
     mean, std = train_z.mean(0, keepdim=True), train_z.std(0, keepdim=True).clamp_min(1e-6)
     train_z, test_z = (train_z - mean) / std, (test_z - mean) / std
     head = nn.Linear(train_z.shape[1], num_classes).to(train_z.device)
@@ -832,26 +832,24 @@ def linear_probe(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Ten
     return tuple(topk_accuracy(head(test_z), test_y, (1, 5)))
 
 
-def linear_view_set(dataset, size: int):
-    """`dataset` (a Subset's too) in the linear protocol's training view: a random crop (64 px or less: resized to
-    size, then RandomCrop(size, padding=size // 8), 4 px at 32 as MoCo's CIFAR demo and SimSiam; larger:
-    RandomResizedCrop(size)), a horizontal flip, then its evaluation view's steps after resize and centre crop."""
-    if isinstance(dataset, torch.utils.data.Subset):
-        return Subset(linear_view_set(dataset.dataset, size), dataset.indices)
-    crop = T.RandomResizedCrop(size) if size > 64 else T.Compose([T.Resize(size), T.RandomCrop(size, size // 8)])
-    rest = [t for t in dataset.transform.transforms if not isinstance(t, (T.Resize, T.CenterCrop))]
-    dataset = copy.copy(dataset)  # the memory set keeps its unaugmented view
-    dataset.transform = T.Compose([crop, T.RandomHorizontalFlip(), *rest])
-    return dataset
-
-
 def linear_protocol(backbone: nn.Module, train_set, num_classes: int, args: Args) -> nn.Linear:
-    """The standard linear protocol: a linear classifier on `train_set` (augmented views, new every epoch) through the
-    frozen backbone in eval mode (weights and BatchNorm statistics untouched), SGD with momentum 0.9, no weight decay,
-    cosine schedule. The processes embed each epoch's views together: each trains the head one process would."""
+    """The papers' linear protocol: a linear classifier on `train_set` (views new every epoch) through the frozen
+    backbone in eval mode (weights and BatchNorm statistics untouched), SGD with momentum 0.9, no weight decay,
+    cosine. The processes embed each epoch's views together: each trains the head one process would."""
     head = nn.Linear(backbone.out_dim, num_classes).to(args.device)
     return train_linear(head, lambda epoch: extract_features(backbone, train_set, args, epoch=epoch),
                         args.linear_epochs, args.linear_lr, args.linear_batch_size, args.seed, name="linear protocol")
+
+
+def linear_view_set(memory_set, size: int):
+    """The memory set (a Subset's too) in the linear protocol's view: a random crop (64 px or less: resized, then
+    RandomCrop(size, padding=size // 8), 4 px at 32 as MoCo's CIFAR demo and SimSiam; larger: RandomResizedCrop), a
+    flip, then its evaluation view's steps after resize and centre crop. The memory set keeps its own view."""
+    dataset = copy.copy(getattr(memory_set, "dataset", memory_set))
+    crop = T.RandomResizedCrop(size) if size > 64 else T.Compose([T.Resize(size), T.RandomCrop(size, size // 8)])
+    rest = [t for t in dataset.transform.transforms if not isinstance(t, (T.Resize, T.CenterCrop))]
+    dataset.transform = T.Compose([crop, T.RandomHorizontalFlip(), *rest])
+    return Subset(dataset, memory_set.indices) if isinstance(memory_set, Subset) else dataset
 
 
 class Evaluation:
@@ -880,8 +878,8 @@ class Evaluation:
         return top1
 
     def report(self, backbone: nn.Module, run: RunDir, **extra) -> dict:
-        """The final k-NN, probe and linear protocol (on the last k-NN's features) and the method's `extra` results to
-        results.json, and a summary."""
+        """The final k-NN (the last monitor's), probe and linear protocol, and the method's `extra` results, to
+        results.json with the protocol of each top-1 (a top-5 by its top-1's); a summary line."""
         args = self.args
         if not self.last or self.last[0] != args.epochs:  # not measured after the last epoch: a finished run resumed
             self.knn(backbone, args.epochs)
@@ -892,16 +890,13 @@ class Evaluation:
         if args.probe_epochs:
             results["probe_top1"], results["probe_top5"] = linear_probe(
                 train_z, train_y, test_z, test_y, self.num_classes, args.probe_epochs, seed=args.seed)
-            protocols["probe_top1"] = (f"fast probe: linear classifier on cached features of unaugmented training "
-                                       f"images, {args.probe_epochs} epochs")
+            protocols["probe_top1"] = f"fast probe: linear, on cached unaugmented features, {args.probe_epochs} epochs"
         if args.linear_epochs:
-            head = linear_protocol(backbone, linear_view_set(self.memory_set, dataset_info(args)[1]), self.num_classes,
-                                   args)
+            head = linear_protocol(backbone, linear_view_set(self.memory_set, args.image_size), self.num_classes, args)
             results["linear_top1"], results["linear_top5"] = topk_accuracy(head(test_z), test_y, (1, 5))
-            protocols["linear_top1"] = (f"linear protocol: linear classifier on random crops and flips through the "
-                                        f"frozen network in eval mode, {args.linear_epochs} epochs, SGD lr "
-                                        f"{args.linear_lr}, batch {args.linear_batch_size}, cosine")
-        results["protocols"] = protocols  # which protocol measured each figure (a top-5 by its top-1's)
+            protocols["linear_top1"] = (f"linear protocol: random crops and flips through the frozen network, "
+                                        f"{args.linear_epochs} epochs, lr {args.linear_lr}, cosine")
+        results["protocols"] = protocols
         run.write("results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
         before = f"untrained {untrained:.4f} -> " if untrained is not None else ""
         after = "".join(f";  {name} top-1 {results[key]:.4f}" for key, name in
