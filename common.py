@@ -177,8 +177,8 @@ def parse(cls, argv: list[str] | None = None):
 
 
 def setup_distributed(args: Args):
-    """Join torchrun's group (NCCL on CUDA, gloo on the CPU) or run alone; set the device, CPU threads, allocator, seed.
-    TF32: PyTorch's default, on for convolutions, off for matmuls."""
+    """Join torchrun's group (NCCL on CUDA, gloo on the CPU) or run alone; set the device, CPU threads, allocator, seed
+    (TF32 as PyTorch's default: on for convolutions, off for matmuls)."""
     cuda = args.device.startswith("cuda") or not args.device and torch.cuda.is_available()
     args.device = args.device if ":" in args.device else f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu"
     if cuda:
@@ -284,8 +284,7 @@ def distribute(model: nn.Module, args: Args) -> nn.Module:
 
 
 def replicas_agree(state_dict: dict) -> bool:
-    """Whether every process holds the same weights (to float rounding): a sum per tensor, gathered. BatchNorm's
-    running statistics are left out: without --sync-bn each process keeps its own."""
+    """Whether every process holds the same weights (a sum per tensor), BatchNorm's running statistics aside."""
     sums = [t.double().sum() for k, t in state_dict.items() if t.is_floating_point() and "running_" not in k]
     rows = gather_no_grad(torch.stack(sums or [torch.zeros((), dtype=torch.float64)])[None])  # [W, T]
     return torch.allclose(rows, rows[:1].expand_as(rows), rtol=1e-5, atol=1e-6)
