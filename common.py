@@ -177,16 +177,14 @@ def parse(cls, argv: list[str] | None = None):
 
 
 def setup_distributed(args: Args):
-    """Join torchrun's group (NCCL on CUDA, gloo on the CPU) or run alone; set args.device (cuda:LOCAL_RANK), the CPU
-    threads and allocator, a seed per process. TF32: PyTorch's default, on for convolutions, off for matmuls."""
-    rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if device.index is None else device.index)
-        torch.cuda.set_device(device)
+    """Join torchrun's group (NCCL on CUDA, gloo on the CPU) or run alone; set the device, CPU threads, allocator, seed
+    (TF32 as PyTorch's default: on for convolutions, off for matmuls)."""
+    cuda = args.device.startswith("cuda") or not args.device and torch.cuda.is_available()
+    args.device = args.device if ":" in args.device else f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(args.device)
         torch.backends.cudnn.benchmark = not args.deterministic
-    args.device = str(device)
-    torch.set_num_threads(args.threads or (1 if device.type == "cpu" else 4))
+    torch.set_num_threads(args.threads or (4 if cuda else 1))
     with contextlib.suppress(OSError, AttributeError):  # glibc only: keep freed memory for reuse, rather than unmap
         libc = ctypes.CDLL("libc.so.6")  # each large tensor at free and fault it in again (README, "On a CPU")
         libc.mallopt(-4, 0)  # M_MMAP_MAX: no allocation served by mmap
@@ -194,12 +192,11 @@ def setup_distributed(args: Args):
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    if size > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=size,
-                                      timeout=datetime.timedelta(seconds=args.dist_timeout),
-                                      device_id=device if device.type == "cuda" else None)
-    sys.excepthook = _uncaught
-    seed_everything(args.seed + rank)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch_dist.is_initialized():  # RANK etc. from torchrun
+        torch_dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.dist_timeout),
+                                      device_id=torch.device(args.device) if cuda else None)
+    sys.excepthook = _uncaught  # a peer silent for --dist-timeout seconds raises an error, as one that died
+    seed_everything(args.seed + world()[0])
 
 
 def cleanup_distributed():
@@ -217,25 +214,26 @@ def world() -> tuple[int, int]:
     return (torch_dist.get_rank(), torch_dist.get_world_size()) if torch_dist.is_initialized() else (0, 1)
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward gives this process's rows the gradient of the global loss: every process's loss reads
-    all rows, so the gradients are summed over processes, then this rank's slice kept (the slice alone is a bug)."""
+def print0(*args, **kwargs):
+    if world()[0] == 0:
+        print(*args, **kwargs, flush=True)
 
-    @staticmethod
-    def forward(ctx, x):
-        ctx.rank, ctx.rows = world()[0], len(x)
-        return gather_no_grad(x)
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every process's gradient of all rows, then keeps this process's rows: every
+    process's loss reads all rows (this process's rows of its own gradient alone is a known bug)."""
+
+    forward = staticmethod(lambda ctx, x: gather_no_grad(x))
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
+        grad = grad.contiguous().clone()  # all_reduce works in place
         torch_dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return grad.chunk(world()[1])[world()[0]]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """[n, ...] on each of W processes -> [W*n, ...] in rank order, differentiable. Under DDP a loss every process
-    computes alike from the gathered rows gets the gradient one process would get from the whole batch."""
+    """[n, ...] on each of W processes -> [W*n, ...] in rank order; under DDP, the gradient of the whole batch."""
     return x if world()[1] == 1 else _GatherWithGrad.apply(x)
 
 
@@ -254,14 +252,9 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return gather_no_grad(x.detach()[None]).mean(0)
 
 
-def print0(*args, **kwargs):
-    if world()[0] == 0:
-        print(*args, **kwargs, flush=True)
-
-
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over the global batch (--sync-bn), NCCL and gloo alike: the processes' per-channel sums of x and x^2
-    and counts, summed with gradient; no host wait (torch's SyncBatchNorm waits in each layer). Unbiased running var."""
+    """BatchNorm over the global batch (--sync-bn), NCCL or gloo (torch's SyncBatchNorm: GPUs only, a host wait in
+    each layer): the processes' per-channel sums of x and x^2 and counts, summed with gradient. Momentum set."""
 
     _check_input_dim = staticmethod(lambda x: None)  # any of BatchNorm1d, 2d and 3d's inputs
 
@@ -273,19 +266,15 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         total = gather_with_grad(local[None]).sum(0)  # every process's loss depends on the sum: so does its gradient
         n, mean = total[-1], total[:c] / total[-1]  # [C]
         var = (total[c:2 * c] / n - mean * mean).clamp_min(0)  # [C] biased, as normalisation uses
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked  # a tensor
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
-                self.running_var.lerp_((var * n / (n - 1).clamp_min(1)).to(self.running_var.dtype), m)
+        self.num_batches_tracked += 1
+        self.running_mean.lerp_(mean.detach(), self.momentum)
+        self.running_var.lerp_((var * n / (n - 1).clamp_min(1)).detach(), self.momentum)  # unbiased, as BatchNorm keeps
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         return (y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y).to(x.dtype)
 
 
 def distribute(model: nn.Module, args: Args) -> nn.Module:
-    """The model as trained: DDP on several processes (--sync-bn turns each BatchNorm into a GlobalBatchNorm in place,
-    keys unchanged), compiled with --compile. `model` stays the plain module; unwrap() finds it in the wrappers."""
+    """The model as trained: DDP on several processes (--sync-bn: each BatchNorm a GlobalBatchNorm), --compile."""
     if world()[1] > 1:
         for m in model.modules() if args.sync_bn else []:
             if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
@@ -295,8 +284,7 @@ def distribute(model: nn.Module, args: Args) -> nn.Module:
 
 
 def replicas_agree(state_dict: dict) -> bool:
-    """Whether every process holds the same weights (to float rounding): a sum per tensor, gathered. BatchNorm's
-    running statistics are left out: without --sync-bn each process keeps its own since DDP's last broadcast."""
+    """Whether every process holds the same weights (a sum per tensor), BatchNorm's running statistics aside."""
     sums = [t.double().sum() for k, t in state_dict.items() if t.is_floating_point() and "running_" not in k]
     rows = gather_no_grad(torch.stack(sums or [torch.zeros((), dtype=torch.float64)])[None])  # [W, T]
     return torch.allclose(rows, rows[:1].expand_as(rows), rtol=1e-5, atol=1e-6)
@@ -308,32 +296,23 @@ def unwrap(net: nn.Module) -> nn.Module:
 
 
 def _uncaught(kind, error, traceback):
-    """sys.excepthook: what stops a run from outside ends it in one line saying what is kept and how to continue: Ctrl-C
-    (exit code 130), a killed DataLoader worker or a peer that died or froze for --dist-timeout seconds (4); at once,
-    not through the teardown, which would wait for them. Anything else is a bug: its traceback."""
+    """sys.excepthook: a run stopped from outside ends in one line saying what is kept and how to continue: Ctrl-C (exit
+    code 130), a killed DataLoader worker or a lost peer process (4). Anything else is a bug: its traceback."""
     run, (rank, size) = RunDir.current, world()
     if isinstance(error, KeyboardInterrupt):
         what, code = "interrupted", 130
     elif isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker"):  # killed: out of memory?
         what, code = f"{str(error).split('.')[0]} (fewer --workers need less memory)", 4
-    elif isinstance(error, torch_dist.DistError) or (isinstance(error, RuntimeError) and re.search(
-            r"gloo|NCCL|[Cc]onnection|[Tt]ime(d )?out|[Pp]eer", str(error))):  # gloo: "Application timeout ..."
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops a node that lost the rendezvous host: line first
-        lost = "another process"
-        with contextlib.suppress(Exception):  # the survivors check in; the store may have gone with the lost node
-            store = torch_dist.distributed_c10d._get_default_store()
-            store.set_timeout(datetime.timedelta(seconds=5))
-            store.set(f"survivor/{rank}", "1")
-            time.sleep(3)
-            lost = "process " + ", ".join(str(r) for r in range(size) if not store.check([f"survivor/{r}"]))
-        what, code = f"process {rank} lost {lost}", 4
+    elif isinstance(error, torch_dist.DistError) or "gloo" in str(error):  # gloo's errors are plain RuntimeErrors
+        what, code = f"process {rank} lost a peer process (it died, or was silent for --dist-timeout seconds)", 4
     else:
         return sys.__excepthook__(kind, error, traceback)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops a node that lost the rendezvous host: line first
     if rank == 0 or code == 4:  # Ctrl-C reaches every process: rank 0 speaks for all
         again = f"--resume --out-dir {run.path}{' on every node' if size > 1 else ''}" if run else "the same command"
         print(f"error: {what}; {run.kept() if run else 'nothing was written yet'}: continue with {again}",
               file=sys.stderr, flush=True)
-    os._exit(code)
+    os._exit(code)  # now: the normal exit's teardown (process group, DataLoader workers) would wait for the lost ones
 
 
 # -------- Backbones: each maps images [B, C, H, W] to features [B, out_dim], with .out_dim set ------------------------

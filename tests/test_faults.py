@@ -565,7 +565,7 @@ class TwoNodes:
             agent.wait()
 
 
-def lost_peer_line(stderr: str, run: Path, start: str = "error: process 0 lost process 1", code: bool = True) -> str:
+def lost_peer_line(stderr: str, run: Path, start: str = "error: process 0 lost a peer", code: bool = True) -> str:
     """The survivor's one line in its agent's stderr (the agent adds its own summary after it); no traceback from
     the worker before it; exit code 4 (as the agent reports it, where it is still there to report it)."""
     lines = [line for line in stderr.splitlines() if line.startswith(start)]
