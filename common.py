@@ -941,7 +941,7 @@ class RunDir:
         odd = next((path / n for n in RUN_FILES if (path / n).exists() and not (path / n).is_file()), None)
         if odd:
             return f"{odd} is not a file: move it out of {path}, or choose another --out-dir"
-        if resume and not any((path / n).is_file() for n in (".lock", "args.json", "checkpoint.pt")):
+        if resume and not any((path / n).is_file() for n in RUN_FILES):
             return f"--resume: {path} holds no run to continue"
         try:
             path.mkdir(parents=True, exist_ok=True)

@@ -962,7 +962,7 @@ def test_a_run_file_that_is_a_directory_is_refused(tmp_path, capsys, name, resum
 @pytest.mark.parametrize("holds, resumes", [([], False), (["notes.txt"], False), ([".lock"], True),
                                            (["args.json"], True), (["checkpoint.pt"], True)])
 def test_resume_needs_a_run_to_continue(tmp_path, capsys, holds, resumes):
-    """A directory holds a run when a run took it (.lock), or wrote args.json or checkpoint.pt there."""
+    """A directory holds a run when a run took it (.lock) or wrote one of its files there."""
     path = tmp_path / "run"
     path.mkdir()
     for name in holds:
