@@ -917,8 +917,7 @@ RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "results.json", ".lo
 
 
 class RunDir:
-    """The run's files, each written atomically by rank 0 (args.json with the first row of metrics.jsonl). Rank 0 holds
-    an OS lock (flock) on .lock while its process lives: one run a directory, continued with --resume."""
+    """The run's files, written atomically by rank 0, which holds an OS lock (flock) on .lock: one run a directory."""
 
     current: RunDir | None = None  # this process's run, named by the line that stops it
     lock: int | None = None  # the file descriptor that holds this process's run directory
@@ -987,7 +986,7 @@ class RunDir:
             tmp.unlink(missing_ok=True)
 
     def log(self, **metrics):
-        """A row of metrics.jsonl (the shared keys, None if not measured or not finite, the method's); args.json."""
+        """A row of metrics.jsonl (the shared keys, None if not measured or not finite, its own), with args.json."""
         row = {**{k: metrics.pop(k, None) for k in METRIC_KEYS}, **metrics}
         self.history.append({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()})
         self.write("metrics.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history)))
