@@ -1058,10 +1058,9 @@ class Progress:
     def update(self, step: int, loss: torch.Tensor, lr: float, images: int):  # the run's step, epoch * steps + i
         epoch, i = divmod(step, self.steps)
         loss = loss.detach().float().reshape(())
-        here = torch.stack([torch.full_like(loss, i), loss])  # [step, loss], kept on the device if the first bad one
-        self.bad = torch.full_like(here, math.inf) if i == 0 else self.bad  # (step inf: none yet)
-        bad = ~(loss.isfinite() & (loss.abs() <= self.diverge_at)) & self.bad[0].isinf()  # the first: NaN, inf too
-        self.bad = torch.where(bad, here, self.bad)
+        here = torch.stack([torch.full_like(loss, i), loss])  # this step's [step, loss], on the device
+        bad = torch.full_like(here, math.inf) if i == 0 else self.bad  # the epoch's first bad [step, loss] (inf: none)
+        self.bad = torch.where(~(loss.isfinite() & (loss.abs() <= self.diverge_at)) & bad[0].isinf(), here, bad)
         self.step, self.lr, self.images = step, lr, self.images + images * world()[1]
         now, last = time.perf_counter(), i + 1 == self.steps
         self.time_s = now - self.epoch_start
