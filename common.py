@@ -887,12 +887,11 @@ class Evaluation:
 # -------- Run directory: args.json, metrics.jsonl, checkpoint.pt (atomic); the progress line -------------------------
 
 METRIC_KEYS = ["epoch", "step", "loss", "lr", "knn_top1", "images_per_s", "time_s"]
+RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "results.json", ".lock")
 
 
 class RunDir:
-    """The run's files, each written atomically by rank 0 (args.json with metrics.jsonl's rows: a start that fails its
-    checks leaves neither). Rank 0 holds an OS lock (flock) on .lock while its process lives: one run a directory. A
-    run is continued with --resume, never started over (but one stopped before its first checkpoint starts again)."""
+    """The run's files, written atomically by rank 0, which holds an OS lock (flock) on .lock: one run a directory."""
 
     current: RunDir | None = None  # this process's run, named by the line that stops it
     lock: int | None = None  # the file descriptor that holds this process's run directory
@@ -900,15 +899,13 @@ class RunDir:
     def __init__(self, args: Args, method: str):
         self.args, self.method, self.saved_epoch, self.history = args, method, 0, []  # history: metrics.jsonl's rows
         path = Path(args.out_dir or f"runs/{method}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-        box = [(path, self._take(path, args.resume), not (path / "checkpoint.pt").is_file()) if world()[0] == 0
-               else None]
+        box = [(path, self._take(path, args.resume)) if world()[0] == 0 else None]
         if world()[1] > 1:
-            torch_dist.broadcast_object_list(box)  # rank 0's view of the directory, for every process
-        self.path, problem, self.fresh = box[0]
+            torch_dist.broadcast_object_list(box)  # rank 0's directory and verdict, for every process
+        self.path, problem = box[0]
         if problem:
             fail(problem)
         args.out_dir = str(self.path)  # args.json and the checkpoint record the directory the run used
-        self.checkpoint_path, self.metrics_path = self.path / "checkpoint.pt", self.path / "metrics.jsonl"
         RunDir.current = self
 
     @staticmethod
@@ -917,45 +914,38 @@ class RunDir:
         odd = next((path / n for n in RUN_FILES if (path / n).exists() and not (path / n).is_file()), None)
         if odd:
             return f"{odd} is not a file: move it out of {path}, or choose another --out-dir"
-        if resume and not any((path / n).is_file() for n in (".lock", "args.json", "checkpoint.pt")):
+        if resume and not any((path / n).is_file() for n in RUN_FILES):
             return f"--resume: {path} holds no run to continue"
         try:
             path.mkdir(parents=True, exist_ok=True)
             if RunDir.lock is not None:
                 os.close(RunDir.lock)  # one run a process: an earlier one (a test's) lets go of its directory
             RunDir.lock = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(RunDir.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(RunDir.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the OS lets go when the process ends
         except BlockingIOError:
-            return f"{path} is in use by another run (which holds {path / '.lock'}): wait until it ends, or choose " \
-                   f"another --out-dir"
+            return f"{path} is in use by another run: wait until it ends, or choose another --out-dir"
         except OSError as err:
-            return f"cannot write the run directory {path} ({err.strerror or err}): choose an --out-dir that can be " \
-                   f"written"
+            return f"cannot write the run directory {path} ({err.strerror}): choose an --out-dir that can be written"
         checkpoint, metrics = (path / "checkpoint.pt").is_file(), path / "metrics.jsonl"
-        done = max(map(int, re.findall(r'"epoch": (\d+)', metrics.read_text(errors="replace"))), default=0) \
-            if metrics.is_file() else 0
-        if done and not checkpoint:
-            return f"{path} holds no checkpoint.pt, but its metrics.jsonl holds a run of {done} epoch(s), which " \
-                   f"starting over would delete: put checkpoint.pt back and pass --resume, or choose another --out-dir"
+        if not checkpoint and metrics.is_file() and len(metrics.read_bytes().splitlines()) > 1:  # epoch 0's row, more
+            return f"{path} holds no checkpoint.pt, but its metrics.jsonl holds trained epochs, which starting over " \
+                   f"would delete: put checkpoint.pt back and pass --resume, or choose another --out-dir"
         if not resume and (checkpoint or metrics.is_file()):
             return f"{path} already holds a run: pass --resume to continue it, or choose another --out-dir"
         for name in RUN_FILES:  # the temporaries of a run killed while writing
             (path / f"{name}.tmp").unlink(missing_ok=True)
         return None
 
-    def kept(self, good: str = "") -> str:
-        """What the run keeps if it stops now, for the line that says so."""
-        return f"checkpoint.pt of epoch {self.saved_epoch} in {self.path} is intact{good}" if self.saved_epoch else (
+    def kept(self) -> str:  # what the run keeps if it stops now
+        return f"checkpoint.pt of epoch {self.saved_epoch} in {self.path} is intact" if self.saved_epoch else (
             "no checkpoint was written yet")
 
     def diverged(self, what: str):
-        """Stop the run that diverged (exit code 3), its last good checkpoint kept."""
-        fail(f"training diverged: {what}; {self.kept(' (the last good one)')}: resume with --resume --out-dir "
-             f"{self.path} and a lower --lr", code=3)
+        fail(f"training diverged: {what}; {self.kept()}: resume with --resume --out-dir {self.path} and a lower "
+             f"--lr", code=3)
 
     def write(self, name: str, save):
-        """Rank 0: `save(temporary)`, renamed to `name`. A failed write (a full disk) removes the temporary and ends
-        the run in one line, the file before it intact."""
+        """Rank 0: `save(temporary)`, renamed to `name`; a failed write (a full disk) ends the run in one line."""
         if world()[0] != 0:
             return
         tmp = self.path / f"{name}.tmp"
@@ -966,12 +956,11 @@ class RunDir:
             why = getattr(err, "strerror", None) or "the write stopped: is the disk full?"
             fail(f"cannot write {self.path / name} ({why}); {self.kept()}: make room, then continue with --resume "
                  f"--out-dir {self.path}")
-        finally:  # what a failed or interrupted write left (none after the rename)
+        finally:  # what a failed or interrupted write left
             tmp.unlink(missing_ok=True)
 
     def log(self, **metrics):
-        """One row of metrics.jsonl: the keys every method shares (None where not measured or not finite), then its
-        own; then args.json, the flags this run used."""
+        """A row of metrics.jsonl (the shared keys, None if not measured or not finite, its own), with args.json."""
         row = {**{k: metrics.pop(k, None) for k in METRIC_KEYS}, **metrics}
         self.history.append({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()})
         self.write("metrics.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history)))
@@ -979,81 +968,59 @@ class RunDir:
             {"method": self.method, **dataclasses.asdict(self.args)}, indent=2) + "\n"))
 
     def save(self, epoch: int, force: bool = False, **state):
-        """Every --save-every epochs, after the last, or `force`: checkpoint.pt (`state`, epoch, arguments, metrics),
-        atomically, if every float in `state` is finite (else the run diverged: exit code 3, the last good one kept).
-        No generator state: each epoch reseeds from (--seed, epoch, rank); it resumes on any device."""
+        """Every --save-every epochs, after the last, or `force`: checkpoint.pt, if all weights are finite and agree."""
         if not (force or epoch == self.args.epochs or epoch % self.args.save_every == 0):
             return
         flags = [t.isfinite().all() for t in torch.utils._pytree.tree_leaves(state)  # in state_dicts, lists, ...
-                 if isinstance(t, torch.Tensor) and t.is_floating_point()] or [torch.tensor(True)]
-        finite = torch.stack([f.to(flags[0].device) for f in flags]).all()  # on the model's device, for the group
-        if all_reduce_mean(finite.float()).item() < 1:  # any process's
+                 if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if all_reduce_mean(torch.stack([f.to(flags[0].device) for f in flags]).all().float()).item() < 1:
             self.diverged(f"the weights stopped being finite in epoch {epoch}")
         if world()[1] > 1 and not replicas_agree(state.get("model", {})):
-            fail(f"the processes' weights differ after epoch {epoch}, so they trained apart (a step that bypassed "
-                 f"DistributedDataParallel?); {self.kept()}", code=3)
+            fail(f"the processes' weights differ after epoch {epoch}: they trained apart; {self.kept()}", code=3)
         self.write("checkpoint.pt", lambda tmp: torch.save(
             {"method": self.method, "epoch": epoch, "args": dataclasses.asdict(self.args), **state,
              "history": self.history}, tmp))
         self.saved_epoch = epoch
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """The checkpoint, loaded into model and optimiser (the method restores the rest from it), or {"epoch": 0}."""
-        if self.fresh:
-            if self.args.resume:
+        """checkpoint.pt, if of this method and flags (--resume's help), loaded into model and optimiser; or epoch 0."""
+        path, args = self.path / "checkpoint.pt", self.args
+        if not path.is_file():
+            if args.resume:
                 print0(f"no checkpoint.pt in {self.path} yet: starting the run again from epoch 0")
             return {"epoch": 0}
-        state = load_checkpoint(self.checkpoint_path, self.method, self.args)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated, not a torch file, or holding objects weights_only refuses
+            fail(f"cannot read {path}: not a valid checkpoint ({type(err).__name__}); the file is left as it is")
+        if not isinstance(state, dict) or state.get("method") != self.method:
+            fail(f"{path} is not a checkpoint of {self.method}.py")
+        run = state["args"]
+        other = [k for k, v in dataclasses.asdict(args).items() if k in run and run[k] != v and k not in
+                 args.FREE_ON_RESUME and not (k == "lr" and v < run[k]) and not (k == "epochs" and v >= state["epoch"])]
+        if other:
+            fail(f"{path} holds a run of {' '.join(_flag(k, run[k]) for k in other)}, but this run asks for "
+                 f"{' '.join(_flag(k, getattr(args, k)) for k in other)}: pass the run's own to continue it (--lr may "
+                 f"be lowered, --epochs {state['epoch']} or more; see --resume in --help)")
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:  # torch's first detail names the key and its shapes
             detail = (str(err).splitlines()[1:] or [str(err)])[0].strip()
-            fail(f"{self.checkpoint_path} does not fit this model (were other flags used?): {detail}")
-        self.saved_epoch, self.history = state["epoch"], state.get("history", [])
-        changed = [f"{_flag(k, getattr(self.args, k))} (was {state['args'][k]})" for k in ("epochs", "lr")
-                   if state["args"].get(k, getattr(self.args, k)) != getattr(self.args, k)]
-        print0(f"resumed {self.path} at epoch {state['epoch']}" + (f" with {', '.join(changed)}" if changed else ""))
+            fail(f"{path} does not fit this model (were other flags used?): {detail}")
+        self.saved_epoch, self.history = state["epoch"], state["history"]
+        print0(f"resumed {self.path} at epoch {state['epoch']}")
         return state
 
 
-RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "results.json", ".lock")
-
-
-def _flag(name: str, value) -> str:
-    """A field as it is written on the command line."""
+def _flag(name: str, value) -> str:  # a field as it is written on the command line
     flag = name.replace("_", "-")
     return (f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else f"--{flag} {value}"
 
 
-def load_checkpoint(path: Path, method: str, args: Args) -> dict:
-    """checkpoint.pt (weights only), if of this method and of the flags that decide the training (--resume's help)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # missing, truncated, not a torch file, or holding objects weights_only refuses
-        fail(f"cannot read {path}: not a valid checkpoint ({type(err).__name__}); the file is left as it is")
-    if not isinstance(state, dict) or "model" not in state:
-        fail(f"{path} is not a checkpoint of this project")
-    if state.get("method") != method:
-        fail(f"{path} was written by {state.get('method')}.py, not {method}.py")
-    if args.epochs < state["epoch"]:
-        fail(f"--epochs {args.epochs} is below the {state['epoch']} epochs the run in {path.parent} has done: pass "
-             f"--epochs {state['epoch']} or more to continue it")
-    run = state.get("args", {})
-    other = [k for k, v in dataclasses.asdict(args).items() if k in run and run[k] != v and
-             k not in (*args.FREE_ON_RESUME, "epochs") and not (k == "lr" and v < run[k])]
-    if other:
-        fail(f"{path} holds a run of {' '.join(_flag(k, run[k]) for k in other)}, but this run asks for "
-             f"{' '.join(_flag(k, getattr(args, k)) for k in other)}: pass the run's own to continue it (--lr may be "
-             f"lowered, --epochs raised; see --resume in --help)")
-    return state
-
-
 class Progress:
-    """The line `epoch e/E  step s/S  loss  lr  img/s  ETA`, told each step, every --log-every seconds and at each
-    epoch's end (the only reads of the loss from the device); the epoch's figures for metrics.jsonl. A loss that is not
-    finite, or above `diverge_at`, is noted on the device and read with the line (by every process at the epoch's end):
-    it stops the run (exit code 3) before the epoch's row and checkpoint are written."""
+    """The line `epoch e/E  step s/S  loss  lr  img/s  ETA`, every --log-every seconds and at each epoch's end. A loss
+    not finite or above `diverge_at`, noted on the device and read with the line, stops the run (exit code 3)."""
 
     def __init__(self, args: Args, epochs: int = 0, diverge_at: float = math.inf):
         self.epochs, self.every, self.diverge_at = epochs or args.epochs, args.log_every, diverge_at
@@ -1065,10 +1032,9 @@ class Progress:
     def update(self, step: int, loss: torch.Tensor, lr: float, images: int):  # the run's step, epoch * steps + i
         epoch, i = divmod(step, self.steps)
         loss = loss.detach().float().reshape(())
-        if i == 0:  # [step, loss] of the epoch's first bad loss, on the device (step inf: none yet)
-            self.bad = loss.new_full((2,), math.inf)
-        first = ~(loss.isfinite() & (loss.abs() <= self.diverge_at)) & self.bad[0].isinf()  # NaN, infinity too
-        self.bad = torch.where(first, torch.stack([torch.full_like(loss, i), loss]), self.bad)
+        here = torch.stack([torch.full_like(loss, i), loss])  # this step's [step, loss], on the device
+        bad = torch.full_like(here, math.inf) if i == 0 else self.bad  # the epoch's first bad [step, loss] (inf: none)
+        self.bad = torch.where(~(loss.isfinite() & (loss.abs() <= self.diverge_at)) & bad[0].isinf(), here, bad)
         self.step, self.lr, self.images = step, lr, self.images + images * world()[1]
         now, last = time.perf_counter(), i + 1 == self.steps
         self.time_s = now - self.epoch_start

@@ -1,5 +1,6 @@
 """Properties of the shared plumbing (common.py): CLI, optimiser, schedule, k-NN, probe, data, backbones, runs."""
 
+import dataclasses
 import json
 import math
 import os
@@ -279,29 +280,35 @@ def test_run_dir_refuses_to_overwrite_and_checks_checkpoints(tmp_path, capsys):
     run = common.RunDir(args, "simclr")
     run.log(epoch=1, step=4, loss=1.5, extra=3)  # args.json comes with the first row
     assert json.loads((run.path / "args.json").read_text())["arch"] == "tiny"
-    row = json.loads(run.metrics_path.read_text())
+    row = json.loads((run.path / "metrics.jsonl").read_text())
     assert list(row)[:len(common.METRIC_KEYS)] == common.METRIC_KEYS and row["extra"] == 3
-    run.save(1, model={"w": torch.ones(2)})
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    run.save(1, model=model.state_dict(), optimizer=optimizer.state_dict())
     assert not list(run.path.glob("*.tmp"))
     before = {p.name: p.read_bytes() for p in run.path.iterdir()}
+
+    def resume(method="simclr", **flags):
+        return common.RunDir(dataclasses.replace(args, resume=True, **flags), method).resume(model, optimizer)
 
     with pytest.raises(SystemExit):  # a second run into the same directory
         common.RunDir(args, "simclr")
     assert "already holds a run" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a checkpoint of another method
-        common.load_checkpoint(run.checkpoint_path, "moco", args)
-    assert "written by simclr.py, not moco.py" in capsys.readouterr().err
+        resume("moco")
+    assert "is not a checkpoint of moco.py" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # another architecture
-        common.load_checkpoint(run.checkpoint_path, "simclr", simclr.Args(dataset="digits", arch="resnet18"))
+        resume(arch="resnet18")
     assert "--arch tiny" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in run.path.iterdir()} == before  # nothing written over
 
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(run.checkpoint_path.read_bytes()[:100])
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "checkpoint.pt").write_bytes((run.path / "checkpoint.pt").read_bytes()[:100])
     with pytest.raises(SystemExit) as exit_info:
-        common.load_checkpoint(corrupt, "simclr", args)
+        resume(out_dir=str(corrupt))
     assert exit_info.value.code == 2 and "not a valid checkpoint" in capsys.readouterr().err
-    assert common.load_checkpoint(run.checkpoint_path, "simclr", args)["epoch"] == 1
+    assert resume()["epoch"] == 1
 
 
 def test_help_names_each_default_once(capsys):

@@ -209,7 +209,7 @@ def test_bad_checkpoint_is_refused_and_kept(tmp_path, finished_runs, method, dam
     elif damage == "foreign_method":
         other = "moco" if method != "moco.py" else "simclr"
         torch.save({**state, "method": other}, run / "checkpoint.pt")
-        message = f"written by {other}.py, not {method}"
+        message = f"is not a checkpoint of {method}"
     else:
         torch.save({**state, "args": {**state["args"], "arch": "resnet50"}}, run / "checkpoint.pt")
         message = "--arch resnet50"
