@@ -451,24 +451,13 @@ class ImageTensorDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
-def _digits(train: bool) -> tuple[torch.Tensor, list[int]]:
-    """scikit-learn's 1,797 8x8 digits (values 0..16), split 80/20 stratified with a fixed seed."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    data = load_digits()
-    images = torch.from_numpy(data.images).mul(255.0 / 16.0).round().to(torch.uint8)[..., None]  # [N, 8, 8, 1]
-    keep = train_test_split(range(len(images)), test_size=0.2, random_state=0, stratify=data.target)[1 - train]
-    return images[keep], [int(data.target[i]) for i in keep]
-
-
 class BadImage(OSError):
     """An image file that cannot be read."""
 
 
 def open_image(path: str, header_only: bool = False) -> Image.Image:
-    """An image folder's file as RGB (ImageFolder's loader) or, `header_only`, its (width, height); or BadImage naming
-    it. 8-bit modes by PIL's conversion (alpha dropped, as torchvision's loader does); the others (16- and 32-bit
-    integers, floats) scaled from their value range (floats: [0, 1]) to 8 bits, refused with values outside it."""
+    """An image folder's file as RGB (ImageFolder's loader; `header_only`: its width, height), or BadImage naming it.
+    8-bit modes by PIL's conversion (alpha dropped, as torchvision's); others scaled from their range (floats' 0..1)."""
     try:
         if not os.path.isfile(path):  # (opening a FIFO would wait for a writer)
             raise OSError("not a regular file: a FIFO, socket, device or broken link")
@@ -508,9 +497,8 @@ class ImageFolder(torchvision.datasets.ImageFolder):
 
 
 def dataset_info(args: Args) -> tuple[DataInfo, int]:
-    """The dataset's facts and the image size, set in args.image_size (args.json records it). An image folder's splits
-    must hold the same classes (a label is a class folder's place in sorted order); its size: the most common shorter
-    side of 64 images spread over it (a stray image of another size decides none)."""
+    """The dataset's facts and image size, set in args.image_size. An image folder's: its splits' classes must agree (a
+    label is a class's place); its size, the commonest shorter side of 64 images spread over it (not a stray one's)."""
     info = DATASETS[args.dataset]
     if args.dataset == "imagefolder":
         train, test = load_dataset(args, True), load_dataset(args, False)
@@ -536,13 +524,18 @@ def dataset_info(args: Args) -> tuple[DataInfo, int]:
 def load_dataset(args: Args, train: bool, transform=None):
     """The training or test split of --dataset, with `.targets`; when it is missing, one line with the fix."""
     name, root = args.dataset, Path(args.data_dir)
-    if name == "digits":
-        return ImageTensorDataset(*_digits(train), transform=transform)
+    if name == "digits":  # scikit-learn's 1,797 8x8 digits (values 0..16), split 80/20 stratified with a fixed seed
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+        data = load_digits()
+        keep = train_test_split(range(len(data.images)), test_size=0.2, random_state=0, stratify=data.target)[1 - train]
+        images = torch.from_numpy(data.images[keep]).mul(255.0 / 16.0).round().to(torch.uint8)[..., None]
+        return ImageTensorDataset(images, data.target[keep].tolist(), transform=transform)
     kwargs = {"split": "train" if train else "test"} if name in ("svhn", "stl10") else {"train": train}
     try:
         if name == "imagefolder":
-            split = root / "train" if train else next((root / s for s in ("val", "test") if (root / s).is_dir()), root / "val")
-            return ImageFolder(str(split), transform=transform, loader=open_image)
+            split = "train" if train else "val" if (root / "val").is_dir() else "test"
+            return ImageFolder(str(root / split), transform=transform, loader=open_image)
         cls = next(getattr(torchvision.datasets, c) for c in dir(torchvision.datasets) if c.lower() == name)
         ds = cls(str(root), download=args.download, transform=transform, **kwargs)
     except (RuntimeError, OSError) as err:  # no such folder, no class folder, an empty one; "Dataset not found"
