@@ -600,12 +600,11 @@ def eval_transform(info: DataInfo, size: int):
     return T.Compose([T.Resize(round(size * 256 / 224) if size > 64 else size), T.CenterCrop(size), normalize(info)])
 
 
-class MultiView:
-    def __init__(self, transforms: list):
-        self.transforms = transforms
+class MultiView(list):
+    """A list of transforms, one a view: called on an image, its views."""
 
     def __call__(self, img):
-        return [t(img) for t in self.transforms]
+        return [t(img) for t in self]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int, salt: int = 0) -> int:
@@ -646,7 +645,6 @@ class TrainData:
             try:
                 import device_data  # optional: without it, every run takes the DataLoader
                 decode = functools.partial(Batches, args=args, batch_size=256)
-                views = views.transforms if isinstance(views, MultiView) else views  # a list of views, or one
                 self.device = device_data.DeviceData(train_set, args.device, views, decode, args.data_path == "auto")
                 print0(f"training data on {args.device}: {self.device}")
             except (ImportError, ValueError) as err:  # --data-path auto falls back to the DataLoader, saying why

@@ -318,7 +318,7 @@ def test_byol_asymmetric_views_translate_to_two_different_specs():
     only. Both must reach the device path with their own probabilities, not one spec twice."""
     info = common.DATASETS["cifar10"]
     views = common.MultiView([byol.byol_augment(info, 32, 1.0, 0.0), byol.byol_augment(info, 32, 0.1, 0.2)])
-    first, second = device_data.view_specs(views.transforms)
+    first, second = device_data.view_specs(views)
     common_fields = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5, brightness=(0.6, 1.4),
                          contrast=(0.6, 1.4), saturation=(0.8, 1.2), hue=(-0.1, 0.1), jitter=0.8, grayscale=0.2,
                          blur_kernel=3, blur_sigma=(0.1, 2.0), mean=info.mean,
@@ -330,7 +330,7 @@ def test_byol_asymmetric_views_translate_to_two_different_specs():
 def test_paws_views_translate_with_their_multicrop_sizes_random_thresholds_and_equalize():
     info = common.DATASETS["cifar10"]
     views, support_view = paws.paws_views(info, 32, 2, 0.5)
-    specs = device_data.view_specs(views.transforms)
+    specs = device_data.view_specs(views)
     colour = dict(flip=0.5, brightness=(0.6, 1.4), contrast=(0.6, 1.4), saturation=(0.6, 1.4), hue=(-0.1, 0.1),
                   jitter=0.8, solarize=0.2, solarize_range=(0.0, 256 / 255), equalize=0.2, mean=info.mean,
                   std=info.std)
