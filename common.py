@@ -513,8 +513,7 @@ def dataset_info(args: Args) -> tuple[DataInfo, int]:
         except BadImage as err:
             fail(str(err))
         (side, count), = sides.most_common(1)
-        # small images (CIFAR-like folders) are used at their own size; large ones at ImageNet's 224
-        info = info._replace(num_classes=len(train.classes), size=side if side <= 64 else 224)
+        info = info._replace(num_classes=len(train.classes), size=side if side <= 64 else 224)  # large: ImageNet's
         print0(f"{train.root}: {len(train.classes)} classes; images of {side} px on the shorter side ({count} of "
                f"{sides.total()} sampled), trained at {args.image_size or info.size} px")
     args.image_size = args.image_size or info.size
