@@ -477,8 +477,7 @@ def open_image(path: str, header_only: bool = False) -> Image.Image:
 
 
 class ImageFolder(torchvision.datasets.ImageFolder):
-    """torchvision's, in its order, with a walk that reads each real folder once (links followed: a link loop would
-    count its images again and again)."""
+    """torchvision's, its walk reading each real folder once (a link loop would count its images again and again)."""
 
     @staticmethod
     def make_dataset(directory, class_to_idx: dict, *args, **kwargs) -> list[tuple[str, int]]:
