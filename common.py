@@ -430,25 +430,16 @@ class ImageTensorDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
-def _digits(train: bool) -> tuple[torch.Tensor, list[int]]:
-    """scikit-learn's 1,797 8x8 digits (values 0..16), split 80/20 stratified with a fixed seed."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    data = load_digits()
-    images = torch.from_numpy(data.images).mul(255.0 / 16.0).round().to(torch.uint8)[..., None]  # [N, 8, 8, 1]
-    keep = train_test_split(range(len(images)), test_size=0.2, random_state=0, stratify=data.target)[1 - train]
-    return images[keep], [int(data.target[i]) for i in keep]
-
-
-class BadImage(OSError):  # an image file that cannot be decoded
-    pass
+class BadImage(OSError):
+    """An image file that cannot be read."""
 
 
 def open_image(path: str, header_only: bool = False) -> Image.Image:
-    """An image folder's file as RGB (ImageFolder's loader) or, `header_only`, its (width, height); or BadImage naming
-    it. 8-bit modes by PIL's conversion (alpha dropped, as torchvision's loader does); the others (16- and 32-bit
-    integers, floats) scaled from their value range (floats: [0, 1]) to 8 bits, refused with values outside it."""
+    """An image folder's file as RGB (ImageFolder's loader; `header_only`: its width, height), or BadImage naming it.
+    8-bit modes by PIL's conversion (alpha dropped, as torchvision's); others scaled from their range (floats' 0..1)."""
     try:
+        if not os.path.isfile(path):  # (opening a FIFO would wait for a writer)
+            raise OSError("not a regular file: a FIFO, socket, device or broken link")
         with Image.open(path) as img:
             if header_only:
                 return img.size
@@ -464,68 +455,45 @@ def open_image(path: str, header_only: bool = False) -> Image.Image:
         raise BadImage(f"cannot read the image {path} ({err}): remove or replace it") from None
 
 
-def _image_files(folder: str, seen: set) -> list[str]:
-    """The image files of a class folder (as ImageFolder: by extension, sub-folders and links followed), in sorted
-    order; each real folder read once (a link loop would count its images again and again: `seen` holds them); a
-    file that is not a regular one (a FIFO would hang the run) refused."""
-    if os.path.realpath(folder) in seen:
-        return []
-    seen.add(os.path.realpath(folder))
-    kind = {e.path: (os.path.isdir(e.path), os.path.isfile(e.path)) if e.is_symlink() else (e.is_dir(), e.is_file())
-            for e in sorted(os.scandir(folder), key=lambda e: e.name)}  # (links followed; no system call for others)
-    files = [p for p, (is_dir, _) in kind.items() if p.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)
-             and not is_dir]
-    for path in (p for p in files if not kind[p][1]):
-        fail(f"cannot read the image {path} (not a regular file: a FIFO, socket, device or broken link): remove or "
-             f"replace it")
-    return files + [f for p, (is_dir, _) in kind.items() if is_dir for f in _image_files(p, seen)]
-
-
 class ImageFolder(torchvision.datasets.ImageFolder):
-    """torchvision's, its samples found by _image_files; a class folder without images refused."""
+    """torchvision's, its walk reading each real folder once (a link loop would count its images again and again)."""
 
     @staticmethod
     def make_dataset(directory, class_to_idx: dict, *args, **kwargs) -> list[tuple[str, int]]:
-        found = {c: _image_files(os.path.join(directory, c), set()) for c in class_to_idx}
-        if empty := [c for c, files in found.items() if not files]:
-            fail(f"{directory}: no image in the class folder(s) {', '.join(empty)}: add images to that class folder or "
-                 f"remove it (in every split)")
-        return [(f, class_to_idx[c]) for c, files in found.items() for f in files]
-
-
-def _split(root: Path, train: bool) -> Path:
-    names = ["train"] if train else ["val", "test"]
-    split = next((root / n for n in names if (root / n).is_dir()), None)
-    return split or fail(f"--dataset imagefolder needs {' or '.join(n + '/' for n in names)} under --data-dir {root} "
-                         f"(one sub-folder per class inside)")
+        samples = []
+        for c, label in class_to_idx.items():
+            seen, found = set(), []
+            for root, dirs, names in os.walk(os.path.join(directory, c), followlinks=True):
+                new = os.path.realpath(root) not in seen
+                seen.add(os.path.realpath(root))
+                dirs[:] = sorted(dirs) if new else []  # (of two links to one folder, the first is followed)
+                found += [(root, n) for n in names if new and torchvision.datasets.folder.is_image_file(n)]
+            if not found:  # (as torchvision's)
+                raise FileNotFoundError(f"no image in the class folder {os.path.join(directory, c)}")
+            samples += [(os.path.join(root, n), label) for root, n in sorted(found)]
+        return samples
 
 
 def dataset_info(args: Args) -> tuple[DataInfo, int]:
-    """The dataset's facts and the image size, set in args.image_size (args.json records the size the run used). An
-    image folder's splits must hold the same classes (a label is a class folder's place in sorted order); its size:
-    the most common shorter side of 64 images spread over its classes (a stray image of another size decides none)."""
+    """The dataset's facts and image size, set in args.image_size. An image folder's: its splits' classes must agree (a
+    label is a class's place); its size, the commonest shorter side of 64 images spread over it (not a stray one's)."""
     info = DATASETS[args.dataset]
     if args.dataset == "imagefolder":
-        train, test = _split(Path(args.data_dir), True), _split(Path(args.data_dir), False)
-        classes, test_classes = (sorted(e.name for e in os.scandir(s) if e.is_dir()) for s in (train, test))
-        if classes != test_classes:
-            only = [f"only in {s.name}/: {', '.join(sorted(set(a) - set(b))[:5])}" for s, a, b in
-                    ((train, classes, test_classes), (test, test_classes, classes)) if set(a) - set(b)]
-            fail(f"the class folders of {train} and {test} differ ({'; '.join(only)}): give both splits the same "
-                 f"classes, or each label would name another class in each")
-        per_class, files = math.ceil(64 / max(1, len(classes))), [_image_files(str(train / c), set()) for c in classes]
-        picked = [f for fs in files for f in fs[::max(1, len(fs) // per_class)][:per_class]]  # spread over each class
-        if not picked:
-            fail(f"no class folder with images in {train}: one sub-folder of images per class is needed")
+        train, test = load_dataset(args, True), load_dataset(args, False)
+        if train.classes != test.classes:
+            only = [f"only in {Path(a.root).name}/: {', '.join(sorted(set(a.classes) - set(b.classes))[:5])}"
+                    for a, b in ((train, test), (test, train)) if set(a.classes) - set(b.classes)]
+            fail(f"the class folders of {train.root} and {test.root} differ ({'; '.join(only)}): give both splits the "
+                 f"same classes, or each label would name another class in each")
         try:
-            sides = collections.Counter(min(open_image(f, header_only=True)) for f in picked)
+            sides = collections.Counter(min(open_image(path, header_only=True))
+                                        for path, _ in train.samples[::math.ceil(len(train) / 64)])
         except BadImage as err:
             fail(str(err))
         (side, count), = sides.most_common(1)
-        # small images (CIFAR-like folders) are used at their own size; large ones at ImageNet's 224
-        info = info._replace(num_classes=len(classes), size=side if side <= 64 else 224)
-        print0(f"{train}: {len(classes)} classes; images of {side} px on the shorter side ({count} of {len(picked)} "
-               f"sampled), trained at {args.image_size or info.size} px")
+        info = info._replace(num_classes=len(train.classes), size=side if side <= 64 else 224)  # large: ImageNet's
+        print0(f"{train.root}: {len(train.classes)} classes; images of {side} px on the shorter side ({count} of "
+               f"{sides.total()} sampled), trained at {args.image_size or info.size} px")
     args.image_size = args.image_size or info.size
     return info, args.image_size
 
@@ -533,15 +501,24 @@ def dataset_info(args: Args) -> tuple[DataInfo, int]:
 def load_dataset(args: Args, train: bool, transform=None):
     """The training or test split of --dataset, with `.targets`; when it is missing, one line with the fix."""
     name, root = args.dataset, Path(args.data_dir)
-    if name == "digits":
-        return ImageTensorDataset(*_digits(train), transform=transform)
-    if name == "imagefolder":
-        return ImageFolder(str(_split(root, train)), transform=transform, loader=open_image)
+    if name == "digits":  # scikit-learn's 1,797 8x8 digits (values 0..16), split 80/20 stratified with a fixed seed
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+        data = load_digits()
+        keep = train_test_split(range(len(data.images)), test_size=0.2, random_state=0, stratify=data.target)[1 - train]
+        images = torch.from_numpy(data.images[keep]).mul(255.0 / 16.0).round().to(torch.uint8)[..., None]
+        return ImageTensorDataset(images, data.target[keep].tolist(), transform=transform)
     kwargs = {"split": "train" if train else "test"} if name in ("svhn", "stl10") else {"train": train}
     try:
+        if name == "imagefolder":
+            split = "train" if train else "val" if (root / "val").is_dir() else "test"
+            return ImageFolder(str(root / split), transform=transform, loader=open_image)
         cls = next(getattr(torchvision.datasets, c) for c in dir(torchvision.datasets) if c.lower() == name)
         ds = cls(str(root), download=args.download, transform=transform, **kwargs)
-    except (RuntimeError, OSError) as err:  # torchvision's "Dataset not found or corrupted"; a failed download
+    except (RuntimeError, OSError) as err:  # no such folder, no class folder, an empty one; "Dataset not found"
+        if name == "imagefolder":
+            fail(f"--dataset imagefolder: {err} (--data-dir needs train/ and val/ or test/, one sub-folder of images "
+                 f"per class in each; an empty one: add images to that class folder or remove it)")
         fix = f"the download failed: {err}; copy it there by hand" if args.download else "pass --download to fetch it"
         fail(f"{name} not found or incomplete in --data-dir {root} ({fix}, or point --data-dir at a copy)")
     ds.targets = [int(v) for v in getattr(ds, "targets", getattr(ds, "labels", None))]  # SVHN, STL-10: labels
@@ -549,14 +526,12 @@ def load_dataset(args: Args, train: bool, transform=None):
 
 
 def balanced_subset(targets, n: int, seed: int = 0) -> list[int]:
-    """Indices of `n` samples, as many from each class as can be, drawn with a fixed seed."""
+    """Indices of `n` samples, as many from each class as can be (round-robin), drawn with a fixed seed."""
     targets = torch.as_tensor(list(targets))
     order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))
-    per_class, picked, k = [order[targets[order] == c] for c in targets.unique()], [], 0
-    while len(picked) < min(n, len(targets)):  # round-robin over classes, in the seeded order within each
-        picked += [int(idx[k]) for idx in per_class if k < len(idx)][:n - len(picked)]
-        k += 1
-    return sorted(picked)
+    order = order[torch.sort(targets[order], stable=True).indices]  # by class, in the seeded order within each
+    place = torch.arange(len(order)) - torch.searchsorted(targets[order], targets[order])  # within its class
+    return sorted(order[torch.sort(place, stable=True).indices[:n]].tolist())
 
 
 class Subset(torch.utils.data.Subset):
@@ -580,8 +555,9 @@ class WithIndex(torch.utils.data.Dataset):
 
 def training_and_eval_sets(args: Args, train_transform, eval_transform):
     """(train set with the method's views, train set for the k-NN memory, test set), with --subset applied."""
-    train, memory = load_dataset(args, True, train_transform), load_dataset(args, True, eval_transform)
-    test = load_dataset(args, False, eval_transform)
+    train, test = load_dataset(args, True, train_transform), load_dataset(args, False, eval_transform)
+    memory = copy.copy(train)  # the same images in the evaluation view
+    memory.transform = eval_transform
     if args.subset:
         keep = balanced_subset(train.targets, args.subset, seed=0)
         train, memory = Subset(train, keep), Subset(memory, keep)
@@ -601,41 +577,32 @@ def eval_transform(info: DataInfo, size: int):
     return T.Compose([T.Resize(round(size * 256 / 224) if size > 64 else size), T.CenterCrop(size), normalize(info)])
 
 
-class MultiView:
-    def __init__(self, transforms: list):
-        self.transforms = transforms
+class MultiView(list):
+    """A list of transforms, one a view: called on an image, its views."""
 
     def __call__(self, img):
-        return [t(img) for t in self.transforms]
+        return [t(img) for t in self]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int, salt: int = 0) -> int:
-    """The seed of a process's epoch: a resumed run draws what an uninterrupted one would. A second loader of the epoch
-    (salt 1) gets its own, in the 32 bits a CPU generator keeps."""
-    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**31) + salt * 2**31
+    """A process's epoch's seed (a resumed run draws what an uninterrupted one would); salt 1: a second loader's."""
+    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**31) + salt * 2**31  # (salt above a CPU generator's 32 bits)
 
 
-class Batches:
+class Batches(torch.utils.data.DataLoader):
     """A DataLoader (pinned for a GPU, its workers seeded by seed, epoch, rank, salt); a bad image: one line, exit 2."""
 
     def __init__(self, dataset, args: Args, epoch: int = 0, salt: int = 0, **kwargs):
         generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch, world()[0], salt))
-        kwargs = {"num_workers": args.workers, "generator": generator, "pin_memory": "cuda" in args.device, **kwargs}
-        self.loader, self.epoch = torch.utils.data.DataLoader(dataset, **kwargs), epoch
-
-    def __len__(self):
-        return len(self.loader)
+        super().__init__(dataset, **{"num_workers": args.workers, "generator": generator,
+                                     "pin_memory": "cuda" in args.device, **kwargs})
+        self.epoch = epoch
 
     def __iter__(self):
         try:
-            yield from self.loader
-        except BadImage as err:  # from a worker: its traceback, the last line "common.BadImage: <the message>"
+            yield from super().__iter__()
+        except BadImage as err:  # a worker's comes with its traceback: "... common.BadImage: <the message>"
             fail(str(err).strip().splitlines()[-1].split("BadImage: ", 1)[-1], every_rank=True)
-
-
-def train_loader(dataset, args: Args, epoch: int) -> Batches:
-    """This process's share of an epoch of `dataset` through the CPU DataLoader (TrainData's CPU path)."""
-    return TrainData(dataset, None, args).loader(epoch)
 
 
 def to_device(x, args: Args):
@@ -654,7 +621,6 @@ class TrainData:
         if views is not None and (args.data_path == "device" or (args.data_path == "auto" and "cuda" in args.device)):
             try:
                 import device_data  # optional: without it, every run takes the DataLoader
-                views = views.transforms if isinstance(views, MultiView) else views  # a list of views, or one
                 decode = functools.partial(Batches, args=args, batch_size=256)
                 self.device = device_data.DeviceData(train_set, args.device, views, decode, args.data_path == "auto")
                 print0(f"training data on {args.device}: {self.device}")

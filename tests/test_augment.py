@@ -318,7 +318,7 @@ def test_byol_asymmetric_views_translate_to_two_different_specs():
     only. Both must reach the device path with their own probabilities, not one spec twice."""
     info = common.DATASETS["cifar10"]
     views = common.MultiView([byol.byol_augment(info, 32, 1.0, 0.0), byol.byol_augment(info, 32, 0.1, 0.2)])
-    first, second = device_data.view_specs(views.transforms)
+    first, second = device_data.view_specs(views)
     common_fields = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5, brightness=(0.6, 1.4),
                          contrast=(0.6, 1.4), saturation=(0.8, 1.2), hue=(-0.1, 0.1), jitter=0.8, grayscale=0.2,
                          blur_kernel=3, blur_sigma=(0.1, 2.0), mean=info.mean,
@@ -330,7 +330,7 @@ def test_byol_asymmetric_views_translate_to_two_different_specs():
 def test_paws_views_translate_with_their_multicrop_sizes_random_thresholds_and_equalize():
     info = common.DATASETS["cifar10"]
     views, support_view = paws.paws_views(info, 32, 2, 0.5)
-    specs = device_data.view_specs(views.transforms)
+    specs = device_data.view_specs(views)
     colour = dict(flip=0.5, brightness=(0.6, 1.4), contrast=(0.6, 1.4), saturation=(0.6, 1.4), hue=(-0.1, 0.1),
                   jitter=0.8, solarize=0.2, solarize_range=(0.0, 256 / 255), equalize=0.2, mean=info.mean,
                   std=info.std)
@@ -378,7 +378,7 @@ def test_epoch_batches_split_the_data_over_two_ranks_like_the_dataloader(n, batc
     args = tiny_args(batch_size=batch, seed=seed)
     local = batch // 2
     if n // 2 < local:
-        return  # train_loader refuses this too
+        return  # no full batch on a process
     dataset = common.WithIndex(common.ImageTensorDataset(torch.zeros(n, 1, 1, 1, dtype=torch.uint8), [0] * n,
                                                          transform=T.PILToTensor()))
     view = T.Compose([T.RandomCrop(1), T.ToTensor()])  # views with a batched version: the device path
@@ -389,7 +389,7 @@ def test_epoch_batches_split_the_data_over_two_ranks_like_the_dataloader(n, batc
             patch.setattr(common, "world", lambda rank=rank: (rank, 2))
             ours = held.loader(epoch).batches  # [steps, local]
             assert ours.shape == ((n // 2) // local, local)
-            cpu = [i for _, _, i in common.train_loader(dataset, args, epoch)]
+            cpu = [i for _, _, i in common.TrainData(dataset, None, args).loader(epoch)]
             assert torch.equal(ours, torch.stack(cpu)), "the same batches as the CPU DataLoader"
             ranks.append(ours.flatten())
     seen = torch.cat(ranks)
@@ -474,7 +474,7 @@ def test_a_with_index_set_gives_the_cpu_batches_structure_on_the_device():
     train = common.WithIndex(train)
     data = common.TrainData(train, view, args)
     assert data.on_device
-    cpu = list(common.train_loader(train, args, 1))
+    cpu = list(common.TrainData(train, None, args).loader(1))
     device = list(data.loader(1))
     assert len(device) == len(cpu) == 6
     for (x, y, i), (cpu_x, cpu_y, cpu_i) in zip(device, cpu):
@@ -556,14 +556,18 @@ DEVICE_METHODS = {
 }
 
 
-# runs a method file as `python METHOD ARGS` would, with the CPU DataLoader taken away: a method that built its
-# TrainData but still asked train_loader for its batches would train on the CPU path without a word
+# runs a method file as `python METHOD ARGS` would, with the CPU DataLoader's training batches taken away: a method
+# that built its TrainData but still took its batches from the CPU DataLoader would train on that path without a word
+# (the device path decodes its images through common.Batches too, in batches of its own, without a batch sampler)
 WITHOUT_TRAIN_LOADER = """
 import runpy, sys
 import common
-def refuse(*args, **kwargs):
-    raise SystemExit("train_loader called on the device data path")
-common.train_loader = refuse
+batches = common.Batches
+def decode_only(*args, **kwargs):
+    if "batch_sampler" in kwargs:
+        raise SystemExit("the CPU DataLoader asked for training batches on the device data path")
+    return batches(*args, **kwargs)
+common.Batches = decode_only
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

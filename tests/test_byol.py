@@ -255,7 +255,7 @@ def test_two_views_are_asymmetric_random_augmentations():
     torch.manual_seed(0)
     w1, w2 = two(img)
     assert torch.equal(v1, w1) and torch.equal(v2, w2)
-    names = [[type(t).__name__ for t in view.transforms] for view in two.transforms]
+    names = [[type(t).__name__ for t in view.transforms] for view in two]
     assert "RandomSolarize" not in names[0] and "RandomSolarize" in names[1]
 
 

@@ -507,7 +507,7 @@ def test_warmup_cosine_equals_transcription_at_every_step():
         assert common.warmup_cosine(step, total, warmup, base, final, start) == pytest.approx(expected, abs=1e-12)
 
 
-def test_train_loader_splits_each_epoch_into_disjoint_shards_reshuffled_by_epoch(monkeypatch):
+def test_cpu_loader_splits_each_epoch_into_disjoint_shards_reshuffled_by_epoch(monkeypatch):
     """Two processes' loaders of an epoch: batches of batch_size / 2, together every image at most once (full
     batches only), the same for the same seed and epoch, another order in another epoch."""
     dataset = torch.utils.data.TensorDataset(torch.arange(44))
@@ -515,7 +515,7 @@ def test_train_loader_splits_each_epoch_into_disjoint_shards_reshuffled_by_epoch
 
     def epoch_of(rank, epoch):
         monkeypatch.setattr(common, "world", lambda: (rank, 2))
-        return [batch[0].tolist() for batch in common.train_loader(dataset, args, epoch)]
+        return [batch[0].tolist() for batch in common.TrainData(dataset, None, args).loader(epoch)]
 
     shards = [epoch_of(rank, 0) for rank in range(2)]
     assert all(len(b) == 4 for s in shards for b in s) and len(shards[0]) == len(shards[1]) == 5

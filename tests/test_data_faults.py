@@ -310,15 +310,16 @@ def test_folder_size_is_the_common_side_and_the_given_image_size_wins(tmp_path, 
 
 
 def test_large_folders_are_sampled_over_every_class(tmp_path, monkeypatch):
-    """64 images at most, spread over every class: the size costs header reads, not a pass over the folder."""
+    """64 images at most, spread evenly over the folder (so over every class of a balanced one): the size costs
+    header reads, not a pass over the folder."""
     data = image_folder(tmp_path, classes=[f"c{i:02d}" for i in range(20)], train=30, test=1)
     opened = []
     real = common.open_image
     monkeypatch.setattr(common, "open_image", lambda path, **kw: opened.append(path) or real(path, **kw))
     common.dataset_info(folder_args(data))
-    assert len(opened) == 20 * 4 and len(set(opened)) == 80
+    assert len(opened) == 60 and len(set(opened)) == 60  # 600 images: every 10th
     assert {Path(p).parent.name for p in opened} == {f"c{i:02d}" for i in range(20)}
-    spread = set(sorted(os.listdir(data / "train" / "c00"))[::7][:4])  # 30 images: every 7th, the first 4
+    spread = set(sorted(os.listdir(data / "train" / "c00"))[::10])  # 30 images: every 10th
     assert {Path(p).name for p in opened if Path(p).parent.name == "c00"} == spread
 
 
@@ -353,6 +354,7 @@ ODD = ["fifo", "socket", "broken_link", "link_to_fifo", "link_loop"]
 @pytest.mark.parametrize("split", ["train", "test"])
 @pytest.mark.parametrize("kind", ODD)
 def test_file_that_is_not_a_regular_one_is_refused_not_waited_on(tmp_path, capsys, no_hang, kind, split):
+    """Refused where it would be opened: the training images' size (a header read) or the DataLoader's read."""
     data = image_folder(tmp_path / "data")
     path = data / split / "b" / "1.png"
     path.unlink()
@@ -361,8 +363,9 @@ def test_file_that_is_not_a_regular_one_is_refused_not_waited_on(tmp_path, capsy
     args = folder_args(data)
     with pytest.raises(SystemExit) as exit_info:
         common.dataset_info(args)
-        common.load_dataset(args, True)
-        common.load_dataset(args, False)
+        for train in (True, False):
+            for _ in common.Batches(common.load_dataset(args, train, common.T.PILToTensor()), args, batch_size=4):
+                pass
     assert refused_here(exit_info, capsys) == f"error: cannot read the image {path} {NOT_REGULAR}"
     assert snapshot(data) == before
 
