@@ -37,40 +37,32 @@ from PIL import Image
 
 # -------- CLI ---------------------------------------------------------------------------------------------------------
 
-UserError = SystemExit  # what fail raises: exit code 2 (argparse's convention for bad input), the line in .message
-
-
 def fail(message: str, every_rank: bool = False, prefix: str = "error: ", code: int = 2):
-    """One line on stderr, then exit `code` (2: bad input; 3: diverged). Rank 0 speaks for all, unless only this
-    process met it (`every_rank`)."""
+    """One line on stderr (rank 0's, unless `every_rank`), then SystemExit(code) (2: bad input; 3: diverged)."""
     if every_rank or os.environ.get("RANK", "0") == "0":
         print(f"{prefix}{message}", file=sys.stderr, flush=True)
-    error = UserError(code)
+    error = SystemExit(code)
     error.message = message
     raise error
 
 
 def flag(default, help: str, valid=None):
     """A field of Args: its default, its --help, and the values check() takes: a tuple of choices, "positive",
-    ">= x" or "in [a, b]" ("(" or ")": that end excluded; words after it: why). Declared again, it keeps its rule."""
+    ">= a" or "in [a, b]" ("(" or ")": that end excluded; words after it: why). Declared again, it keeps its rule."""
     return dataclasses.field(default=default, metadata={"help": help, "valid": valid})
 
 
-def _rules(cls) -> dict:
-    """Each field's rule of flag(), from the last class that gives one (a method's Args over common.Args)."""
+def _rules(cls) -> dict:  # each field's rule of flag(), from the last class that gives one
     return {f.name: f.metadata["valid"] for k in reversed(cls.__mro__[:-1]) for f in dataclasses.fields(k)
-            if f.metadata.get("valid") is not None}
+            if f.metadata["valid"] is not None}
 
 
 def _within(value, rule: str) -> bool:
-    if rule == "positive":
-        return value > 0
-    if rule.startswith(">= "):
-        return value >= float(rule.split()[1])
-    low, a, b, high = re.match(r"in ([\[(])(\S+), (\S+?)([\])])", rule).groups()
-    above = float(a) <= value if low == "[" else float(a) < value
-    below = value <= float(b) if high == "]" else value < float(b)
-    return above and below
+    words = rule.replace("positive", "> 0").split()  # "> a", ">= a" or "in [a, b)": a bracket includes its end
+    if words[0] != "in":
+        return value > float(words[1]) if words[0] == ">" else value >= float(words[1])
+    a, b = float(words[1][1:-1]), float(words[2][:-1])
+    return (a <= value if words[1][0] == "[" else a < value) and (value <= b if words[2][-1] == "]" else value < b)
 
 
 @dataclass
@@ -85,8 +77,7 @@ class Args:
     subset: int = flag(0, "train on a class-balanced subset of this many images (0: the whole training split)", ">= 0")
     eval_subset: int = flag(0, "evaluate on a class-balanced subset of this many test images (0: all)", ">= 0")
     workers: int = flag(4, "data-loading worker processes per training process", ">= 0")
-    data_path: str = flag("auto", "device: views made on the device (device_data.py); cpu: DataLoader; auto: "
-                          "device on CUDA", ("auto", "device", "cpu"))
+    data_path: str = flag("auto", "where views are made (auto: on the device with CUDA)", ("auto", "device", "cpu"))
     arch: str = flag("resnet18", "backbone", ("resnet18", "resnet34", "resnet50", "wrn28_2", "wrn28_10", "wrn34_10",
                                               "tiny"))
     epochs: int = flag(100, "training epochs", "positive")
@@ -98,17 +89,12 @@ class Args:
     knn_k: int = flag(200, "neighbours of the weighted k-NN monitor (InstDisc)", "positive")
     knn_t: float = flag(0.1, "temperature of the weighted k-NN monitor", "positive")
     probe_epochs: int = flag(100, "epochs of the linear probe on frozen features after training (0: skip it)", ">= 0")
-    linear_epochs: int = flag(0, "epochs of the papers' linear protocol (0: off): crops padded by side/8 (>64 px: "
-                              "resized)", ">= 0")
-    linear_lr: float = flag(0.1, "rate of the linear protocol's SGD (momentum 0.9, cosine, no decay, not "
-                            "batch-scaled)", "positive")
-    linear_batch_size: int = flag(256, "batch of the linear protocol (crops also flipped; all processes embed them)",
-                                  "positive")
+    linear_epochs: int = flag(0, "epochs of the papers' linear protocol on padded, flipped crops (0: off)", ">= 0")
+    linear_lr: float = flag(0.1, "SGD rate of the linear protocol (momentum 0.9, cosine, not batch-scaled)", "positive")
+    linear_batch_size: int = flag(256, "global batch of the linear protocol", "positive")
     out_dir: str = flag("", "run directory (default: runs/<method>-<date>-<time>)")
-    resume: bool = flag(False, "continue the run in --out-dir from its checkpoint.pt with the flags that decide its "
-                        "training as it used them (another value is refused, naming the flag), but --epochs may grow "
-                        "and --lr be lowered (after a divergence); these may change: {free}. args.json records what "
-                        "the resumed run used")
+    resume: bool = flag(False, "continue the run in --out-dir from its checkpoint.pt; a flag that decides its training "
+                        "must keep its value, but --epochs may grow and --lr be lowered; these may change: {free}")
     save_every: int = flag(1, "write checkpoint.pt every this many epochs (and always after the last)", "positive")
     seed: int = flag(0, "seed of every random draw (data order, augmentation, initialisation)")
     device: str = flag("", "cuda, cuda:N or cpu (default: cuda when available, else cpu)")
@@ -121,14 +107,15 @@ class Args:
     dist_timeout: float = flag(300.0, "seconds to wait for a dead or frozen process, then stop the run", "positive")
     log_every: float = flag(10.0, "seconds between progress lines", "positive")
     # what --resume lets change: where the data lives and how it is loaded, evaluation, saving, logging, the machine
-    FREE_ON_RESUME = ("data_dir", "download", "eval_subset", "workers", "data_path", "eval_every", "knn_k", "knn_t",
-                      "probe_epochs", "linear_epochs", "linear_lr", "linear_batch_size", "out_dir", "resume",
-                      "save_every", "device", "threads", "compile", "channels_last", "deterministic", "dist_timeout",
-                      "log_every")
+    FREE_ON_RESUME = ("download", "data_dir", "eval_subset", "workers", "data_path", "eval_every", "knn_k", "linear_lr",
+                      "probe_epochs", "linear_epochs", "linear_batch_size", "knn_t", "resume", "out_dir", "save_every",
+                      "log_every", "compile", "device", "deterministic", "dist_timeout", "threads", "channels_last")
 
     def check(self, world_size: int = 1):
         """Raise ValueError, one line, for a value its flag() refuses, a float not finite, or a rule across flags."""
-        rules = _rules(type(self))
+        cuda = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+        rules = _rules(type(self)) | {"device": ("", "cpu") + ("cuda",) * bool(cuda) + cuda}  # the machine's devices
+        batches = ["batch_size"] + ["linear_batch_size"] * bool(self.linear_epochs)  # the protocol's only when run
         for name, value in vars(self).items():
             option, rule = "--" + name.replace("_", "-"), rules.get(name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -137,34 +124,26 @@ class Args:
                 raise ValueError(f"unknown {option} {value!r} (choose from {', '.join(filter(None, rule))})")
             if isinstance(rule, str) and not _within(value, rule):
                 raise ValueError(f"{option} must be {rule}, got {value}")
-        for name in ["batch_size"] + ["linear_batch_size"] * bool(self.linear_epochs):
-            if getattr(self, name) % world_size:
-                raise ValueError(f"{_flag(name, getattr(self, name))} does not divide evenly over {world_size} "
-                                 f"processes")
+            if name in batches and value % world_size:
+                raise ValueError(f"{option} {value} does not divide evenly over {world_size} processes")
         if self.resume and not self.out_dir:
             raise ValueError("--resume needs --out-dir, the directory of the run to continue")
-        if self.device and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if self.device[:4] == "cuda" and int(self.device[5:] or 0) >= torch.cuda.device_count():
-            raise ValueError(f"--device {self.device} asked for, but this machine has {torch.cuda.device_count()} "
-                             f"CUDA device(s)")
 
 
 def parse(cls, argv: list[str] | None = None):
     """The dataclass `cls` as flags (`batch_size` -> `--batch-size`; help and choices from flag()), parsed, checked."""
-    parser = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0]) or "python", description=sys.modules[
-        cls.__module__].__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = lambda message: fail(message, prefix=f"{parser.prog}: error: ")  # one line, no usage, exit 2
     rules = _rules(cls)
     free = " ".join("--" + name.replace("_", "-") for name in cls.FREE_ON_RESUME)  # in --resume's help
     for f in dataclasses.fields(cls):
-        kind = typing.get_type_hints(cls)[f.name]
-        text = f.metadata.get("help", "").replace("{free}", free)
+        text = f.metadata["help"].replace("{free}", free)
         text += "" if "(default" in text else f" (default: {f.default})"
-        choices = ",".join(filter(None, rules[f.name])) if isinstance(rules.get(f.name), tuple) else ""
-        metavar = "{" + choices + "}" if choices else (f.name if kind is str else kind.__name__).upper()  # argparse's
-        how = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind, "metavar": metavar}
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=text, **how)
+        choices = "{" + ",".join(filter(None, rules[f.name])) + "}" if isinstance(rules.get(f.name), tuple) else None
+        kind = typing.get_type_hints(cls)[f.name]
+        how = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=text, metavar=choices, **how)
     args = cls(**vars(parser.parse_args(argv)))
     try:
         args.check(world_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -317,70 +296,52 @@ def _uncaught(kind, error, traceback):
 
 # -------- Backbones: each maps images [B, C, H, W] to features [B, out_dim], with .out_dim set ------------------------
 
-def resnet(depth: int, in_channels: int = 3, stem: str = "cifar", zero_init_residual: bool = False) -> nn.Module:
-    """torchvision's ResNet without classifier; stem 'cifar': 3x3 conv, stride 1, no max-pool (SimCLR's CIFAR-10)."""
-    net = getattr(torchvision.models, f"resnet{depth}")(weights=None, zero_init_residual=zero_init_residual)
-    cifar = stem == "cifar"
-    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3 if cifar else 7, stride=1 if cifar else 2,
-                          padding=1 if cifar else 3, bias=False)
-    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
-    net.maxpool = nn.Identity() if cifar else net.maxpool
-    net.out_dim, net.fc = net.fc.in_features, nn.Identity()
-    return net
-
-
 class _WideBlock(nn.Module):
-    """Pre-activation wide residual block: act(norm(x)) -> conv3x3 -> act(norm) -> conv3x3, + shortcut.
-    style 'plcr' (DPLL's official network): stride in the first conv, no biases, and a widening block's shortcut
-    takes act(norm(x)); 'suncet' (PAWS's and JEM's): stride in the second conv, biases, the shortcut takes x."""
+    """Pre-activation wide residual block: act(norm(x)) -> conv3x3 -> act(norm) -> conv3x3, + shortcut (a 1x1 conv
+    where the block widens, and strides; else the identity). plcr (DPLL's official network): stride in the first conv,
+    no biases, the 1x1 conv takes act(norm(x)); else suncet (PAWS's, JEM's): stride in the second, biases, x itself."""
 
-    def __init__(self, c_in, c_out, stride, act, style="plcr"):
+    def __init__(self, c_in, c_out, stride, act, plcr: bool):
         super().__init__()
-        plcr = style == "plcr"
         self.norm1 = nn.BatchNorm2d(c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride if plcr else 1, 1, bias=not plcr)
         self.norm2 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1 if plcr else stride, 1, bias=not plcr)
         self.act = act
-        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=not plcr) if stride != 1 or c_in != c_out else None
-        self.preact_shortcut = plcr and self.shortcut is not None
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=not plcr) if c_in != c_out else nn.Identity()
+        self.preact_shortcut = plcr and c_in != c_out
 
     def forward(self, x):
         pre = self.act(self.norm1(x))
-        out = self.conv2(self.act(self.norm2(self.conv1(pre))))
-        if self.shortcut is None:
-            return out + x
-        return out + self.shortcut(pre if self.preact_shortcut else x)
+        return self.conv2(self.act(self.norm2(self.conv1(pre)))) + self.shortcut(pre if self.preact_shortcut else x)
 
 
-class WideResNet(nn.Sequential):
-    """Wide-ResNet (Zagoruyko & Komodakis, 2016) of PAWS, DPLL and JEM; JEM's has act='leaky' (and no BatchNorm).
-    style 'plcr': Kaiming fan-out initialisation of the convolutions; 'suncet': PyTorch's default initialisation
-    and the final BatchNorm's momentum 0.99 (its running statistics follow the last batch almost alone)."""
-
-    def __init__(self, depth=28, widen=2, in_channels=3, act="relu", style="plcr"):
-        assert (depth - 4) % 6 == 0, "Wide-ResNet depth must be 6n + 4"
+def build_backbone(arch: str, in_channels=3, image_size=32, act="relu", zero_init_residual=False, style="plcr"):
+    """Backbone by name. resnet<depth>: torchvision's without classifier, with the CIFAR stem (3x3 conv, stride 1, no
+    max-pool: SimCLR's CIFAR-10) for images of 64 px or less. wrn<depth>_<widen>: the Wide-ResNet (Zagoruyko &
+    Komodakis, 2016) of PAWS, DPLL and JEM (act 'leaky': JEM's); style 'plcr': Kaiming fan-out initialisation, or
+    'suncet': PyTorch's, with the final BatchNorm's momentum 0.99 (statistics of almost the last batch alone)."""
+    if arch.startswith("wrn"):
+        depth, widen = (int(v) for v in arch[3:].split("_"))
         w = [16, 16 * widen, 32 * widen, 64 * widen]
         activation = nn.LeakyReLU(0.2) if act == "leaky" else nn.ReLU(inplace=True)
-        blocks = [_WideBlock(w[g + 1] if i else w[g], w[g + 1], 1 if i or g == 0 else 2, activation, style)
+        blocks = [_WideBlock(w[g + 1] if i else w[g], w[g + 1], 1 if i or g == 0 else 2, activation, style == "plcr")
                   for g in range(3) for i in range((depth - 4) // 6)]
-        super().__init__(nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=style != "plcr"), *blocks, nn.BatchNorm2d(w[3]),
-                         activation, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.out_dim = w[3]
-        if style != "plcr":
-            self[-4].momentum = 0.99
-        for m in self.modules() if style == "plcr" else []:
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-
-def build_backbone(arch: str, in_channels: int = 3, image_size: int = 32, act: str = "relu",
-                   zero_init_residual: bool = False, style: str = "plcr") -> nn.Module:
-    """Backbone by name; ResNets get the CIFAR stem for images of 64 px or less; style: the Wide-ResNet's variant."""
+        net = nn.Sequential(nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=style != "plcr"), *blocks, nn.BatchNorm2d(w[3]),
+                            activation, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        net[-4].momentum = 0.1 if style == "plcr" else 0.99  # the final BatchNorm's: PyTorch's default, or suncet's
+        for conv in [m for m in net.modules() if isinstance(m, nn.Conv2d) and style == "plcr"]:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        net.out_dim = w[3]
+        return net
     if arch.startswith("resnet"):
-        return resnet(int(arch[6:]), in_channels, "cifar" if image_size <= 64 else "imagenet", zero_init_residual)
-    if arch.startswith("wrn"):
-        return WideResNet(*(int(v) for v in arch[3:].split("_")), in_channels, act=act, style=style)
+        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
+        cifar = image_size <= 64
+        net.conv1 = nn.Conv2d(in_channels, 64, 3 if cifar else 7, 1 if cifar else 2, 1 if cifar else 3, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        net.maxpool = nn.Identity() if cifar else net.maxpool
+        net.out_dim, net.fc = net.fc.in_features, nn.Identity()
+        return net
     net = nn.Sequential(  # tiny: three conv-BN-ReLU layers and global pooling, for the tests and the quick start
         nn.Conv2d(in_channels, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
         nn.Conv2d(32, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
@@ -391,12 +352,10 @@ def build_backbone(arch: str, in_channels: int = 3, image_size: int = 32, act: s
 
 
 def prepare_model(model: nn.Module, args: Args) -> nn.Module:
-    model = model.to(args.device)
-    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+    return model.to(args.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
 
 
-def autocast(args: Args):
-    """bfloat16 autocast with --amp (a no-op context otherwise). Losses cast their inputs back to float32."""
+def autocast(args: Args):  # bfloat16 with --amp, a no-op context otherwise (losses cast their inputs to float32)
     return torch.autocast(torch.device(args.device or "cpu").type, dtype=torch.bfloat16, enabled=args.amp)
 
 
@@ -645,58 +604,51 @@ class TrainData:
 
 # -------- Optimisation ------------------------------------------------------------------------------------------------
 
-
 class LARS(torch.optim.Optimizer):
     """LARS (You, Gitman & Ginsburg, 2017) as in SimCLR's official code. For a parameter w with gradient g:
         g <- g + wd w;  trust = eta ||w|| / ||g|| (1 if either is 0);  v <- momentum v + lr trust g;  w <- w - v
-    A group with lars_exclude (biases, normalisation) has neither decay nor trust. clip caps lr trust at lr, as
-    NVIDIA's LARC (solo-learn's clip_lr)."""
+    A group with lars_exclude (biases, normalisation) has neither decay nor trust. clip caps lr trust at lr (LARC)."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001,
-                 clip: bool = False):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip,
-                                      lars_exclude=False))
+    def __init__(self, params, lr: float, momentum=0.9, weight_decay=0.0, eta=0.001, clip=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip))
 
     @torch.no_grad()
     def step(self):
-        for group in self.param_groups:
+        for group in (group for group in self.param_groups if any(w.grad is not None for w in group["params"])):
             ws = [w for w in group["params"] if w.grad is not None]
-            gs, lr, momentum = [w.grad for w in ws], group["lr"], group["momentum"]
-            if not ws:
-                continue
-            if not group["lars_exclude"]:
+            gs = [w.grad for w in ws]
+            if not group.get("lars_exclude"):
                 gs = torch._foreach_add(gs, ws, alpha=group["weight_decay"])  # g + wd w
                 w_norm, g_norm = torch.stack(torch._foreach_norm(ws)), torch.stack(torch._foreach_norm(gs))  # [P]
                 trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, 1.0)
-                if group["clip"] and lr > 0:
-                    trust = (trust / lr).clamp(max=1.0)  # lr * this = min(eta ||w|| / ||g||, lr)
+                if group["clip"]:  # lr * this = min(eta ||w|| / ||g||, lr)
+                    trust = (trust / group["lr"]).clamp(max=1.0)
                 gs = torch._foreach_mul(gs, list(trust.unbind()))  # g * trust, one ratio per parameter
             for w in (w for w in ws if "momentum_buffer" not in self.state[w]):  # the first step: v = 0
                 self.state[w]["momentum_buffer"] = torch.zeros_like(w)
             vs = [self.state[w]["momentum_buffer"] for w in ws]
-            torch._foreach_mul_(vs, momentum)
-            torch._foreach_add_(vs, gs, alpha=lr)  # v <- momentum v + lr g
+            torch._foreach_mul_(vs, group["momentum"])
+            torch._foreach_add_(vs, gs, alpha=group["lr"])  # v <- momentum v + lr g
             torch._foreach_sub_(ws, vs)  # w <- w - v
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weights (decayed, LARS-adapted), and 1-d biases and normalisation parameters (neither), as SimCLR's."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lars_exclude": False},
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars_exclude": True}]
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_lr: float = 0.0,
-                  start_lr: float = 0.0) -> float:
-    """Linear warm-up from start_lr to base_lr over warmup_steps, then cosine decay to final_lr at total_steps."""
-    if step < warmup_steps:
-        return start_lr + (base_lr - start_lr) * step / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, final_lr=0.0, start_lr=0.0) -> float:
+    """Linear warm-up from start_lr to base_lr over `warmup` steps, then cosine decay to final_lr at step `total`."""
+    if step < warmup:
+        return start_lr + (base_lr - start_lr) * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def lr_schedule(args: Args, steps_per_epoch: int, base_lr: float, final_lr: float = 0.0, start_lr: float = 0.0):
-    """step -> learning rate: --warmup-epochs of linear warm-up from start_lr, then cosine decay to final_lr."""
+def lr_schedule(args: Args, steps_per_epoch: int, base_lr: float, final_lr=0.0, start_lr=0.0):
+    """step -> learning rate: warmup_cosine over --epochs, the first --warmup-epochs of them the warm-up."""
     total, warmup = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     return lambda step: warmup_cosine(step, total, warmup, base_lr, final_lr, start_lr)
 
