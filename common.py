@@ -281,7 +281,8 @@ def _uncaught(kind, error, traceback):
         what, code = "interrupted", 130
     elif isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker"):  # killed: out of memory?
         what, code = f"{str(error).split('.')[0]} (fewer --workers need less memory)", 4
-    elif isinstance(error, torch_dist.DistError) or "gloo" in str(error):  # gloo's errors are plain RuntimeErrors
+    elif size > 1 and (isinstance(error, torch_dist.DistError) or isinstance(error, RuntimeError) and any(
+            word in str(error) for word in ("gloo", "Connection", "peer", "timeout", "Timed out"))):  # gloo's: no type
         what, code = f"process {rank} lost a peer process (it died, or was silent for --dist-timeout seconds)", 4
     else:
         return sys.__excepthook__(kind, error, traceback)
