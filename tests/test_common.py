@@ -541,7 +541,9 @@ def test_wide_resnet_plcr_style_is_dplls_official_network():
     assert all(m.bias is None for m in net.modules() if isinstance(m, nn.Conv2d))
     x = torch.randn(2, 160, 8, 8)
     assert torch.equal(_shortcut_input(down, x), torch.relu(down.norm1(x)))  # PLCR: after BN-ReLU
-    assert isinstance(blocks[6].shortcut, nn.Identity)  # same width, stride 1: the identity
+    assert isinstance(blocks[6].shortcut, nn.Identity)  # same width, stride 1: the identity, of the input itself
+    x = torch.randn(2, 320, 4, 4)
+    assert torch.equal(_shortcut_input(blocks[6], x), x)
     weight = blocks[7].conv1.weight  # Kaiming fan-out: std sqrt(2 / (320 * 9))
     assert abs(weight.std().item() / math.sqrt(2 / (320 * 9)) - 1) < 0.05
 
