@@ -34,6 +34,7 @@ import torchvision
 import torchvision.transforms as T
 from PIL import Image
 
+
 # -------- CLI ---------------------------------------------------------------------------------------------------------
 
 def fail(message: str, every_rank: bool = False, prefix: str = "error: ", code: int = 2):
