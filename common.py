@@ -546,7 +546,7 @@ class MultiView(list):
 
 def epoch_seed(seed: int, epoch: int, rank: int, salt: int = 0) -> int:
     """A process's epoch's seed (a resumed run draws what an uninterrupted one would); salt 1: a second loader's."""
-    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**31) + salt * 2**31  # (salt in bit 31: a CPU generator keeps 32)
+    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**31) + salt * 2**31  # (salt: bit 31, in a CPU generator's 32)
 
 
 class Batches(torch.utils.data.DataLoader):
